@@ -1,0 +1,732 @@
+"""Fused causal Reciprocal-Attention kernel (Triton, FlashAttention-2 style): RA-SPEC sections 2, 3.3 and 3.4.
+
+Per batch ``b`` and head ``h``, for query row ``i`` and key column ``j <= i``::
+
+    l_ij = scale * (a_h * q_i.k_j + b_h * q_j.k_i) + c_j        c_j = col_bias[h, j] or col_bias[b, h, j]
+    P = softmax_j(l),  O = P V
+
+Public entry point: :func:`flash_ra_attention`.
+
+* ``a`` (``[H]``) is optional: without it the standard term has coefficient 1 and no gradient. ``b`` (``[H]``)
+  switches the reciprocal (``S^T``) term on and needs ``a``. ``col_bias`` is ``[H, T]`` (shared over the batch;
+  its gradient is summed over ``B``) or ``[B, H, T]``. ``a``, ``b`` and ``col_bias`` are learnable: their
+  gradients come back through autograd.
+* ``q, k, v``: ``[B, H, T, D]``, one dtype (fp16/bf16, or fp32, which uses IEEE fp32 dots and is what the CPU
+  interpreter tests run), one device, ``D`` in {16, 32, 64, 128}, any ``T >= 1``. Any strides with a unit
+  stride on the last dim are used in place (no copy); other layouts are made contiguous once.
+
+Design (no atomics anywhere, so gradients are bitwise reproducible; nothing of size ``T x T`` is allocated:
+the extra memory is ``O(B H T)`` fp32 for the log-sum-exp, ``delta``, the per-column ``dc/da/db`` partials,
+plus, only with the reciprocal term, two ``O(B H T D)`` fp32 partial-gradient buffers):
+
+* forward, grid ``(cdiv(T, BLOCK_M), B*H)``: a program owns query block ``I`` (heaviest blocks launch first),
+  loads ``Q[I]`` (and ``K[I]`` for the reciprocal term), and walks key blocks ``J <= I`` (causal tile skipping
+  through loop bounds: unmasked tiles strictly below the diagonal, then the masked diagonal tiles), forming
+  ``S = Q_I K_J^T`` and ``S' = K_I Q_J^T``, adding ``c[J]``, with an exp2 online softmax (log2(e) folded into
+  the scale) and fp32 accumulators. Saves the per-row log-sum-exp (log2 units).
+* backward 0 (``delta``), grid ``(cdiv(T, 64), B*H)``: ``delta_i = sum_d O_id dO_id``.
+* backward 1 ("column" kernel), grid ``(cdiv(T, BLOCK_N), B*H)``: a program owns key block ``J``, walks query
+  blocks ``I >= J``, recomputes ``P`` from the saved log-sum-exp and accumulates
+  ``dV_J``, ``dK_J`` (the ``a`` part), ``dQ_J`` (the reciprocal ``b`` part), and per key column ``j``:
+  ``dc_j = sum_i dS_ij``, ``da_j = scale * sum_i dS_ij S_ij``, ``db_j = scale * sum_i dS_ij S'_ij``.
+  Those three are stored as ``[B, H, T]`` fp32 partials (each column written by exactly one program) and
+  reduced in torch (``O(B H T)``): ``dc`` summed over ``B`` for an ``[H, T]`` bias, ``da, db`` over ``B, T``.
+* backward 2 ("row" kernel), grid ``(cdiv(T, BLOCK_M), B*H)``: a program owns query block ``I``, walks key
+  blocks ``J <= I``, and accumulates ``dQ_I`` (the ``a`` part) and ``dK_I`` (the reciprocal ``b`` part). Its
+  epilogue adds the column kernel's fp32 partials for rows ``I`` (``dQ_I`` reciprocal part, ``dK_I`` ``a`` part)
+  and writes the final ``dq``, ``dk``. It runs after the column kernel on the same stream.
+
+Here ``dS = P * (dP - delta)`` is the gradient of the logits ``l``. Without the reciprocal term the two
+backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
+
+``torch.compile(fullgraph=True)``: the kernels are launched from ``torch.library.triton_op`` operators
+(``reciprocal_attention::flash_ra_fwd`` / ``flash_ra_bwd``) through ``torch.library.wrap_triton``, with
+``register_autograd``. On a torch without ``triton_op`` (< 2.6) a plain ``torch.autograd.Function`` is used
+(and the reason is logged); it works eagerly but graph-breaks under ``torch.compile``.
+
+Triton is imported guarded: importing this module never fails; :func:`flash_ra_attention` raises a
+RuntimeError naming the problem when Triton is missing. ``TRITON_INTERPRET=1`` must be set before this module
+is imported for the CPU interpreter; then each kernel uses one small config (16 x 16 blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+__all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS", "triton_available", "OP_MODE"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+try:  # guarded: the package must import without Triton
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as _e:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = _e
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when Triton imported (the kernels exist)."""
+    return triton is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    def _configs(pairs):
+        """Autotune configs: ``pairs`` is ``[(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]``."""
+        if _INTERPRET:  # one small config: the interpreter runs every program serially on the CPU
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+    # forward: a program owns BLOCK_M query rows, steps over BLOCK_N key columns
+    _FWD_CONFIGS = _configs([
+        (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+        (64, 64, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2),
+    ])
+    # column kernel: a program owns BLOCK_N key columns, steps over BLOCK_M query rows
+    _BWD_COL_CONFIGS = _configs([
+        (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2),
+    ])
+    # row kernel: a program owns BLOCK_M query rows, steps over BLOCK_N key columns
+    _BWD_ROW_CONFIGS = _configs([
+        (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
+    ])
+    _AUTOTUNE_KEY = ["T", "D", "HAS_A", "RECIP", "HAS_BIAS"]  # dtypes are added by the autotuner itself
+
+    @triton.jit
+    def _dot(x, y, IEEE: tl.constexpr):
+        # fp32 inputs: IEEE fp32 products (tf32 would cost ~1e-3 relative); fp16/bf16: tensor cores, fp32 acc
+        if IEEE:
+            r = tl.dot(x, y, input_precision="ieee")
+        else:
+            r = tl.dot(x, y)
+        return r
+
+    @triton.jit
+    def _fwd_inner(
+        acc, l_i, m_i, q, k_i, k_ptr, q_ptr, v_ptr, c_ptr,
+        skt, sqt, svt, sct, ca, cb, offs_m, lo, hi, T,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+        RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, D)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if MASK:  # the diagonal tiles may also cross T
+                mn = offs_n < T
+                k_j = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mn[:, None], other=0.0)
+                v_j = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mn[:, None], other=0.0)
+            else:  # tiles strictly below the diagonal: every column j < start_m < T
+                k_j = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :])
+                v_j = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :])
+            qk = _dot(q, tl.trans(k_j), IEEE) * ca  # a * scale * log2(e) * q_i.k_j
+            if RECIP:
+                if MASK:
+                    q_j = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :], mask=mn[:, None], other=0.0)
+                else:
+                    q_j = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :])
+                qk += _dot(k_i, tl.trans(q_j), IEEE) * cb  # b * scale * log2(e) * q_j.k_i
+            if HAS_BIAS:
+                if MASK:
+                    c = tl.load(c_ptr + offs_n * sct, mask=mn, other=0.0).to(tl.float32)
+                else:
+                    c = tl.load(c_ptr + offs_n * sct).to(tl.float32)
+                qk += c[None, :] * 1.4426950408889634
+            if MASK:
+                qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+            # every row has a finite logit in the first tile it visits (column hi1 <= start_m <= i), so
+            # m_new is finite and alpha never sees (-inf) - (-inf)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v_j.dtype), v_j, IEEE)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+    @triton.jit
+    def _ra_fwd_kernel(
+        Q, K, V, O, LSE, CB, A, BC,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, scb, sch, sct,
+        H, T, scale,
+        D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the heaviest (last) query blocks launch first
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        mask_m = offs_m < T
+        q_ptr = Q + b * sqb + h * sqh
+        k_ptr = K + b * skb + h * skh
+        v_ptr = V + b * svb + h * svh
+        c_ptr = CB + b * scb + h * sch
+        qk_scale = scale * 1.4426950408889634
+        if HAS_A:
+            ca = qk_scale * tl.load(A + h).to(tl.float32)
+        else:
+            ca = qk_scale
+        q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        if RECIP:
+            cb = qk_scale * tl.load(BC + h).to(tl.float32)
+            k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            cb = qk_scale * 0.0
+            k_i = q
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        hi1 = (start_m // BLOCK_N) * BLOCK_N  # key tiles [0, hi1) lie strictly below the diagonal
+        hi2 = tl.minimum(start_m + BLOCK_M, T)  # diagonal tiles [hi1, hi2); nothing above is visited
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_i, k_ptr, q_ptr, v_ptr, c_ptr, skt, sqt, svt, sct,
+                                   ca, cb, offs_m, 0, hi1, T, D, BLOCK_N, False, RECIP, HAS_BIAS, IEEE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_i, k_ptr, q_ptr, v_ptr, c_ptr, skt, sqt, svt, sct,
+                                   ca, cb, offs_m, hi1, hi2, T, D, BLOCK_N, True, RECIP, HAS_BIAS, IEEE)
+        acc = acc / l_i[:, None]
+        lse = m_i + tl.math.log2(l_i)  # log2 units: the backward recomputes P = exp2(l * log2(e) - lse)
+        tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=mask_m)
+        o_ptr = O + b * sob + h * soh
+        tl.store(o_ptr + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+
+    @triton.jit
+    def _bwd_delta_kernel(
+        O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
+        D: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        mask = offs_m < T
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=mask)
+
+    @triton.jit
+    def _bwd_col_inner(
+        dk, dv, dq_r, dc, da, db, k, v, q_n, c,
+        q_ptr, k_ptr, do_ptr, lse_ptr, delta_ptr, sqt, skt, sdt,
+        ca, cb, offs_n, lo, hi, T,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_A: tl.constexpr,
+        RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # transposed orientation: tiles are [BLOCK_N (key j), BLOCK_M (query i)]
+        offs_d = tl.arange(0, D)
+        for start_m in range(lo, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mm = offs_m < T  # the last query block may cross T, in either stage
+            q_i = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=mm[:, None], other=0.0)
+            do = tl.load(do_ptr + offs_m[:, None] * sdt + offs_d[None, :], mask=mm[:, None], other=0.0)
+            # rows past T get lse = +inf, hence P = 0 and dS = 0 there
+            lse = tl.load(lse_ptr + offs_m, mask=mm, other=float("inf"))
+            delta = tl.load(delta_ptr + offs_m, mask=mm, other=0.0)
+            s_t = _dot(k, tl.trans(q_i), IEEE)  # s_t[j, i] = k_j.q_i = S_ij
+            qk_t = s_t * ca
+            if RECIP:
+                k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mm[:, None], other=0.0)
+                s2_t = _dot(q_n, tl.trans(k_i), IEEE)  # s2_t[j, i] = q_j.k_i = S'_ij
+                qk_t += s2_t * cb
+            if HAS_BIAS:
+                qk_t += c[:, None]
+            p_t = tl.math.exp2(qk_t - lse[None, :])
+            if MASK:
+                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            dv += _dot(p_t.to(do.dtype), do, IEEE)
+            dp_t = _dot(v, tl.trans(do), IEEE)
+            ds_t = p_t * (dp_t - delta[None, :])  # gradient of the logits l_ij, fp32
+            dk += _dot(ds_t.to(q_i.dtype), q_i, IEEE)
+            if RECIP:
+                dq_r += _dot(ds_t.to(k_i.dtype), k_i, IEEE)
+                db += tl.sum(ds_t * s2_t, 1)
+            if HAS_BIAS:
+                dc += tl.sum(ds_t, 1)
+            if HAS_A:
+                da += tl.sum(ds_t * s_t, 1)
+        return dk, dv, dq_r, dc, da, db
+
+    @triton.autotune(configs=_BWD_COL_CONFIGS, key=_AUTOTUNE_KEY)
+    @triton.jit
+    def _ra_bwd_col_kernel(
+        Q, K, V, DO, LSE, DELTA, CB, A, BC,
+        DK, DV, DQR, DC, DA, DB,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
+        H, T, scale,
+        D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)  # key block 0 has the most work and launches first
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        row = bh.to(tl.int64) * T  # [B*H, T] buffers (LSE, DELTA, DC, DA, DB)
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        mask_n = offs_n < T
+        q_ptr = Q + b * sqb + h * sqh
+        k_ptr = K + b * skb + h * skh
+        v_ptr = V + b * svb + h * svh
+        do_ptr = DO + b * sdb + h * sdh
+        qk_scale = scale * 1.4426950408889634
+        if HAS_A:
+            a_h = tl.load(A + h).to(tl.float32)
+        else:
+            a_h = scale * 0.0 + 1.0
+        ca = qk_scale * a_h
+        k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        if RECIP:
+            b_h = tl.load(BC + h).to(tl.float32)
+            q_n = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            b_h = scale * 0.0
+            q_n = k
+        cb = qk_scale * b_h
+        if HAS_BIAS:
+            c = tl.load(CB + b * scb + h * sch + offs_n * sct, mask=mask_n, other=0.0).to(tl.float32)
+            c = c * 1.4426950408889634
+        else:
+            c = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dq_r = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        da = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lo = (start_n // BLOCK_M) * BLOCK_M  # first query block holding a row i >= start_n
+        # query blocks [lo, mid) touch the diagonal (masked); from mid on every i >= start_n + BLOCK_N > j
+        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, T)
+        dk, dv, dq_r, dc, da, db = _bwd_col_inner(
+            dk, dv, dq_r, dc, da, db, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
+            sqt, skt, sdt, ca, cb, offs_n, lo, mid, T, D, BLOCK_M, True, HAS_A, RECIP, HAS_BIAS, IEEE)
+        dk, dv, dq_r, dc, da, db = _bwd_col_inner(
+            dk, dv, dq_r, dc, da, db, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
+            sqt, skt, sdt, ca, cb, offs_n, mid, T, T, D, BLOCK_M, False, HAS_A, RECIP, HAS_BIAS, IEEE)
+        # DK, DV (and DQR) are contiguous [B, H, T, D] buffers allocated by the wrapper
+        g_off = bh.to(tl.int64) * T * D + offs_n[:, None] * D + offs_d[None, :]
+        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+        # without RECIP, DK is the final dk; with RECIP, an fp32 partial the row kernel completes
+        tl.store(DK + g_off, (dk * (a_h * scale)).to(DK.dtype.element_ty), mask=mask_n[:, None])
+        if RECIP:
+            tl.store(DQR + g_off, dq_r * (b_h * scale), mask=mask_n[:, None])
+            tl.store(DB + row + offs_n, db * scale, mask=mask_n)
+        if HAS_BIAS:
+            tl.store(DC + row + offs_n, dc, mask=mask_n)
+        if HAS_A:
+            tl.store(DA + row + offs_n, da * scale, mask=mask_n)
+
+    @triton.jit
+    def _bwd_row_inner(
+        dq, dk_r, q, k_i, do, lse, delta,
+        q_ptr, k_ptr, v_ptr, c_ptr, sqt, skt, svt, sct,
+        ca, cb, offs_m, lo, hi, T,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+        RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, D)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if MASK:
+                mn = offs_n < T
+                k_j = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mn[:, None], other=0.0)
+                v_j = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mn[:, None], other=0.0)
+            else:
+                k_j = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :])
+                v_j = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :])
+            qk = _dot(q, tl.trans(k_j), IEEE) * ca
+            if RECIP:
+                if MASK:
+                    q_j = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :], mask=mn[:, None], other=0.0)
+                else:
+                    q_j = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :])
+                qk += _dot(k_i, tl.trans(q_j), IEEE) * cb
+            if HAS_BIAS:
+                if MASK:
+                    c = tl.load(c_ptr + offs_n * sct, mask=mn, other=0.0).to(tl.float32)
+                else:
+                    c = tl.load(c_ptr + offs_n * sct).to(tl.float32)
+                qk += c[None, :] * 1.4426950408889634
+            p = tl.math.exp2(qk - lse[:, None])
+            if MASK:
+                p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            dp = _dot(do, tl.trans(v_j), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k_j.dtype), k_j, IEEE)
+            if RECIP:
+                dk_r += _dot(ds.to(q_j.dtype), q_j, IEEE)
+        return dq, dk_r
+
+    @triton.autotune(configs=_BWD_ROW_CONFIGS, key=_AUTOTUNE_KEY)
+    @triton.jit
+    def _ra_bwd_row_kernel(
+        Q, K, V, DO, LSE, DELTA, CB, A, BC,
+        DQ, DK, DQR, DKP,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
+        H, T, scale,
+        D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        row = bh.to(tl.int64) * T
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        mask_m = offs_m < T
+        q_ptr = Q + b * sqb + h * sqh
+        k_ptr = K + b * skb + h * skh
+        v_ptr = V + b * svb + h * svh
+        c_ptr = CB + b * scb + h * sch
+        qk_scale = scale * 1.4426950408889634
+        if HAS_A:
+            a_h = tl.load(A + h).to(tl.float32)
+        else:
+            a_h = scale * 0.0 + 1.0
+        ca = qk_scale * a_h
+        q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :],
+                     mask=mask_m[:, None], other=0.0)
+        lse = tl.load(LSE + row + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+        if RECIP:
+            b_h = tl.load(BC + h).to(tl.float32)
+            k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            b_h = scale * 0.0
+            k_i = q
+        cb = qk_scale * b_h
+        dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        dk_r = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        hi1 = (start_m // BLOCK_N) * BLOCK_N
+        hi2 = tl.minimum(start_m + BLOCK_M, T)
+        dq, dk_r = _bwd_row_inner(dq, dk_r, q, k_i, do, lse, delta, q_ptr, k_ptr, v_ptr, c_ptr,
+                                  sqt, skt, svt, sct, ca, cb, offs_m, 0, hi1, T,
+                                  D, BLOCK_N, False, RECIP, HAS_BIAS, IEEE)
+        dq, dk_r = _bwd_row_inner(dq, dk_r, q, k_i, do, lse, delta, q_ptr, k_ptr, v_ptr, c_ptr,
+                                  sqt, skt, svt, sct, ca, cb, offs_m, hi1, hi2, T,
+                                  D, BLOCK_N, True, RECIP, HAS_BIAS, IEEE)
+        g_off = bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
+        dq = dq * (a_h * scale)
+        if RECIP:  # complete dq and dk with the column kernel's fp32 partials for these rows
+            dq += tl.load(DQR + g_off, mask=mask_m[:, None], other=0.0)
+            dk_r = dk_r * (b_h * scale) + tl.load(DKP + g_off, mask=mask_m[:, None], other=0.0)
+            tl.store(DK + g_off, dk_r.to(DK.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (shared by the triton_op path and the autograd.Function fallback)
+# ----------------------------------------------------------------------------------------------------------
+def _wrap(kernel):
+    """``torch.library.wrap_triton(kernel)`` where available (traceable by torch.compile), else the kernel."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None:
+        return kernel
+    try:
+        return wrap(kernel)
+    except RuntimeError:  # e.g. an interpreter kernel on a torch that cannot wrap it
+        return kernel
+
+
+def _strides3(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _bias_strides(col_bias: Tensor | None) -> tuple[int, int, int]:
+    if col_bias is None:
+        return 0, 0, 0
+    if col_bias.dim() == 2:  # [H, T], broadcast over the batch
+        return 0, col_bias.stride(0), col_bias.stride(1)
+    return col_bias.stride(0), col_bias.stride(1), col_bias.stride(2)
+
+
+def _flags(q: Tensor, col_bias, a, b) -> dict:
+    return dict(
+        D=q.shape[-1], HAS_A=a is not None, RECIP=b is not None, HAS_BIAS=col_bias is not None,
+        IEEE=q.dtype == torch.float32,
+    )
+
+
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None, b: Tensor | None,
+              scale: float) -> tuple[Tensor, Tensor]:
+    B, H, T, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    dummy = q  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    _wrap(_ra_fwd_kernel)[grid](
+        q, k, v, o, lse,
+        dummy if col_bias is None else col_bias, dummy if a is None else a, dummy if b is None else b,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(col_bias),
+        H, T, scale, **_flags(q, col_bias, a, b),
+    )
+    return o, lse
+
+
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, col_bias: Tensor | None,
+              a: Tensor | None, b: Tensor | None, scale: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, H, T, D = q.shape
+    if do.stride(-1) != 1 or _needs_copy(do):
+        do = do.contiguous()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    dev = q.device
+    f32 = torch.float32
+    flags = _flags(q, col_bias, a, b)
+    recip = b is not None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dv = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    delta = torch.empty((B, H, T), dtype=f32, device=dev)
+
+    def empty():  # a distinct 0-size tensor per absent output (op outputs must not alias each other)
+        return torch.empty(0, dtype=f32, device=dev)
+
+    # with the reciprocal term the column kernel leaves fp32 partials that the row kernel completes
+    dkp = torch.empty(q.shape, dtype=f32, device=dev) if recip else dk
+    dqr = torch.empty(q.shape, dtype=f32, device=dev) if recip else empty()
+    dc_part = torch.empty((B, H, T), dtype=f32, device=dev) if col_bias is not None else empty()
+    da_part = torch.empty((B, H, T), dtype=f32, device=dev) if a is not None else empty()
+    db_part = torch.empty((B, H, T), dtype=f32, device=dev) if recip else empty()
+    dummy = q
+    cb_arg = dummy if col_bias is None else col_bias
+    a_arg = dummy if a is None else a
+    b_arg = dummy if b is None else b
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(col_bias))
+
+    delta_block = 16 if _INTERPRET else 64
+    _wrap(_bwd_delta_kernel)[(triton.cdiv(T, delta_block), B * H)](
+        o, do, delta, *_strides3(o), *_strides3(do), H, T, D=D, BLOCK=delta_block)
+
+    def grid_n(meta):
+        return (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+
+    def grid_m(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    _wrap(_ra_bwd_col_kernel)[grid_n](
+        q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
+        dkp, dv, dqr, dc_part, da_part, db_part,
+        *strides, H, T, scale, **flags)
+    _wrap(_ra_bwd_row_kernel)[grid_m](
+        q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
+        dq, dk, dqr, dkp,
+        *strides, H, T, scale, **flags)
+
+    # O(B H T) reductions of the per-column partials (deterministic)
+    if col_bias is None:
+        dc = empty()
+    elif col_bias.dim() == 2:
+        dc = dc_part.sum(0).to(col_bias.dtype)
+    else:
+        dc = dc_part.to(col_bias.dtype)
+    da = da_part.sum(dim=(0, 2)).to(a.dtype) if a is not None else empty()
+    db = db_part.sum(dim=(0, 2)).to(b.dtype) if recip else empty()
+    return dq, dk, dv, dc, da, db
+
+
+def _needs_copy(x: Tensor) -> bool:
+    """True when the last dim is strided or a row offset could overflow the kernels' int32 row arithmetic."""
+    if x.stride(-1) != 1:
+        return True
+    return (x.shape[-2] - 1) * x.stride(-2) + x.shape[-1] > _INT32_MAX
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd: torch.library.triton_op (compile-friendly), else a plain autograd.Function
+# ----------------------------------------------------------------------------------------------------------
+OP_MODE = "unavailable"  # "triton_op" | "autograd.Function" | "unavailable" (no triton)
+_fwd_op = None
+_bwd_op = None
+
+
+class _FlashRAFunction(torch.autograd.Function):
+    """Fallback for torch without ``torch.library.triton_op`` (eager only; graph-breaks under compile)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, col_bias, a, b, scale):
+        o, lse = _fwd_impl(q, k, v, col_bias, a, b, scale)
+        ctx.save_for_backward(q, k, v, o, lse, col_bias, a, b)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
+        dq, dk, dv, dc, da, db = _bwd_impl(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
+        return (dq, dk, dv, dc if col_bias is not None else None, da if a is not None else None,
+                db if b is not None else None, None)
+
+
+if triton is not None:
+    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+        try:
+            @torch.library.triton_op("reciprocal_attention::flash_ra_fwd", mutates_args=())
+            def _flash_ra_fwd(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None,
+                              b: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+                return _fwd_impl(q, k, v, col_bias, a, b, scale)
+
+            @torch.library.triton_op("reciprocal_attention::flash_ra_bwd", mutates_args=())
+            def _flash_ra_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                              col_bias: Tensor | None, a: Tensor | None, b: Tensor | None, scale: float
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                return _bwd_impl(do, q, k, v, o, lse, col_bias, a, b, scale)
+
+            def _setup_context(ctx, inputs, output):
+                q, k, v, col_bias, a, b, scale = inputs
+                o, lse = output
+                ctx.save_for_backward(q, k, v, o, lse, col_bias, a, b)
+                ctx.scale = scale
+                ctx.mark_non_differentiable(lse)
+
+            def _backward(ctx, do, _dlse):
+                q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
+                dq, dk, dv, dc, da, db = _flash_ra_bwd(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
+                return (dq, dk, dv, dc if col_bias is not None else None, da if a is not None else None,
+                        db if b is not None else None, None)
+
+            _flash_ra_fwd.register_autograd(_backward, setup_context=_setup_context)
+            _fwd_op, _bwd_op = _flash_ra_fwd, _flash_ra_bwd
+            OP_MODE = "triton_op"
+        except Exception as _e:  # pragma: no cover - depends on the torch build
+            log.warning("flash_ra_attention: torch.library.triton_op registration failed (%r); using a plain "
+                        "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", _e)
+            OP_MODE = "autograd.Function"
+    else:  # pragma: no cover - torch < 2.6
+        log.info("flash_ra_attention: torch %s has no torch.library.triton_op/wrap_triton; using a plain "
+                 "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", torch.__version__)
+        OP_MODE = "autograd.Function"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def _check_gate(name: str, x, ref: Tensor, H: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"flash_ra_attention: `{name}` must be a torch.Tensor of shape [H]=[{H}] or None; "
+                        f"got {type(x).__name__}")
+    if tuple(x.shape) != (H,):
+        raise ValueError(f"flash_ra_attention: `{name}` must have shape [H]=[{H}]; got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"flash_ra_attention: `{name}` must be a floating-point tensor; got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"flash_ra_attention: `{name}` must be on q's device {ref.device}; got {x.device}")
+
+
+def _validate(q, k, v, scale, col_bias, a, b) -> float:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"flash_ra_attention: `{name}` must be a torch.Tensor; got {type(x).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"flash_ra_attention: `q` must have shape [B, H, T, D] (4 dims); got {list(q.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"flash_ra_attention: `{name}` must have q's shape [B, H, T, D]={list(q.shape)}; "
+                             f"got {list(x.shape)}")
+    B, H, T, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_ra_attention: head dim D = q.shape[-1] must be one of {SUPPORTED_HEAD_DIMS}; "
+                         f"got D={D}")
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError(f"flash_ra_attention: `q` must have B, H, T >= 1; got shape {list(q.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"flash_ra_attention: `q` dtype must be one of float16, bfloat16, float32; got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"flash_ra_attention: `{name}` must have q's dtype {q.dtype}; got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"flash_ra_attention: `{name}` must be on q's device {q.device}; got {x.device}")
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        raise ValueError(f"flash_ra_attention: `q`, `k`, `v` must be CUDA tensors (CPU only under "
+                         f"TRITON_INTERPRET=1, set before import); got device {q.device}")
+    if col_bias is not None:
+        if not isinstance(col_bias, Tensor):
+            raise TypeError(f"flash_ra_attention: `col_bias` must be a torch.Tensor or None; "
+                            f"got {type(col_bias).__name__}")
+        if tuple(col_bias.shape) not in ((H, T), (B, H, T)):
+            raise ValueError(f"flash_ra_attention: `col_bias` must have shape [H, T]=[{H}, {T}] or "
+                             f"[B, H, T]=[{B}, {H}, {T}]; got {list(col_bias.shape)}")
+        if not col_bias.is_floating_point():
+            raise TypeError(f"flash_ra_attention: `col_bias` must be a floating-point tensor; got {col_bias.dtype}")
+        if col_bias.device != q.device:
+            raise ValueError(f"flash_ra_attention: `col_bias` must be on q's device {q.device}; "
+                             f"got {col_bias.device}")
+    if b is not None and a is None:
+        raise ValueError("flash_ra_attention: `b` (the reciprocal coefficient) needs `a` as well; pass a=ones(H) "
+                         "for a plain standard term")
+    if a is not None:
+        _check_gate("a", a, q, H)
+    if b is not None:
+        _check_gate("b", b, q, H)
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(float(scale)):
+        raise TypeError(f"flash_ra_attention: `scale` must be a finite Python float or None; got {scale!r}")
+    return float(scale)
+
+
+def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                       col_bias: Tensor | None = None, a: Tensor | None = None,
+                       b: Tensor | None = None) -> Tensor:
+    """Fused causal RA attention: ``softmax_j(scale * (a_h q_i.k_j + b_h q_j.k_i) + c_j) V`` -> ``[B, H, T, D]``.
+
+    Args:
+        q, k, v: ``[B, H, T, D]``, one dtype (float16, bfloat16 or float32), one CUDA device (CPU under
+            ``TRITON_INTERPRET=1``), ``D`` in {16, 32, 64, 128}, ``T >= 1``. Any strides with unit stride on
+            the last dim are read in place; other layouts are copied once.
+        scale: logit scale, default ``1/sqrt(D)`` (also for the reciprocal term: RA-SPEC 3.4).
+        col_bias: optional column bias ``c`` of shape ``[H, T]`` (shared over the batch) or ``[B, H, T]``.
+        a: optional ``[H]`` coefficient of the standard term (default 1, no gradient).
+        b: optional ``[H]`` coefficient of the reciprocal term ``q_j.k_i``; needs ``a``.
+
+    Gradients flow to ``q, k, v`` and to whichever of ``col_bias, a, b`` are given (in their own dtypes).
+    Deterministic (no atomics). Memory: no ``T x T`` tensor; ``O(B H T)`` fp32 side buffers, plus
+    ``2 B H T D`` fp32 during the backward when ``b`` is given.
+    """
+    if triton is None:
+        raise RuntimeError(f"flash_ra_attention needs Triton, which failed to import: {_TRITON_IMPORT_ERROR!r}. "
+                           "Install triton (pip install 'reciprocal-attention[triton]') or use the "
+                           "SDPA-based fold path.")
+    scale = _validate(q, k, v, scale, col_bias, a, b)
+    if _needs_copy(q):
+        q = q.contiguous()
+    if _needs_copy(k):
+        k = k.contiguous()
+    if _needs_copy(v):
+        v = v.contiguous()
+    if _fwd_op is not None:
+        return _fwd_op(q, k, v, col_bias, a, b, scale)[0]
+    return _FlashRAFunction.apply(q, k, v, col_bias, a, b, scale)
