@@ -88,9 +88,9 @@ def fold_qkv(weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Ten
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, scale: float, dropout_p: float, causal: bool = True,
           attn_mask: Tensor | None = None) -> Tensor:
-    """SDPA that also accepts a V narrower than Q/K on every backend (zero-pads V, then slices)."""
+    """SDPA that also accepts a V narrower than Q/K (zero-pads V, then slices: fused backends need equal widths)."""
     dv = v.shape[-1]
-    if dv != q.shape[-1] and q.device.type == "cuda":
+    if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=causal and attn_mask is None, scale=scale)

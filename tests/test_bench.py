@@ -1,0 +1,41 @@
+"""The benchmark harness on CPU: it runs, records every required key, computes ratios and writes its reports."""
+
+import json
+
+from reciprocal_attention import bench
+
+REQUIRED = {"impl", "variant", "heads_pct", "B", "T", "C", "H", "pass", "mode", "ms_median", "ms_min", "ms_max",
+            "ratio_vs_baseline", "peak_mem_bytes", "device", "torch", "triton"}
+
+
+def test_cpu_bench_writes_records_and_reports(tmp_path, capsys):
+    rc = bench.main(["--out", str(tmp_path), "--repeats", "1", "--inner", "1", "--groups", "core,evolution",
+                     "--shapes", "1x16", "--no-progress"])
+    assert rc == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert records and all(REQUIRED <= set(r) for r in records)
+    ok = [r for r in records if r["ms_median"] is not None]
+    assert {r["impl"] for r in ok} >= {"baseline_flash", "ra_fast", "seed_as_ran", "open_coded", "full_sdpa",
+                                       "low_rank_fold", "same_flop_act_fold"}
+    assert not [r for r in records if r.get("error")], [r["error"] for r in records if r.get("error")]
+    for r in ok:
+        assert r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+        if r["impl"] == "baseline_flash":
+            assert r["ratio_vs_baseline"] == 1.0
+        else:
+            assert r["ratio_vs_baseline"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "Full Results" in md and "Performance Evolution" in md
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_plan_keeps_full_matrix_at_one_shape():
+    cfg = bench.BenchConfig()
+    jobs = bench._plan(cfg, bench.default_arms(cfg.groups))
+    full = [j for j in jobs if (j[1], j[2]) == (8, 1024) and j[3] == 768]
+    assert {j[6] for j in full} == {"eager", "graph", "compile"}
+    assert {j[5] for j in full} == {"fwd", "fwd+bwd", "step"}
+    assert any(j[2] == 8192 for j in jobs) and any(j[3] == 1280 for j in jobs)
+    # an arm that syncs the host is never planned in graph mode
+    assert not [j for j in jobs if j[0].syncs_host and j[6] == "graph"]
