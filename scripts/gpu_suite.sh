@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
+# Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]   (stages: tests check bench train quality; default all)
+# Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
+# summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
+set -uo pipefail
+OUT="${1:?usage: gpu_suite.sh OUT_DIR [STAGE ...]}"; shift || true
+STAGES="${*:-tests check bench train quality}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RA_CACHE_DIR="$ROOT/.cache"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+RES="$ROOT/.gpuout/results"; mkdir -p "$RES" "$OUT"
+PY=python3
+summary="$RES/summary.txt"; : > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  echo "=== [$name] $* (timeout ${secs}s)"
+  timeout --signal=TERM --kill-after=20 "$secs" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  note "stage $name: rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$RES/$name.log"
+  return 0
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/device.txt"
+$PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$RES/device.txt"
+for s in $STAGES; do
+  case "$s" in
+    tests)   stage tests 420 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ -x --timeout=300 -o addopts="" ;;
+    check)   stage check 120 $PY -m reciprocal_attention.cli check ;;
+    bench)   stage bench "${RA_BENCH_TIMEOUT:-420}" $PY -m reciprocal_attention.cli bench --out "$RES/bench" ${RA_BENCH_ARGS:-} ;;
+    train)   stage train "${RA_TRAIN_TIMEOUT:-300}" bash scripts/gpu_train.sh "$RES/train" ;;
+    quality) stage quality "${RA_QUALITY_TIMEOUT:-420}" bash scripts/gpu_quality.sh "$RES/quality" ;;
+    *) note "unknown stage $s" ;;
+  esac
+done
+tar -C "$ROOT/.gpuout" -czf "$OUT/results.tar.gz" results
+cp "$summary" "$OUT/summary.txt"
+echo "=== summary"; cat "$summary"
+[ -f "$RES/bench/bench.md" ] && head -n 60 "$RES/bench/bench.md"
+exit 0
