@@ -27,12 +27,14 @@ Kernels
 
 Registered as the custom ops ``reciprocal_attention::fold_qkv`` and ``reciprocal_attention::fold_qkv_backward``
 (``torch.library.triton_op``, torch >= 2.6) so the fold works under ``torch.compile(fullgraph=True)`` and inside
-CUDA graphs; on older torch a plain ``autograd.Function`` is used instead (the reason is logged). Triton is
-imported guarded: importing this module never fails, calling the fold without Triton raises ``RuntimeError``.
+CUDA graphs; on older torch a plain ``autograd.Function`` is used instead (the reason is logged). Under the
+Triton interpreter (``TRITON_INTERPRET=1`` when this module is imported: the CPU tests) the same bodies are
+registered as opaque ``torch.library.custom_op``s instead, as ``wrap_triton`` cannot trace interpreted kernels.
+Triton is imported guarded: importing this module never fails, calling the fold without Triton raises
+``RuntimeError``. Arithmetic is fp32 (fp64 for fp64 weights), ``tl.dot`` in IEEE precision (no TF32).
 Not twice differentiable.
 """
 
-import functools
 import logging
 import os
 from typing import Optional
@@ -63,8 +65,13 @@ def triton_available() -> bool:
     return _TRITON_ERROR is None
 
 
+# Triton decides interpreter-or-compiler when a kernel is decorated (at import, below); so does this module.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import; CPU tests)."""
+    return _INTERPRET
 
 
 def _next_pow2(n: int) -> int:
@@ -72,11 +79,11 @@ def _next_pow2(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernels, built on first use (TRITON_INTERPRET is read when a kernel is decorated).
+# Kernels: defined at import when Triton imports. TRITON_INTERPRET is read when a kernel is decorated, so set it
+# before importing this module (tests/conftest.py does). Helpers are module globals: the interpreter resolves
+# called jit functions there, not in closures.
 # ---------------------------------------------------------------------------------------------------------------
 
-# Kernels: defined at import when Triton imports (TRITON_INTERPRET is read when a kernel is decorated, so set it
-# before importing this module; tests/conftest.py does). The interpreter resolves jit helpers as module globals.
 if triton is not None:
     @triton.jit
     def _fwd_tile(src, dst, W_ptr, row_stride, n_cols, c0, h, rt, qs, ks, qr, kr, C, H, D, R, DS, DP,
@@ -110,8 +117,11 @@ if triton is not None:
         tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, (ks * wk).to(out_ty), mask=sm)
         # Reciprocal rows Ds .. Ds+R: W^T Wk^h (Q~) and W^T Wq^h (K~); zero for a routed low_rank head, and not
         # written for a routed same_flop head (its std rows cover them).
-        rm = ((r < R) & ((rt == 0) | LOW_RANK))[:, None] & cm[None, :]
         live = rt == 0
+        if LOW_RANK:
+            rm = (r < R)[:, None] & cm[None, :]
+        else:
+            rm = ((r < R) & live)[:, None] & cm[None, :]
         rq = tl.dot(wt, wk, input_precision="ieee")
         tl.store(dst + ((h * DP + DS + r) * row_stride)[:, None] + col,
                  tl.where(live, qr * rq, 0.0).to(out_ty), mask=rm)
@@ -119,7 +129,9 @@ if triton is not None:
         tl.store(dst + ((H * DP + h * DP + DS + r) * row_stride)[:, None] + col,
                  tl.where(live, kr * rk, 0.0).to(out_ty), mask=rm)
 
-    @triton.jit
+    # Only C (the row stride) is worth specializing (16-divisibility -> vectorized rows); not specializing the other
+    # sizes saves recompiles across shapes.
+    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP"])
     def _fold_fwd_kernel(w_ptr, b_ptr, W_ptr, qs_ptr, ks_ptr, qr_ptr, kr_ptr, routed_ptr, ow_ptr, ob_ptr,
                          C, H, D, R, DS, DP,
                          HAS_BIAS: tl.constexpr, HAS_ROUTED: tl.constexpr, LOW_RANK: tl.constexpr,
@@ -214,7 +226,7 @@ if triton is not None:
         tl.store(ps_ptr + slot * 4 + 2, p_qr.to(ps_ty))
         tl.store(ps_ptr + slot * 4 + 3, p_kr.to(ps_ty))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP"])
     def _fold_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, W_ptr, qs_ptr, ks_ptr, qr_ptr, kr_ptr, routed_ptr,
                          dw_ptr, db_ptr, pw_ptr, ps_ptr,
                          C, H, D, R, DS, DP,
@@ -247,7 +259,7 @@ if triton is not None:
                 _bwd_tile(gb_ptr, b_ptr, db_ptr, W_ptr, pw_ptr, ps_ptr, slot, 1, 1, 0, h, rt,
                           qs, ks, qr, kr, C, H, D, R, DS, DP, 0, FP64, BLOCK_D, BLOCK_R, BLOCK_CB)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_slots", "n_per_head", "H", "DR"])
     def _fold_bwd_reduce_kernel(pw_ptr, ps_ptr, dW_ptr, dqs_ptr, dks_ptr, dqr_ptr, dkr_ptr,
                                 n_slots, n_per_head, H, DR,
                                 BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -291,13 +303,32 @@ def _kernels() -> dict:
     return {"fwd": _fold_fwd_kernel, "bwd": _fold_bwd_kernel, "reduce": _fold_bwd_reduce_kernel}
 
 
-
 def _launcher(kernel, traceable: bool):
-    """``wrap_triton(kernel)`` inside the custom op (so torch.compile sees the kernel), the bare kernel otherwise
-    and under the interpreter (whose kernels ``wrap_triton`` of older torch rejects)."""
-    if traceable and not _interpreting():
+    """``wrap_triton(kernel)`` inside the triton_op (so torch.compile sees the kernel), the bare kernel otherwise.
+
+    Under the interpreter (CPU tests) the op is an opaque ``custom_op`` whose fake implementation is this same
+    body: the launch is skipped when the tensors are fake (shape propagation only needs the allocations).
+    """
+    if _interpreting():
+        return _InterpretedLaunch(kernel)
+    if traceable:
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+class _InterpretedLaunch:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+
+            if any(isinstance(a, Tensor) and is_fake(a) for a in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,12 +343,18 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
     if _interpreting():
         bc, nw = 16, 1  # the interpreter runs each program in numpy: small tiles, few programs
     else:
-        # About 4K elements per [D, BLOCK_C] tile: BLOCK_C = 64 for D = 64, 32 for D = 128.
-        bc = min(128, max(16, 4096 // block_d))
+        # Forward: ~2K-element tiles (BLOCK_C = 32 for D = 64: 300 light programs for GPT-2 small, all resident at
+        # once). Backward holds ~7 tiles live: ~4K-element tiles over 8 warps (BLOCK_C = 64 for D = 64), which also
+        # halves the partials the reduction reads. tests/test_gpu_fold.py prints a sweep to retune on the card.
+        bc = min(128, max(16, (4096 if bwd else 2048) // block_d))
         nw = 8 if bwd else 4
     bc = block_c or bc
     return {"BLOCK_D": block_d, "BLOCK_R": block_r, "BLOCK_C": bc, "num_warps": num_warps or nw,
             "n_cb": -(-C // bc)}
+
+
+_REDUCE_MAX_S = 256  # slots summed per loop iteration of the reduction (a test lowers these to run the loops)
+_REDUCE_MAX_J = 64
 
 
 def _dummy(t: Tensor) -> Tensor:
@@ -384,12 +421,15 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
     dW = torch.empty_like(W, memory_format=torch.contiguous_format)
     dqs, dks, dqr, dkr = (torch.empty_like(g, memory_format=torch.contiguous_format) for g in (qs, ks, qr, kr))
+    # One program per 32 entries of dW (each sums a [n_slots, 32] strip, one load round trip when n_slots <= 256)
+    # and one for the gates.
     block_e = 32
     n_e = -(-(D * R) // block_e)
     _launcher(ks_["reduce"], traceable)[(n_e + 1,)](
         pw, ps, dW, dqs, dks, dqr, dkr, n_slots, n_per_head, H, D * R,
-        BLOCK_E=block_e, BLOCK_S=128 if not _interpreting() else 64, BLOCK_H=max(16, _next_pow2(H)),
-        BLOCK_J=32, num_warps=4 if not _interpreting() else 1)
+        BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
+        BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head))),
+        num_warps=1 if _interpreting() else 4)
     return d_weight, d_bias, dW, dqs, dks, dqr, dkr
 
 
@@ -428,7 +468,7 @@ def _register_ops() -> None:
             and hasattr(torch.library, "register_autograd")):
         _FALLBACK_REASON = (f"torch {torch.__version__} has no torch.library.triton_op/wrap_triton (torch >= 2.6); "
                             "using a plain autograd.Function (works eagerly, graph-breaks under torch.compile)")
-        log.info("fused fold: %s", _FALLBACK_REASON)
+        log.warning("fused fold: %s", _FALLBACK_REASON)
         return
     ns = getattr(torch.ops, _OP_NAMESPACE)
     try:  # re-import of this module (e.g. importlib.reload): reuse the registered ops
@@ -436,15 +476,27 @@ def _register_ops() -> None:
         return
     except (AttributeError, RuntimeError):
         pass
+    if _interpreting():
+        # The interpreter runs kernels in numpy; wrap_triton cannot trace them. An opaque custom_op keeps the
+        # schema, autograd and torch.compile behaviour testable on CPU (fake impl = the body, launches skipped).
+        def make_op(name):
+            def dec(fn):
+                op = torch.library.custom_op(name, mutates_args=())(fn)
+                op.register_fake(fn)
+                return op
+            return dec
+    else:
+        def make_op(name):
+            return torch.library.triton_op(name, mutates_args=())
 
-    @torch.library.triton_op(f"{_OP_NAMESPACE}::fold_qkv_backward", mutates_args=())
+    @make_op(f"{_OP_NAMESPACE}::fold_qkv_backward")
     def fold_qkv_backward(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                           W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor, routed: Optional[Tensor],
                           n_head: int, variant: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                Tensor]:
         return _fold_backward_impl(grad_w, grad_b, weight, bias, W, qs, ks, qr, kr, routed, n_head, variant)
 
-    @torch.library.triton_op(f"{_OP_NAMESPACE}::fold_qkv", mutates_args=())
+    @make_op(f"{_OP_NAMESPACE}::fold_qkv")
     def fold_qkv(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor,
                  kr: Tensor, routed: Optional[Tensor], n_head: int, variant: str,
                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -487,48 +539,62 @@ _register_ops()
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
 
+def _fail(msg: str):
+    raise ValueError(f"fused_fold_qkv_weight: {msg}")
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
 def _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype) -> None:
-    check = _check
-    check(isinstance(weight, Tensor) and weight.dim() == 2, f"weight must be a 2-D tensor [3C, C]; got "
-          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    """Clear errors for bad inputs (messages are formatted only on failure: this runs on every call)."""
+    if not (isinstance(weight, Tensor) and weight.dim() == 2):
+        _fail(f"weight must be a 2-D tensor [3C, C]; got {_shape(weight)}")
     C = weight.shape[1]
-    check(weight.shape[0] == 3 * C, f"weight must have shape [3C, C]; got {tuple(weight.shape)}")
-    check(isinstance(n_head, int) and n_head >= 1, f"n_head must be a positive int; got {n_head!r}")
-    check(C % n_head == 0, f"n_head={n_head} must divide C={C}")
-    check(variant in FOLDED_VARIANTS, f"variant must be one of {FOLDED_VARIANTS}; got {variant!r}")
+    if weight.shape[0] != 3 * C:
+        _fail(f"weight must have shape [3C, C]; got {_shape(weight)}")
+    if not (isinstance(n_head, int) and n_head >= 1):
+        _fail(f"n_head must be a positive int; got {n_head!r}")
+    if C % n_head:
+        _fail(f"n_head={n_head} must divide C={C}")
+    if variant not in FOLDED_VARIANTS:
+        _fail(f"variant must be one of {FOLDED_VARIANTS}; got {variant!r}")
     D = C // n_head
-    check(isinstance(W, Tensor) and W.dim() == 2 and W.shape[0] == D,
-          f"W must have shape [D, R] with D = C / n_head = {D}; got "
-          f"{tuple(W.shape) if isinstance(W, Tensor) else type(W).__name__}")
+    if not (isinstance(W, Tensor) and W.dim() == 2 and W.shape[0] == D):
+        _fail(f"W must have shape [D, R] with D = C / n_head = {D}; got {_shape(W)}")
     R = W.shape[1]
-    check(1 <= R <= D - 1, f"R = W.shape[1] must be in [1, D-1] = [1, {D - 1}]; got {R}")
+    if not 1 <= R <= D - 1:
+        _fail(f"R = W.shape[1] must be in [1, D-1] = [1, {D - 1}]; got {R}")
     dev = weight.device
-    named = [("weight", weight), ("W", W)] + ([("bias", bias)] if bias is not None else [])
-    named += list(zip(("qs", "ks", "qr", "kr"), gates))
+    named = (("weight", weight), ("W", W), ("bias", bias), ("qs", gates[0]), ("ks", gates[1]), ("qr", gates[2]),
+             ("kr", gates[3]))
     for name, t in named:
-        check(isinstance(t, Tensor), f"{name} must be a tensor; got {type(t).__name__}")
-        check(t.dtype in _FLOAT_DTYPES, f"{name} must be float32/bfloat16/float16/float64; got {t.dtype}")
-        check(t.device == dev, f"{name} is on {t.device} but weight is on {dev}")
-    for name, t in named[:3]:
-        check(t.is_contiguous(), f"{name} must be contiguous")
-    if bias is not None:
-        check(bias.dim() == 1 and bias.shape[0] == 3 * C, f"bias must have shape [3C] = [{3 * C}]; got "
-              f"{tuple(bias.shape)}")
-    for name, t in zip(("qs", "ks", "qr", "kr"), gates):
-        check(t.dim() == 1 and t.shape[0] == n_head, f"{name} must have shape [n_head] = [{n_head}]; got "
-              f"{tuple(t.shape)}")
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor):
+            _fail(f"{name} must be a tensor; got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            _fail(f"{name} must be float32/bfloat16/float16/float64; got {t.dtype}")
+        if t.device != dev:
+            _fail(f"{name} is on {t.device} but weight is on {dev}")
+        if name in ("weight", "W", "bias") and not t.is_contiguous():
+            _fail(f"{name} must be contiguous")
+        if name[0] in "qk" and not (t.dim() == 1 and t.shape[0] == n_head):
+            _fail(f"{name} must have shape [n_head] = [{n_head}]; got {_shape(t)}")
+    if bias is not None and not (bias.dim() == 1 and bias.shape[0] == 3 * C):
+        _fail(f"bias must have shape [3C] = [{3 * C}]; got {_shape(bias)}")
     if routed is not None:
-        check(isinstance(routed, Tensor) and routed.dtype == torch.bool, "routed must be a bool tensor or None")
-        check(routed.shape == (n_head,), f"routed must have shape [n_head] = [{n_head}]; got {tuple(routed.shape)}")
-        check(routed.device == dev, f"routed is on {routed.device} but weight is on {dev}")
-    check(out_dtype in _FLOAT_DTYPES, f"out_dtype must be float32/bfloat16/float16/float64; got {out_dtype}")
-    check(dev.type == "cuda" or _interpreting(),
-          f"the fused fold runs on CUDA tensors (or any device with TRITON_INTERPRET=1); got {dev}")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"fused_fold_qkv_weight: {msg}")
+        if not (isinstance(routed, Tensor) and routed.dtype == torch.bool):
+            _fail("routed must be a bool tensor or None")
+        if routed.dim() != 1 or routed.shape[0] != n_head:
+            _fail(f"routed must have shape [n_head] = [{n_head}]; got {_shape(routed)}")
+        if routed.device != dev:
+            _fail(f"routed is on {routed.device} but weight is on {dev}")
+    if out_dtype not in _FLOAT_DTYPES:
+        _fail(f"out_dtype must be float32/bfloat16/float16/float64; got {out_dtype}")
+    if dev.type != "cuda" and not _interpreting():
+        _fail(f"the fused fold runs on CUDA tensors (or any device with TRITON_INTERPRET=1); got {dev}")
 
 
 def fused_fold_qkv_weight(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor,

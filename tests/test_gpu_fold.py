@@ -1,0 +1,310 @@
+"""Fused weight-space fold on the GPU: exactness at GPT-2 sizes, torch.compile, CUDA graphs, and a timing printout.
+
+Run on the lent machine (``pytest -m gpu tests/test_gpu_fold.py -s``); skipped without CUDA (conftest.py).
+References are ``fold.fold_qkv_weight`` in float64 with float64 autograd. Tolerances are stated per test:
+* folded weight in fp32: 1e-5 of the largest magnitude (IEEE fp32 ``tl.dot``, no TF32);
+* folded weight in bf16: one bf16 rounding (2^-8 relative) of the fp32 value, plus 1e-6 absolute;
+* gradients (fp32 params, bf16 output grads): 2e-5 of the largest magnitude of each gradient (fp32 sums of up
+  to C * H terms).
+The benchmark prints microseconds per call (CUDA events; eager and CUDA-graph replay) and asserts nothing; with
+``RA_RESULTS_DIR`` set it also writes ``fold_bench.json`` there.
+"""
+import json
+import os
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reciprocal_attention import fold
+from reciprocal_attention.kernels import fold as kfold
+from reciprocal_attention.kernels.fold import fused_fold_qkv_weight
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+GPT2 = dict(H=12, D=64, R=8)  # C = 768
+
+
+def make_inputs(H, D, R, bias=True, routing="some", dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C = H * D
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
+
+    weight = rnd(3 * C, C, scale=0.02).requires_grad_()
+    b = rnd(3 * C, scale=0.02).requires_grad_() if bias else None
+    W = rnd(D, R, scale=0.3).requires_grad_()
+    gates = [(torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype).to(DEV).requires_grad_()
+             for _ in range(4)]
+    if routing == "none":
+        routed = None
+    elif routing == "some":
+        routed = (torch.arange(H) % 3 == 1).to(DEV)
+    else:
+        routed = torch.ones(H, dtype=torch.bool, device=DEV)
+    return weight, b, W, gates, routed
+
+
+def fwd_bwd(fn, weight, b, W, gates, routed, H, variant, grad_seed=1, grad_dtype=None, **kw):
+    ow, ob = fn(weight, b, W, *gates, routed, H, variant, **kw)
+    g = torch.Generator(device="cpu").manual_seed(grad_seed)
+
+    def grad_like(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(grad_dtype or t.dtype).to(t.dtype).to(DEV)
+
+    outs, grads, ins = [ow], [grad_like(ow)], [weight, W, *gates]
+    if b is not None:
+        outs.append(ob)
+        grads.append(grad_like(ob))
+        ins.insert(1, b)
+    return ow, ob, torch.autograd.grad(outs, ins, grads)
+
+
+def oracle(weight, b, W, gates, routed, H, variant, grad_dtype=None):
+    leaves = [t.detach().double().requires_grad_() for t in [weight, W, *gates]]
+    bb = b.detach().double().requires_grad_() if b is not None else None
+    return fwd_bwd(fold.fold_qkv_weight, leaves[0], bb, leaves[1], leaves[2:], routed, H, variant,
+                   grad_dtype=grad_dtype)
+
+
+def assert_rel(a, r, rel, name, atol=0.0):
+    err = (a.double() - r).abs().max().item()
+    scale = r.abs().max().item()
+    assert err <= rel * scale + atol, f"{name}: max error {err:.3e} > {rel:.1e} * max|ref| {scale:.3e} + {atol}"
+
+
+NAMES_BIAS = ("weight", "bias", "W", "qs", "ks", "qr", "kr")
+NAMES = ("weight", "W", "qs", "ks", "qr", "kr")
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("routing", ["none", "some", "all"])
+@pytest.mark.parametrize("variant", ["same_flop", "low_rank"])
+def test_gpt2_small_fp32_params_bf16_out(variant, routing, bias):
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    inputs = make_inputs(H, D, R, bias=bias, routing=routing)
+    ref_w, ref_b, ref_g = oracle(*inputs, H, variant, grad_dtype=torch.bfloat16)
+    ow, ob, grads = fwd_bwd(fused_fold_qkv_weight, *inputs, H, variant, out_dtype=torch.bfloat16)
+    assert ow.dtype == torch.bfloat16 and ow.shape == (2 * H * fold.folded_width(variant, D, R) + H * D, H * D)
+    # bf16 output: one rounding of the exact value (2^-8 relative) plus fp32 arithmetic error.
+    torch.testing.assert_close(ow.double(), ref_w, rtol=2 ** -8 + 1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(ob.double(), ref_b, rtol=2 ** -8 + 1e-5, atol=1e-6)
+    else:
+        assert ob is None
+    for name, a, r in zip(NAMES_BIAS if bias else NAMES, grads, ref_g):
+        assert a.dtype == torch.float32, name
+        assert_rel(a, r, 2e-5, f"d{name}")
+    # fp32 output: fp32 arithmetic only; and the bf16 output is that value rounded to nearest.
+    ow32, ob32 = fused_fold_qkv_weight(inputs[0], inputs[1], inputs[2], *inputs[3], inputs[4], H, variant)
+    assert_rel(ow32, ref_w, 1e-5, "folded weight fp32")
+    if bias:
+        assert_rel(ob32, ref_b, 1e-5, "folded bias fp32")
+    mism = (ow32.to(torch.bfloat16) != ow).float().mean().item()
+    assert mism < 1e-3, f"bf16 output differs from round(fp32 output) in {mism:.2%} of elements"
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1, False), (3, 8, 3, True), (2, 8, 7, False), (4, 128, 8, True),
+                                   (6, 96, 16, False), (25, 64, 8, True)], ids=lambda s: "H{}D{}R{}-bias{}".format(*s))
+def test_shapes_float64(shape):
+    """fp64 (tl.dot in fp64) at odd shapes, both variants, some heads routed: exact to 1e-10."""
+    H, D, R, bias = shape
+    for variant in ("same_flop", "low_rank"):
+        inputs = make_inputs(H, D, R, bias=bias, routing="some", dtype=torch.float64)
+        ow, ob, grads = fwd_bwd(fused_fold_qkv_weight, *inputs, H, variant)
+        rw, rb, rg = oracle(*inputs, H, variant)
+        torch.testing.assert_close(ow, rw, rtol=1e-10, atol=1e-12)
+        if bias:
+            torch.testing.assert_close(ob, rb, rtol=1e-10, atol=1e-12)
+        for name, a, r in zip(NAMES_BIAS if bias else NAMES, grads, rg):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(4, 128, 8), (20, 64, 8)], ids=lambda s: "H{}D{}R{}".format(*s))
+def test_shapes_float32(shape):
+    """fp32 at D = 128 (other tile sizes) and GPT-2 large width (C = 1280)."""
+    H, D, R = shape
+    for variant in ("same_flop", "low_rank"):
+        inputs = make_inputs(H, D, R, routing="some")
+        ow, ob, grads = fwd_bwd(fused_fold_qkv_weight, *inputs, H, variant)
+        rw, rb, rg = oracle(*inputs, H, variant)
+        assert_rel(ow, rw, 1e-5, "folded weight")
+        assert_rel(ob, rb, 1e-5, "folded bias")
+        for name, a, r in zip(NAMES_BIAS, grads, rg):
+            assert_rel(a, r, 2e-5, f"d{name}")
+
+
+def test_deterministic_gpt2():
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    inputs = make_inputs(H, D, R, routing="some", seed=7)
+    a = fwd_bwd(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
+    b = fwd_bwd(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name, x, y in zip(NAMES_BIAS, a[2], b[2]):
+        assert torch.equal(x, y), name
+
+
+def test_torch_compile_fullgraph():
+    """Inductor, fullgraph: the triton_op and its backward compile with no graph break; same values as eager."""
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    weight, b, W, gates, routed = make_inputs(H, D, R, routing="some", seed=2)
+    x = torch.randn(4, 64, H * D, device=DEV)
+
+    def f(x, weight, b, W, qs, ks, qr, kr):
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 params, bf16 GEMM: the fold emits bf16
+            w, bb = fused_fold_qkv_weight(weight, b, W, qs, ks, qr, kr, routed, H, "same_flop",
+                                          out_dtype=torch.bfloat16)
+            y = F.linear(x, w, bb)
+        return y.float().square().mean()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True)
+    ins = [weight, b, W, *gates]
+    loss_c = cf(x, *ins)
+    g_c = torch.autograd.grad(loss_c, ins)
+    loss_e = f(x, *ins)
+    g_e = torch.autograd.grad(loss_e, ins)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-3, atol=0)
+    for name, a, e in zip(NAMES_BIAS, g_c, g_e):
+        assert_rel(a, e.double(), 2e-2, f"compiled d{name}")  # bf16 GEMM, different fusion: loose
+
+
+def test_cuda_graph_capture_replay():
+    """Forward + backward captured in one CUDA graph; replay on new parameter values matches eager."""
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    weight, b, W, gates, routed = make_inputs(H, D, R, routing="some", seed=3)
+    ins = [weight, b, W, *gates]
+    gw = torch.randn(2 * H * D + H * D, H * D, device=DEV).to(torch.bfloat16)
+    gb = torch.randn(2 * H * D + H * D, device=DEV).to(torch.bfloat16)
+
+    def step():
+        ow, ob = fused_fold_qkv_weight(weight, b, W, *gates, routed, H, "same_flop", out_dtype=torch.bfloat16)
+        return (ow, ob, *torch.autograd.grad([ow, ob], ins, [gw, gb]))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    with torch.no_grad():
+        for t in ins:
+            t.copy_(torch.randn_like(t) * t.std())
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = step()
+    for i, (a, e) in enumerate(zip(static_out, expect)):
+        assert torch.equal(a, e), f"output {i} differs after replay"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Micro-benchmark (printout only)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _time_us(fn, inner=50, reps=7, graph=False):
+    """Median, min, max microseconds per call of ``fn`` (CUDA events around ``inner`` calls, ``reps`` times)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+        run = g.replay
+    else:
+        def run():
+            for _ in range(inner):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times), min(times), max(times)
+
+
+def test_benchmark_printout(capsys):
+    import triton
+
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    C = H * D
+    weight, b, W, gates, routed = make_inputs(H, D, R, routing="none", seed=11)
+    ins = [weight, b, W, *gates]
+    rows_f = 2 * H * D + C
+    gwf = torch.randn(rows_f, C, device=DEV).to(torch.bfloat16)
+    gbf = torch.randn(rows_f, device=DEV).to(torch.bfloat16)
+    gwc = torch.randn(3 * C, C, device=DEV).to(torch.bfloat16)
+    gbc = torch.randn(3 * C, device=DEV).to(torch.bfloat16)
+
+    def fused():
+        return fused_fold_qkv_weight(weight, b, W, *gates, routed, H, "same_flop", out_dtype=torch.bfloat16)
+
+    def ref():
+        w, bb = fold.fold_qkv_weight(weight, b, W, *gates, routed, H, "same_flop")
+        return w.to(torch.bfloat16), bb.to(torch.bfloat16)
+
+    def cast():
+        return weight.to(torch.bfloat16), b.to(torch.bfloat16)
+
+    arms = [("fused fold (bf16 out)", fused, gwf, gbf), ("fold.fold_qkv_weight + cast", ref, gwf, gbf),
+            ("plain weight.to(bf16) cast", cast, gwc, gbc)]
+    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+             f"C={C} H={H} R={R} same_flop, fp32 params, bias; us per call, median (min-max) of 7 x 50 calls"]
+    lines.append(f"{'arm':32s} {'mode':6s} {'fwd (no_grad)':>24s} {'fwd+bwd':>24s}")
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "shape": {"C": C, "H": H, "R": R, "variant": "same_flop", "bias": True}, "unit": "us per call",
+              "arms": [], "sweep": []}
+    for name, fn, gw_, gb_ in arms:
+        def fwd():
+            with torch.no_grad():
+                fn()
+
+        def fwd_bwd_():
+            w, bb = fn()
+            torch.autograd.grad([w, bb], ins, [gw_, gb_], allow_unused=True)
+
+        for mode in ("eager", "graph"):
+            f = _time_us(fwd, graph=mode == "graph")
+            fb = _time_us(fwd_bwd_, graph=mode == "graph")
+            lines.append(f"{name:32s} {mode:6s} {f[0]:9.2f} ({f[1]:6.2f}-{f[2]:6.2f}) "
+                         f"{fb[0]:9.2f} ({fb[1]:6.2f}-{fb[2]:6.2f})")
+            record["arms"].append({"arm": name, "mode": mode, "fwd": f, "fwd_bwd": fb})
+    # Tile sweep of the raw kernels (graph replay), to pick the defaults on this card.
+    w_ = weight.detach()
+    args = (w_, b.detach(), W.detach(), *(g.detach() for g in gates), routed, H, "same_flop")
+    lines.append("tile sweep (graph replay, us): BLOCK_C x num_warps -> forward kernel | backward kernels")
+    default_f = kfold._config(D, R, C)
+    default_b = kfold._config(D, R, C, bwd=True)
+    lines.append(f"  defaults: forward BLOCK_C={default_f['BLOCK_C']} warps={default_f['num_warps']}; "
+                 f"backward BLOCK_C={default_b['BLOCK_C']} warps={default_b['num_warps']}")
+    for bc in (32, 64, 128):
+        for nw in (4, 8):
+            tf = _time_us(lambda: kfold._fold_forward_impl(*args, torch.bfloat16, traceable=False, block_c=bc,
+                                                           num_warps=nw), graph=True)
+            tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *args, traceable=False, block_c=bc,
+                                                            num_warps=nw), graph=True)
+            lines.append(f"  BLOCK_C={bc:3d} warps={nw}: {tf[0]:7.2f} | {tb[0]:7.2f}")
+            record["sweep"].append({"BLOCK_C": bc, "num_warps": nw, "fwd_kernel": tf, "bwd_kernels": tb})
+    out_dir = os.environ.get("RA_RESULTS_DIR")
+    if out_dir:  # machine-readable copy for the results folder
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "fold_bench.json"), "w") as fh:
+            json.dump(record, fh, indent=1)
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

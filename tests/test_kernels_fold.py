@@ -1,0 +1,308 @@
+"""Fused weight-space fold (kernels/fold.py) vs the readable oracle ``fold.fold_qkv_weight``, on CPU.
+
+Runs the Triton kernels in the interpreter (``TRITON_INTERPRET=1``, set by conftest.py). The interpreter's
+``tl.dot`` handles float64, so the exactness checks are float64 against float64 autograd through the oracle; a
+float32 run and a bf16-output run check the production dtypes with float32/bf16 tolerances. The GPU suite
+(tests/test_gpu_fold.py) repeats the checks with the compiled kernels.
+"""
+import pytest
+import torch
+
+from reciprocal_attention import fold
+from reciprocal_attention.kernels import fold as kfold
+from reciprocal_attention.kernels.fold import fused_fold_qkv_weight
+
+pytestmark = pytest.mark.skipif(not kfold.triton_available(), reason="needs Triton (interpreter on CPU)")
+
+VARIANTS = ("same_flop", "low_rank")
+# (H, D, R): H in 1..3, D in 8/16/32, R in 1/3/8 (< D), C = H*D both a multiple of the interpreter's BLOCK_C=16
+# and not (C = 8, 24), and the edge R = D - 1 (Ds = 1).
+SHAPES = [(1, 8, 1), (2, 16, 3), (3, 32, 8), (3, 8, 3), (2, 8, 7)]
+ROUTINGS = ("none", "some", "all")
+
+
+def make_inputs(H, D, R, bias, routing, dtype=torch.float64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    C = H * D
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    weight = rnd(3 * C, C, scale=C ** -0.5).requires_grad_()
+    b = rnd(3 * C).requires_grad_() if bias else None
+    W = rnd(D, R, scale=0.5).requires_grad_()
+    # Signed gates of both signs (the kernel must not assume positive sides).
+    gates = [(torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype).to(device).requires_grad_()
+             for _ in range(4)]
+    if routing == "none":
+        routed = None
+    elif routing == "some":
+        routed = (torch.arange(H) % 2 == 1) if H > 1 else torch.tensor([True])
+        routed = routed.to(device)
+    else:
+        routed = torch.ones(H, dtype=torch.bool, device=device)
+    return weight, b, W, gates, routed
+
+
+def run(fn, weight, b, W, gates, routed, H, variant, grad_seed=1, grad_dtype=None, **kw):
+    """Folded (weight, bias) and the gradients of every differentiable input for fixed random output grads
+    (drawn in float64, rounded to ``grad_dtype``, default the output's dtype)."""
+    ow, ob = fn(weight, b, W, *gates, routed, H, variant, **kw)
+    g = torch.Generator().manual_seed(grad_seed)
+
+    def grad_like(t):
+        x = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        return x.to(grad_dtype or t.dtype).to(t.dtype)
+
+    outs, grads, ins = [ow], [grad_like(ow)], [weight, W, *gates]
+    if b is not None:
+        outs.append(ob)
+        grads.append(grad_like(ob))
+        ins.insert(1, b)
+    return ow, ob, torch.autograd.grad(outs, ins, grads)
+
+
+def oracle(weight, b, W, gates, routed, H, variant, grad_seed=1, grad_dtype=None):
+    """fold.fold_qkv_weight in float64 on float64 copies of the leaves, fed the same output gradients."""
+    leaves = [t.detach().double().requires_grad_() for t in [weight, W, *gates]]
+    bb = b.detach().double().requires_grad_() if b is not None else None
+    return run(fold.fold_qkv_weight, leaves[0], bb, leaves[1], leaves[2:], routed, H, variant,
+               grad_seed=grad_seed, grad_dtype=grad_dtype)
+
+
+NAMES_BIAS = ("weight", "bias", "W", "qs", "ks", "qr", "kr")
+NAMES = ("weight", "W", "qs", "ks", "qr", "kr")
+
+
+def assert_matches(got, ref, rtol, atol, bias):
+    ow, ob, grads = got
+    rw, rb, rgrads = ref
+    torch.testing.assert_close(ow.double(), rw, rtol=rtol, atol=atol, msg=lambda m: f"folded weight: {m}")
+    if bias:
+        torch.testing.assert_close(ob.double(), rb, rtol=rtol, atol=atol, msg=lambda m: f"folded bias: {m}")
+    else:
+        assert ob is None
+    for name, a, r in zip(NAMES_BIAS if bias else NAMES, grads, rgrads):
+        torch.testing.assert_close(a.double(), r, rtol=rtol, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}D{}R{}".format(*s))
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_oracle_float64(variant, bias, routing, shape):
+    H, D, R = shape
+    inputs = make_inputs(H, D, R, bias, routing)
+    got = run(fused_fold_qkv_weight, *inputs, H, variant)
+    ref = oracle(*inputs, H, variant)
+    assert got[0].shape == (2 * H * fold.folded_width(variant, D, R) + H * D, H * D)
+    assert got[0].dtype == torch.float64 and got[0].is_contiguous()
+    assert_matches(got, ref, rtol=1e-10, atol=1e-11, bias=bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_params(variant):
+    """Production dtype: fp32 params, fp32 output; fp32 tolerances against the float64 oracle."""
+    H, D, R = 3, 16, 3
+    inputs = make_inputs(H, D, R, True, "some", dtype=torch.float32, seed=3)
+    got = run(fused_fold_qkv_weight, *inputs, H, variant)
+    ref = oracle(*inputs, H, variant)
+    assert got[0].dtype == torch.float32
+    for t, name in zip(got[2], NAMES_BIAS):
+        assert t.dtype == torch.float32, name
+    assert_matches(got, ref, rtol=1e-5, atol=2e-6, bias=True)
+
+
+def test_bf16_output():
+    """out_dtype=bfloat16 (the autocast path): outputs rounded once from fp32; bf16 output grads upcast exactly."""
+    H, D, R = 2, 16, 3
+    inputs = make_inputs(H, D, R, True, "some", dtype=torch.float32, seed=4)
+    ow, ob, grads = run(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
+    assert ow.dtype == torch.bfloat16 and ob.dtype == torch.bfloat16
+    rw, rb, rgrads = oracle(*inputs, H, "same_flop", grad_dtype=torch.bfloat16)
+    # One bf16 rounding of the fp32 result: 2^-8 relative on the GPU (round to nearest); the interpreter's
+    # fp32 -> bf16 conversion truncates, so allow 2^-7 here. The GPU suite checks bitwise equality with
+    # ``fp32_result.to(bfloat16)``.
+    torch.testing.assert_close(ow.double(), rw, rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(ob.double(), rb, rtol=2 ** -7, atol=1e-6)
+    for name, a, r in zip(NAMES_BIAS, grads, rgrads):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=2e-6, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_shared_gate_tensor_and_unused_bias_output():
+    """Seed gates pass one tensor as both sides; a loss that ignores the folded bias gives a zero bias grad."""
+    H, D, R = 2, 8, 3
+    weight, b, W, gates, routed = make_inputs(H, D, R, True, "none")
+    s = gates[0]
+    r = gates[2]
+    ow, _ = fused_fold_qkv_weight(weight, b, W, s, s, r, r, routed, H, "same_flop")
+    gw = torch.randn_like(ow)
+    got = torch.autograd.grad([ow], [weight, b, W, s, r], [gw])
+    leaves = [t.detach().clone().requires_grad_() for t in (weight, b, W, s, r)]
+    rw, _ = fold.fold_qkv_weight(leaves[0], leaves[1], leaves[2], leaves[3], leaves[3], leaves[4], leaves[4],
+                                 None, H, "same_flop")
+    ref = torch.autograd.grad([rw], leaves, [gw], allow_unused=True)
+    torch.testing.assert_close(got[1], torch.zeros_like(b))
+    for name, a, e in zip(("weight", "bias", "W", "s", "r"), got, ref):
+        if e is None:
+            e = torch.zeros_like(a)
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_deterministic():
+    """No atomics: two runs give bitwise-equal outputs and gradients."""
+    H, D, R = 3, 16, 8
+    inputs = make_inputs(H, D, R, True, "some", dtype=torch.float32, seed=5)
+    a = run(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
+    b = run(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for x, y in zip(a[2], b[2]):
+        assert torch.equal(x, y)
+
+
+def test_torch_compile_fullgraph():
+    """No graph breaks through the wrapper, the custom op and its autograd (aot_eager: the CPU stand-in for
+    inductor; the GPU suite compiles with inductor)."""
+    H, D, R = 2, 8, 3
+    weight, b, W, gates, routed = make_inputs(H, D, R, True, "some", dtype=torch.float32)
+
+    def f(weight, b, W, qs, ks, qr, kr):
+        ow, ob = fused_fold_qkv_weight(weight, b, W, qs, ks, qr, kr, routed, H, "same_flop")
+        return (ow.sin().sum() + ob.cos().sum())
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    ins = [weight, b, W, *gates]
+    y = cf(*ins)
+    got = torch.autograd.grad(y, ins)
+    y_ref = f(*ins)
+    ref = torch.autograd.grad(y_ref, ins)
+    torch.testing.assert_close(y, y_ref)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e)
+
+
+def _valid(H=2, D=8, R=3):
+    weight, b, W, gates, routed = make_inputs(H, D, R, True, "some", dtype=torch.float32)
+    return dict(weight=weight, bias=b, W=W, qs=gates[0], ks=gates[1], qr=gates[2], kr=gates[3], routed=routed,
+                n_head=H, variant="same_flop")
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(weight=torch.zeros(48, 17)), r"shape \[3C, C\]"),
+    (dict(weight=torch.zeros(48)), r"2-D tensor"),
+    (dict(n_head=3), r"n_head=3 must divide C=16"),
+    (dict(n_head=0), r"n_head must be a positive int"),
+    (dict(variant="full"), r"variant must be one of"),
+    (dict(W=torch.zeros(4, 3)), r"W must have shape \[D, R\] with D = C / n_head = 8"),
+    (dict(W=torch.zeros(8, 8)), r"R = W.shape\[1\] must be in \[1, D-1\] = \[1, 7\]; got 8"),
+    (dict(W=torch.zeros(8, 0)), r"must be in \[1, D-1\]"),
+    (dict(bias=torch.zeros(47)), r"bias must have shape \[3C\] = \[48\]"),
+    (dict(qs=torch.zeros(3)), r"qs must have shape \[n_head\] = \[2\]"),
+    (dict(kr=torch.zeros(2, dtype=torch.int64)), r"kr must be float32/bfloat16/float16/float64"),
+    (dict(routed=torch.zeros(2)), r"routed must be a bool tensor"),
+    (dict(routed=torch.zeros(3, dtype=torch.bool)), r"routed must have shape \[n_head\]"),
+    (dict(weight=torch.zeros(16, 48).t()), r"weight must be contiguous"),
+    (dict(W=torch.zeros(3, 8).t()), r"W must be contiguous"),
+    (dict(bias=torch.zeros(96)[::2]), r"bias must be contiguous"),
+    (dict(qs=torch.zeros(2, 1)), r"qs must have shape \[n_head\]"),
+    (dict(ks=[1.0, 1.0]), r"ks must be a tensor; got list"),
+    (dict(weight=torch.zeros(48, 16, dtype=torch.int32)), r"weight must be float32"),
+    (dict(weight=torch.zeros(48, 16, device="meta")), r"W is on cpu but weight is on meta"),
+])
+def test_errors(change, match):
+    kw = _valid()
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        fused_fold_qkv_weight(**kw)
+
+
+def test_error_out_dtype():
+    with pytest.raises(ValueError, match=r"out_dtype must be"):
+        fused_fold_qkv_weight(**_valid(), out_dtype=torch.int8)
+
+
+def test_error_without_triton(monkeypatch):
+    monkeypatch.setattr(kfold, "_TRITON_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(RuntimeError, match=r"needs Triton"):
+        fused_fold_qkv_weight(**_valid())
+
+
+def test_error_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(kfold, "_INTERPRET", False)
+    with pytest.raises(ValueError, match=r"runs on CUDA tensors"):
+        fused_fold_qkv_weight(**_valid())
+
+
+def test_partial_requires_grad():
+    """Signed gates' K sides are constants (no grad); a detached weight gives no weight grad."""
+    H, D, R = 2, 16, 3
+    weight, b, W, gates, routed = make_inputs(H, D, R, True, "some")
+    ks = torch.ones(H, dtype=torch.float64)
+    kr = torch.ones(H, dtype=torch.float64)
+    ow, ob = fused_fold_qkv_weight(weight.detach(), b, W, gates[0], ks, gates[2], kr, routed, H, "low_rank")
+    rw, rb = fold.fold_qkv_weight(weight.detach(), b, W, gates[0], ks, gates[2], kr, routed, H, "low_rank")
+    gw, gb = torch.randn_like(rw), torch.randn_like(rb)
+    got = torch.autograd.grad([ow, ob], [b, W, gates[0], gates[2]], [gw, gb])
+    ref = torch.autograd.grad([rw, rb], [b, W, gates[0], gates[2]], [gw, gb])
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-11)
+    with torch.no_grad():
+        ow2, _ = fused_fold_qkv_weight(weight, b, W, *gates, routed, H, "low_rank")
+    assert not ow2.requires_grad
+
+
+def test_fallback_autograd_function(monkeypatch):
+    """The torch < 2.6 path (plain autograd.Function around the same kernels) gives the same results."""
+    H, D, R = 2, 16, 3
+    inputs = make_inputs(H, D, R, True, "some")
+    a = run(fused_fold_qkv_weight, *inputs, H, "same_flop")
+    monkeypatch.setattr(kfold, "_fold_op", None)
+    b = run(fused_fold_qkv_weight, *inputs, H, "same_flop")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for x, y in zip(a[2], b[2]):
+        assert torch.equal(x, y)
+
+
+def test_import_without_triton():
+    """Importing the module never needs Triton; calling the fold then raises a clear RuntimeError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch\n"
+        "from reciprocal_attention.kernels import fold as k\n"
+        "assert not k.triton_available()\n"
+        "try:\n"
+        "    k.fused_fold_qkv_weight(torch.zeros(6, 2), None, torch.zeros(2, 1), *[torch.ones(1)] * 4, None, 1,"
+        " 'same_flop')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'needs Triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_reduction_loops(monkeypatch):
+    """The partial-sum reduction with several loop iterations (on the GPU sizes one iteration usually suffices)."""
+    monkeypatch.setattr(kfold, "_REDUCE_MAX_S", 4)
+    monkeypatch.setattr(kfold, "_REDUCE_MAX_J", 4)
+    H, D, R = 3, 32, 3  # C = 96: 6 column blocks + bias = 7 per head, 21 slots: both loops iterate
+    inputs = make_inputs(H, D, R, True, "some")
+    assert_matches(run(fused_fold_qkv_weight, *inputs, H, "same_flop", grad_seed=2),
+                   oracle(*inputs, H, "same_flop", grad_seed=2), rtol=1e-10, atol=1e-11, bias=True)
+
+
+def test_strided_gates():
+    """Gate sides may be strided views (they are made contiguous); results match the oracle."""
+    H, D, R = 2, 8, 3
+    weight, b, W, gates, routed = make_inputs(H, D, R, True, "none")
+    base = torch.rand(4, 2 * H, dtype=torch.float64, requires_grad=True)
+    views = [base[i, ::2] for i in range(4)]
+    got = run(fused_fold_qkv_weight, weight, b, W, views, routed, H, "same_flop")
+    ref = run(fold.fold_qkv_weight, weight, b, W, views, routed, H, "same_flop")
+    assert_matches(got, ref, rtol=1e-10, atol=1e-11, bias=True)
