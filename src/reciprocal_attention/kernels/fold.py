@@ -163,11 +163,12 @@ if triton is not None:
                           0, LOW_RANK, FP64, BLOCK_D, BLOCK_R, BLOCK_CB)
 
     @triton.jit
-    def _bwd_tile(g_src, w_src, g_dst, W_ptr, pw_ptr, ps_ptr, slot, row_stride, n_cols, c0, h, rt,
+    def _bwd_tile(g_src, w_src, g_dst, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, row_stride, n_cols, c0, h, rt,
                   qs, ks, qr, kr, C, H, D, R, DS, DP,
                   COL_STRIDE: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        d = tl.arange(0, BLOCK_D)
+        # This program owns rows [d0, d0 + BLOCK_D) of head h's D rows and one column block.
+        d = d0 + tl.arange(0, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
         c = c0 + tl.arange(0, BLOCK_C)
         dm = d < D
@@ -221,10 +222,10 @@ if triton is not None:
         tl.store(pw_ptr + slot * (D * R) + d[:, None] * R + r[None, :], pw.to(pw_ptr.dtype.element_ty),
                  mask=dm[:, None] & rmask[None, :])
         ps_ty = ps_ptr.dtype.element_ty
-        tl.store(ps_ptr + slot * 4 + 0, p_qs.to(ps_ty))
-        tl.store(ps_ptr + slot * 4 + 1, p_ks.to(ps_ty))
-        tl.store(ps_ptr + slot * 4 + 2, p_qr.to(ps_ty))
-        tl.store(ps_ptr + slot * 4 + 3, p_kr.to(ps_ty))
+        tl.store(ps_ptr + ps_slot * 4 + 0, p_qs.to(ps_ty))
+        tl.store(ps_ptr + ps_slot * 4 + 1, p_ks.to(ps_ty))
+        tl.store(ps_ptr + ps_slot * 4 + 2, p_qr.to(ps_ty))
+        tl.store(ps_ptr + ps_slot * 4 + 3, p_kr.to(ps_ty))
 
     @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP"])
     def _fold_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, W_ptr, qs_ptr, ks_ptr, qr_ptr, kr_ptr, routed_ptr,
@@ -235,7 +236,10 @@ if triton is not None:
                          BLOCK_CB: tl.constexpr):
         h = tl.program_id(0)
         j = tl.program_id(1)
-        slot = h * tl.num_programs(1) + j
+        db = tl.program_id(2)
+        slot = h * tl.num_programs(1) + j  # dW partials: rows of one slot are split over the d-blocks
+        ps_slot = slot * tl.num_programs(2) + db  # gate partials: one per program
+        d0 = db * BLOCK_D
         if FP64:
             qs = tl.load(qs_ptr + h).to(tl.float64)
             ks = tl.load(ks_ptr + h).to(tl.float64)
@@ -252,11 +256,11 @@ if triton is not None:
             rt = h * 0
         n_cb = tl.cdiv(C, BLOCK_C)
         if j < n_cb:
-            _bwd_tile(gw_ptr, w_ptr, dw_ptr, W_ptr, pw_ptr, ps_ptr, slot, C, C, j * BLOCK_C, h, rt,
+            _bwd_tile(gw_ptr, w_ptr, dw_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, C, C, j * BLOCK_C, h, rt,
                       qs, ks, qr, kr, C, H, D, R, DS, DP, 1, FP64, BLOCK_D, BLOCK_R, BLOCK_C)
         else:
             if HAS_BIAS:
-                _bwd_tile(gb_ptr, b_ptr, db_ptr, W_ptr, pw_ptr, ps_ptr, slot, 1, 1, 0, h, rt,
+                _bwd_tile(gb_ptr, b_ptr, db_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, 1, 1, 0, h, rt,
                           qs, ks, qr, kr, C, H, D, R, DS, DP, 0, FP64, BLOCK_D, BLOCK_R, BLOCK_CB)
 
     @triton.jit(do_not_specialize=["n_slots", "n_per_head", "H", "DR"])
@@ -336,21 +340,29 @@ class _InterpretedLaunch:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Optional[int] = None,
-            bwd: bool = False) -> dict:
-    """Tile sizes. ``BLOCK_D``/``BLOCK_R`` are padded to powers of two >= 16 (``tl.dot``'s minimum)."""
-    block_d = max(16, _next_pow2(D))
+            bwd: bool = False, block_d: Optional[int] = None) -> dict:
+    """Tile sizes. ``BLOCK_D``/``BLOCK_R`` are padded to powers of two >= 16 (``tl.dot``'s minimum).
+
+    Forward: one program per (head, column block) holding all D rows (it reduces over them for ``W^T Wk``).
+    Backward: one program per (head, column block, d-block): measured on an H100 at GPT-2 small sizes, whole
+    ``[D, BLOCK_C]`` tiles per program left the backward latency-bound (21-31 us for ~10 MB of traffic), so each
+    head's rows are split over ``BLOCK_D``-row blocks for more programs in flight. ``tests/test_gpu_fold.py``
+    prints a sweep to retune on a card.
+    """
+    full_d = max(16, _next_pow2(D))
     block_r = max(16, _next_pow2(R))
-    if _interpreting():
-        bc, nw = 16, 1  # the interpreter runs each program in numpy: small tiles, few programs
+    if _interpreting():  # the interpreter runs each program in numpy: small tiles
+        bd, bc, nw = (16 if bwd else full_d), 16, 1
+    elif bwd:
+        bd, bc, nw = min(full_d, 32), 64, 4
     else:
-        # Forward: ~2K-element tiles (BLOCK_C = 32 for D = 64: 300 light programs for GPT-2 small, all resident at
-        # once). Backward holds ~7 tiles live: ~4K-element tiles over 8 warps (BLOCK_C = 64 for D = 64), which also
-        # halves the partials the reduction reads. tests/test_gpu_fold.py prints a sweep to retune on the card.
-        bc = min(128, max(16, (4096 if bwd else 2048) // block_d))
-        nw = 8 if bwd else 4
+        bd, bc, nw = full_d, min(128, max(16, 2048 // full_d)), 4
+    bd = block_d or bd
     bc = block_c or bc
-    return {"BLOCK_D": block_d, "BLOCK_R": block_r, "BLOCK_C": bc, "num_warps": num_warps or nw,
-            "n_cb": -(-C // bc)}
+    if not bwd and bd != full_d:
+        raise ValueError(f"the forward fold needs BLOCK_D >= D (got block_d={bd}, D={D})")
+    return {"BLOCK_D": bd, "BLOCK_R": block_r, "BLOCK_C": bc, "num_warps": num_warps or nw,
+            "n_cb": -(-C // bc), "n_db": -(-D // bd)}
 
 
 _REDUCE_MAX_S = 256  # slots summed per loop iteration of the reduction (a test lowers these to run the loops)
@@ -393,7 +405,8 @@ def _fold_forward_impl(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Te
 def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                         W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor, routed: Optional[Tensor],
                         n_head: int, variant: str, traceable: bool = True, block_c: Optional[int] = None,
-                        num_warps: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                        num_warps: Optional[int] = None,
+                        block_d: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                    Tensor, Tensor]:
     C = weight.shape[1]
     H = n_head
@@ -403,16 +416,17 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     fp64 = weight.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     has_bias = bias is not None
-    cfg = _config(D, R, C, block_c, num_warps, bwd=True)
+    cfg = _config(D, R, C, block_c, num_warps, bwd=True, block_d=block_d)
     n_per_head = cfg["n_cb"] + (1 if has_bias else 0)
     n_slots = H * n_per_head
+    n_db = cfg["n_db"]
     dev = weight.device
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     d_bias = torch.empty((3 * C if has_bias else 0,), dtype=bias.dtype if has_bias else weight.dtype, device=dev)
     pw = torch.empty((n_slots, D, R), dtype=acc, device=dev)
-    ps = torch.empty((n_slots, 4), dtype=acc, device=dev)
+    ps = torch.empty((n_slots * n_db, 4), dtype=acc, device=dev)
     ks_ = _kernels()
-    _launcher(ks_["bwd"], traceable)[(H, n_per_head)](
+    _launcher(ks_["bwd"], traceable)[(H, n_per_head, n_db)](
         grad_w, grad_b if (has_bias and grad_b is not None) else _dummy(grad_w), weight,
         bias if has_bias else _dummy(weight), W, qs, ks, qr, kr,
         routed if routed is not None else _dummy(qs), d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
@@ -426,9 +440,9 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     block_e = 32
     n_e = -(-(D * R) // block_e)
     _launcher(ks_["reduce"], traceable)[(n_e + 1,)](
-        pw, ps, dW, dqs, dks, dqr, dkr, n_slots, n_per_head, H, D * R,
+        pw, ps, dW, dqs, dks, dqr, dkr, n_slots, n_per_head * n_db, H, D * R,
         BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
-        BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head))),
+        BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head * n_db))),
         num_warps=1 if _interpreting() else 4)
     return d_weight, d_bias, dW, dqs, dks, dqr, dkr
 
