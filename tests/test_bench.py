@@ -35,6 +35,7 @@ def test_plan_keeps_full_matrix_at_one_shape():
     jobs = bench._plan(cfg, bench.default_arms(cfg.groups))
     full = [j for j in jobs if (j[1], j[2]) == (8, 1024) and j[3] == 768]
     assert {j[6] for j in full} == {"eager", "graph", "compile"}
+    assert {j[0].impl for j in full if j[6] == "compile"} == {"baseline_cudnn", "ra_fast"}
     assert {j[5] for j in full} == {"fwd", "fwd+bwd", "step"}
     assert any(j[2] == 8192 for j in jobs) and any(j[3] == 1280 for j in jobs)
     # an arm that syncs the host is never planned in graph mode

@@ -357,6 +357,9 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
         bd, bc, nw = min(full_d, 32), 64, 4
     else:
         bd, bc, nw = full_d, min(128, max(16, 2048 // full_d)), 4
+    if bwd and not _interpreting() and os.environ.get("RA_FOLD_BWD_TILES"):
+        # tuning knob: "BLOCK_D,BLOCK_C,num_warps" (scripts/gpu_suite.sh sets it from the sweep on the card)
+        bd, bc, nw = (int(v) for v in os.environ["RA_FOLD_BWD_TILES"].split(","))
     bd = block_d or bd
     bc = block_c or bc
     if not bwd and bd != full_d:

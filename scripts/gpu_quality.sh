@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The quality study on one GPU within a fixed time: a short probe measures per-process training throughput with
+# the card shared, then the token budget per run is set so that all (arm, seed) runs fit (equal tokens for all).
+# Usage: bash scripts/gpu_quality.sh OUT_DIR   (env: RA_QUALITY_SECONDS total time for training, RA_QUALITY_PAR)
+set -uo pipefail
+OUT="${1:?usage: gpu_quality.sh OUT_DIR}"; mkdir -p "$OUT"
+SECS="${RA_QUALITY_SECONDS:-300}"; PAR="${RA_QUALITY_PAR:-9}"; ARMS="${RA_QUALITY_ARMS:-standard,seed,ra,ra_disc,full,output_gate}"
+SEEDS="${RA_QUALITY_SEEDS:-0,1,2}"
+n_runs=$(( $(echo "$ARMS" | tr ',' '\n' | wc -l) * $(echo "$SEEDS" | tr ',' '\n' | wc -l) ))
+# probe: PAR copies of the slowest arm (full) for a fixed number of steps, all at once, as in the study
+python3 - "$OUT" "$PAR" <<'PY' > "$OUT/probe.txt"
+import json, subprocess, sys, time, pathlib
+out, par = pathlib.Path(sys.argv[1]) / "probe", int(sys.argv[2])
+procs = [subprocess.Popen([sys.executable, "-m", "reciprocal_attention.train", "--preset", "quality-gpu",
+         "--out", str(out / f"p{i}"), "--set", "model.attn=full", "--set", "budget.max_tokens=0",
+         "--set", "budget.max_steps=60", "--set", "eval.interval=0", "--set", "eval.iters=1",
+         "--set", "checkpoint.interval=0", "--set", "system.log_interval=10", "--set", "system.progress=false"],
+         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(par)]
+[p.wait() for p in procs]
+tps = []
+for i in range(par):
+    recs = [json.loads(l) for l in (out / f"p{i}" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    tr = [r["tokens_per_s"] for r in recs if r.get("kind") == "train"][2:]
+    tps.append(sum(tr) / len(tr))
+print(min(tps))
+PY
+tps=$(tail -n 1 "$OUT/probe.txt")
+waves=$(( (n_runs + PAR - 1) / PAR ))
+tokens=$(python3 -c "print(int(float('$tps') * $SECS / $waves * 0.85 // 8192 * 8192))")
+echo "probe: ${tps} tokens/s per process with $PAR sharing the card; $n_runs runs in $waves waves -> $tokens tokens per run"
+echo "{\"probe_tokens_per_s_per_process\": $tps, \"parallel\": $PAR, \"waves\": $waves, \"tokens_per_run\": $tokens}" > "$OUT/budget.json"
+rm -rf "$OUT/probe"
+python3 -m reciprocal_attention.cli quality --preset quality-gpu --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" \
+  --out "$OUT" --set budget.max_tokens="$tokens" --set checkpoint.interval=100000 --mqar-steps "${RA_MQAR_STEPS:-600}"
