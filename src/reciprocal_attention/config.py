@@ -1,0 +1,355 @@
+"""Typed training configuration: dataclasses, TOML presets and ``--set section.key=value`` overrides.
+
+A config is built in layers, each checked for unknown keys and value types:
+
+1. the defaults below;
+2. a preset (``src/reciprocal_attention/presets/NAME.toml``) or a TOML file (``--config FILE.toml``), or both
+   (preset first);
+3. command-line overrides ``--set optim.lr=3e-4`` (repeatable). Values are parsed for the field's type: ints,
+   floats, ``true``/``false``, strings, JSON for ``dict`` fields (``--set model.attn_overrides='{"rank": 16}'``)
+   and ``all``/``none``/``middle`` or a JSON list for ``model.ra_layers``.
+
+    cfg = load_config(preset="tiny", overrides=["optim.lr=1e-3", "budget.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``preset`` is a named GPT size; the ``0`` fields keep that size's value."""
+
+    preset: str = "tiny"  # tiny | small-cpu | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    n_layer: int = 0
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 0
+    dropout: float = 0.0
+    bias: bool = True
+    attn: str = "standard"  # a ReciprocalAttention preset: standard | seed | ra | ra_disc | full | low_rank | ...
+    attn_overrides: dict = field(default_factory=dict)  # extra ReciprocalAttention kwargs, e.g. {"rank": 16}
+    ra_layers: str | list[int] = "all"  # all | none | middle | [layer indices]
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how batches are drawn."""
+
+    dir: str = "data/corpus"  # a corpus built by `ra data prepare`
+    fixture: bool = False  # instead build the small committed fixture into OUT/data (tests and CPU demos)
+    tokenizer: str = "byte"  # the fixture's tokenizer (a prepared dir records its own)
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # data-order seed; batch i of rank r is a pure function of (seed, r, i)
+    verify: bool = False  # sha256-check the .bin files before training
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (decay on matrices only; see ``GPT.configure_optimizers``)."""
+
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up to ``optim.lr``, then cosine decay to ``min_lr_ratio * lr`` over ``decay_steps``."""
+
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = the step budget (budget.max_steps, or budget.max_tokens / tokens per step)
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class BudgetConfig:
+    """When to stop: the first limit reached (``0`` = no limit; at least one must be set)."""
+
+    max_steps: int = 0
+    max_tokens: int = 0
+    max_seconds: float = 0.0  # training wall clock, excluding evaluation and checkpointing
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on a fixed set of batches (the same every time and in every arm)."""
+
+    interval: int = 200  # optimizer steps; 0 = only at the end
+    iters: int = 20  # batches per evaluation
+    batch_size: int = 0  # 0 = data.batch_size
+    seed: int = 1234
+    split: str = "val"
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``OUT/checkpoints``; one is always written at the end."""
+
+    interval: int = 1000  # optimizer steps; 0 = only at the end
+    keep_last: int = 2  # 0 = keep all
+
+
+@dataclass
+class SystemConfig:
+    """Devices, precision, seeds, logging."""
+
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16 (GradScaler)
+    compile: bool = False
+    seed: int = 1337  # parameter init and dropout
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    tf32: bool = True  # TF32 for float32 matmuls/convolutions on CUDA
+    log_interval: int = 10
+    progress: bool = True  # tqdm bar
+    peak_flops: float = 0.0  # per-device peak for MFU; 0 = from the device name (H100/H200/A100), else no MFU
+    threads: int = 0  # torch.set_num_threads; 0 = leave
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON/TOML-able)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a nested dict, rejecting unknown keys and ill-typed values."""
+        cfg = cls()
+        merge(cfg, d, origin="dict")
+        validate(cfg)
+        return cfg
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+class ConfigError(ValueError):
+    """An unknown key, an ill-typed value or an inconsistent setting."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Typed assignment
+# ----------------------------------------------------------------------------------------------------------------
+
+def _field_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def _type_name(tp: Any) -> str:
+    if tp is float:
+        return "a number"
+    if tp is dict:
+        return "a table/dict (JSON on the command line)"
+    if isinstance(tp, types.UnionType):
+        return "'all', 'none', 'middle' or a list of layer indices"
+    return {int: "an int", bool: "true or false", str: "a string"}[tp]
+
+
+def _coerce(value: Any, tp: Any, key: str, from_text: bool) -> Any:
+    """``value`` as type ``tp`` (parsing it if it came from the command line), or a ConfigError naming ``key``."""
+    try:
+        if from_text:
+            value = _parse_text(value, tp)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: cannot parse {value!r} as {_type_name(tp)} ({e})") from None
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+    }.get(tp)
+    if ok is None:  # str | list[int]
+        ok = lambda v: isinstance(v, str) or (isinstance(v, list) and all(  # noqa: E731
+            isinstance(i, int) and not isinstance(i, bool) for i in v))
+    if not ok(value):
+        raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _parse_text(text: str, tp: Any) -> Any:
+    if tp is bool:
+        low = text.strip().lower()
+        if low not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError("expected true or false")
+        return low in ("true", "1", "yes")
+    if tp is int:
+        return int(text.replace("_", ""))
+    if tp is float:
+        return float(text.replace("_", ""))
+    if tp is dict:
+        return json.loads(text)
+    if tp is str:
+        return text
+    stripped = text.strip()
+    return json.loads(stripped) if stripped.startswith("[") else stripped
+
+
+def set_value(cfg: TrainConfig, key: str, value: Any, from_text: bool = False) -> None:
+    """Assign ``cfg.<section>.<name> = value`` after checking the key exists and the type fits."""
+    if not isinstance(key, str) or key.count(".") != 1:
+        raise ConfigError(f"config keys look like 'section.name' (sections: {', '.join(SECTIONS)}); got {key!r}")
+    sec_name, name = key.split(".")
+    if sec_name not in SECTIONS:
+        raise ConfigError(f"unknown config section {sec_name!r} in {key!r}; valid sections: {', '.join(SECTIONS)}")
+    section = getattr(cfg, sec_name)
+    hints = _field_types(section)
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}; valid keys in [{sec_name}]: {', '.join(hints)}")
+    setattr(section, name, _coerce(value, hints[name], key, from_text))
+
+
+def merge(cfg: TrainConfig, d: dict, origin: str) -> None:
+    """Apply a nested ``{section: {key: value}}`` dict (from TOML or a checkpoint) to ``cfg``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{origin}: expected a table of sections; got {type(d).__name__}")
+    for sec_name, table in d.items():
+        if sec_name not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section [{sec_name}]; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: [{sec_name}] must be a table; got {table!r}")
+        for name, value in table.items():
+            try:
+                set_value(cfg, f"{sec_name}.{name}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{origin}: {e}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> None:
+    """Apply ``section.key=value`` strings (the ``--set`` arguments)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value; got {item!r}")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value, from_text=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets and validation
+# ----------------------------------------------------------------------------------------------------------------
+
+def list_presets() -> list[str]:
+    """Names of the TOML presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def read_toml(path: str | Path) -> dict:
+    """Parse a TOML file, with its path in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then ``preset``, then ``config_file``, then ``overrides``; validated."""
+    cfg = TrainConfig()
+    if preset is not None:
+        if preset not in list_presets():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+        merge(cfg, read_toml(PRESET_DIR / f"{preset}.toml"), origin=f"preset {preset}")
+    if config_file is not None:
+        merge(cfg, read_toml(config_file), origin=str(config_file))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check ranges and choices that types alone cannot (raises ConfigError naming the key)."""
+    from .attention import PRESETS as ATTN_PRESETS
+    from .model import GPT_PRESETS
+    from .tokenizer import TOKENIZERS
+
+    m, d, o, s, b, e, c, y = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.budget, cfg.eval, cfg.checkpoint,
+                              cfg.system)
+    _check(m.preset in GPT_PRESETS, f"model.preset must be one of {list(GPT_PRESETS)}; got {m.preset!r}")
+    _check(m.attn in ATTN_PRESETS, f"model.attn must be one of {list(ATTN_PRESETS)}; got {m.attn!r}")
+    for k in ("n_layer", "n_head", "n_embd", "block_size"):
+        _check(getattr(m, k) >= 0, f"model.{k} must be >= 0 (0 = the preset's); got {getattr(m, k)}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
+    _check(not isinstance(m.ra_layers, str) or m.ra_layers in ("all", "none", "middle"),
+           f"model.ra_layers must be 'all', 'none', 'middle' or a list of layer indices; got {m.ra_layers!r}")
+    _check(d.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}; got {d.tokenizer!r}")
+    _check(d.fixture or bool(d.dir), "data.dir must name a prepared corpus (or set data.fixture = true)")
+    for k in ("batch_size", "grad_accum"):
+        _check(getattr(d, k) >= 1, f"data.{k} must be >= 1; got {getattr(d, k)}")
+    _check(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1); got {o.beta1}, {o.beta2}")
+    _check(o.eps > 0 and o.grad_clip >= 0, "optim.eps must be > 0 and optim.grad_clip >= 0")
+    _check(s.warmup_steps >= 0 and s.decay_steps >= 0, "schedule.warmup_steps and decay_steps must be >= 0")
+    _check(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1]; got {s.min_lr_ratio}")
+    _check(min(b.max_steps, b.max_tokens, b.max_seconds) >= 0, "budget values must be >= 0")
+    _check(b.max_steps > 0 or b.max_tokens > 0 or b.max_seconds > 0,
+           "set at least one budget: budget.max_steps, budget.max_tokens or budget.max_seconds")
+    _check(b.max_steps > 0 or b.max_tokens > 0 or s.decay_steps > 0,
+           "with only a wall-clock budget the LR schedule has no horizon: set schedule.decay_steps")
+    _check(e.interval >= 0 and e.iters >= 1 and e.batch_size >= 0, "eval.interval >= 0, eval.iters >= 1, "
+           "eval.batch_size >= 0 required")
+    _check(e.split in ("val", "test", "train"), f"eval.split must be val, test or train; got {e.split!r}")
+    _check(c.interval >= 0 and c.keep_last >= 0, "checkpoint.interval and checkpoint.keep_last must be >= 0")
+    _check(y.dtype in DTYPES, f"system.dtype must be one of {DTYPES}; got {y.dtype!r}")
+    _check(y.device == "auto" or y.device == "cpu" or y.device.startswith("cuda") or y.device == "mps",
+           f"system.device must be auto, cpu, cuda or cuda:N; got {y.device!r}")
+    _check(y.log_interval >= 1 and y.threads >= 0 and y.peak_flops >= 0,
+           "system.log_interval >= 1, system.threads >= 0 and system.peak_flops >= 0 required")
+    _check(bool(y.out_dir), "system.out_dir must not be empty")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML text (for ``--print-config`` and the run directory)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + " }" if v else "{}"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    out = []
+    for sec, table in cfg.to_dict().items():
+        out.append(f"[{sec}]")
+        out.extend(f"{k} = {fmt(v)}" for k, v in table.items())
+        out.append("")
+    return "\n".join(out)
