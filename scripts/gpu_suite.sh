@@ -35,6 +35,10 @@ for s in $STAGES; do
                export RA_FOLD_BWD_TILES=$($PY -c "import json; d=json.load(open('$RES/fold_bench.json')); b=min((r for r in d['sweep'] if r.get('kernel')=='bwd'), key=lambda r: r['us'][0]); print(f\"{b['BLOCK_D']},{b['BLOCK_C']},{b['num_warps']}\")" 2>/dev/null)
                note "fold backward tiles from the sweep: ${RA_FOLD_BWD_TILES:-default}"
              fi ;;
+    flashtests) stage flashtests "${RA_FLASHTESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_flash.py --timeout=90 -o addopts="" -rfE ;;
+    foldsweep)  stage foldsweep 90 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts="" ;;
+    bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
+                  --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
     check)   stage check 240 $PY -m reciprocal_attention.cli check ;;
     bench)   stage bench "${RA_BENCH_TIMEOUT:-420}" $PY -m reciprocal_attention.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)

@@ -437,7 +437,9 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
     module = arm.build(C, H, max(T, 1024), cfg.bias).to(device=device, dtype=dtype)
     module.train()
     x = torch.randn(B, T, C, device=device, dtype=dtype)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "amp" else contextlib.nullcontext()
+    # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
+           else contextlib.nullcontext())
     target = torch.compile(module) if mode == "compile" else module
     with sdpa_context(arm.sdpa), amp:
         fn = _make_step(target, x, pass_)

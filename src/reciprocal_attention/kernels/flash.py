@@ -16,8 +16,8 @@ Public entry point: :func:`flash_ra_attention`.
   stride on the last dim are used in place (no copy); other layouts are made contiguous once.
 
 Design (no atomics anywhere, so gradients are bitwise reproducible; nothing of size ``T x T`` is allocated:
-the extra memory is ``O(B H T)`` fp32 for the log-sum-exp, ``delta``, the per-column ``dc/da/db`` partials,
-plus, only with the reciprocal term, two ``O(B H T D)`` fp32 partial-gradient buffers):
+the extra memory is ``O(B H T)`` fp32 for the log-sum-exp, ``delta`` and the ``dc/da/db`` partials, plus,
+only with the reciprocal term, two fp32 ``[B, H, T, D]`` partial-gradient buffers during the backward):
 
 * forward, grid ``(cdiv(T, BLOCK_M), B*H)``: a program owns query block ``I`` (heaviest blocks launch first),
   loads ``Q[I]`` (and ``K[I]`` for the reciprocal term), and walks key blocks ``J <= I`` (causal tile skipping
@@ -26,23 +26,31 @@ plus, only with the reciprocal term, two ``O(B H T D)`` fp32 partial-gradient bu
   the scale) and fp32 accumulators. Saves the per-row log-sum-exp (log2 units).
 * backward 0 (``delta``), grid ``(cdiv(T, 64), B*H)``: ``delta_i = sum_d O_id dO_id``.
 * backward 1 ("column" kernel), grid ``(cdiv(T, BLOCK_N), B*H)``: a program owns key block ``J``, walks query
-  blocks ``I >= J``, recomputes ``P`` from the saved log-sum-exp and accumulates
-  ``dV_J``, ``dK_J`` (the ``a`` part), ``dQ_J`` (the reciprocal ``b`` part), and per key column ``j``:
-  ``dc_j = sum_i dS_ij``, ``da_j = scale * sum_i dS_ij S_ij``, ``db_j = scale * sum_i dS_ij S'_ij``.
-  Those three are stored as ``[B, H, T]`` fp32 partials (each column written by exactly one program) and
-  reduced in torch (``O(B H T)``): ``dc`` summed over ``B`` for an ``[H, T]`` bias, ``da, db`` over ``B, T``.
+  blocks ``I >= J``, recomputes ``P`` from the saved log-sum-exp and accumulates ``dV_J``, ``dK_J`` (the ``a``
+  part), ``dQ_J`` (the reciprocal ``b`` part) and the column sums ``dc_j = sum_i dS_ij``, stored as a
+  ``[B, H, T]`` fp32 partial (each column written by exactly one program; summed over ``B`` in torch for an
+  ``[H, T]`` bias).
 * backward 2 ("row" kernel), grid ``(cdiv(T, BLOCK_M), B*H)``: a program owns query block ``I``, walks key
-  blocks ``J <= I``, and accumulates ``dQ_I`` (the ``a`` part) and ``dK_I`` (the reciprocal ``b`` part). Its
-  epilogue adds the column kernel's fp32 partials for rows ``I`` (``dQ_I`` reciprocal part, ``dK_I`` ``a`` part)
-  and writes the final ``dq``, ``dk``. It runs after the column kernel on the same stream.
+  blocks ``J <= I``, and accumulates ``dQ_I`` (the ``a`` part), ``dK_I`` (the reciprocal ``b`` part) and the
+  row sums ``scale * sum_j dS_ij S_ij`` and ``scale * sum_j dS_ij S'_ij``, stored as ``[B, H, T]`` fp32
+  partials and summed over ``B, T`` in torch into ``da_h``, ``db_h`` (``O(B H T)``; kept here rather than in
+  the column kernel, which holds three ``[BLOCK_N, D]`` accumulators already). Its epilogue adds the column
+  kernel's fp32 partials for rows ``I`` (``dQ_I`` reciprocal part, ``dK_I`` ``a`` part) and writes the final
+  ``dq``, ``dk``. It runs after the column kernel on the same stream.
 
 Here ``dS = P * (dP - delta)`` is the gradient of the logits ``l``. Without the reciprocal term the two
 backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
 
 ``torch.compile(fullgraph=True)``: the kernels are launched from ``torch.library.triton_op`` operators
 (``reciprocal_attention::flash_ra_fwd`` / ``flash_ra_bwd``) through ``torch.library.wrap_triton``, with
-``register_autograd``. On a torch without ``triton_op`` (< 2.6) a plain ``torch.autograd.Function`` is used
-(and the reason is logged); it works eagerly but graph-breaks under ``torch.compile``.
+``register_autograd``. Under ``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same
+ops are opaque ``torch.library.custom_op`` s with explicit fake implementations. On a torch without
+``triton_op`` (< 2.6) a plain ``torch.autograd.Function`` is used (and the reason is logged); it works eagerly
+but graph-breaks under ``torch.compile``. ``OP_MODE`` says which.
+
+Configs: :data:`AUTOTUNE` (default on; ``RA_FLASH_AUTOTUNE=0`` turns it off) autotunes each attention kernel
+over a few ``BLOCK_M/BLOCK_N/num_warps/num_stages`` configs keyed on ``T``, ``D``, the flags and the dtype;
+off, one fixed spill-free config per kernel (fast to compile). The kernels are not specialised on ``T``.
 
 Triton is imported guarded: importing this module never fails; :func:`flash_ra_attention` raises a
 RuntimeError naming the problem when Triton is missing. ``TRITON_INTERPRET=1`` must be set before this module
@@ -55,11 +63,12 @@ import logging
 import math
 import os
 from numbers import Real
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS", "triton_available", "OP_MODE"]
+__all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS", "triton_available", "OP_MODE", "AUTOTUNE"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,12 @@ except Exception as _e:  # pragma: no cover - exercised only where triton is abs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+#: Autotune the three attention kernels over a few block/warp/stage configs (keyed on T, D, the flags and the
+#: dtype; the first call per key compiles and benchmarks them all). False (or RA_FLASH_AUTOTUNE=0 at import):
+#: one fixed, spill-free config per kernel: quick to compile, somewhat slower to run. Read at launch time, so
+#: tests may flip it. Under TRITON_INTERPRET both are one 16 x 16 config.
+AUTOTUNE = os.environ.get("RA_FLASH_AUTOTUNE", "1") not in ("", "0")
+
 
 def triton_available() -> bool:
     """True when Triton imported (the kernels exist)."""
@@ -97,18 +112,23 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
     # forward: a program owns BLOCK_M query rows, steps over BLOCK_N key columns
-    _FWD_CONFIGS = _configs([
+    _FWD_CONFIGS = [
         (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
         (64, 64, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2),
-    ])
+    ]
     # column kernel: a program owns BLOCK_N key columns, steps over BLOCK_M query rows
-    _BWD_COL_CONFIGS = _configs([
+    _BWD_COL_CONFIGS = [
         (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2),
-    ])
+        (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2),
+    ]
     # row kernel: a program owns BLOCK_M query rows, steps over BLOCK_N key columns
-    _BWD_ROW_CONFIGS = _configs([
+    _BWD_ROW_CONFIGS = [
         (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
-    ])
+        (64, 32, 8, 2), (32, 64, 4, 2),
+    ]
+    # with AUTOTUNE off: one config per kernel, checked with ptxas -v for sm_90 (bf16, D = 64 and 128, every
+    # flag set): no register spills
+    _FWD_FIXED, _BWD_COL_FIXED, _BWD_ROW_FIXED = (64, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)
     _AUTOTUNE_KEY = ["T", "D", "HAS_A", "RECIP", "HAS_BIAS"]  # dtypes are added by the autotuner itself
 
     @triton.jit
@@ -163,8 +183,7 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
     def _ra_fwd_kernel(
         Q, K, V, O, LSE, CB, A, BC,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, scb, sch, sct,
@@ -211,7 +230,7 @@ if triton is not None:
         o_ptr = O + b * sob + h * soh
         tl.store(o_ptr + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_m[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
     def _bwd_delta_kernel(
         O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
         D: tl.constexpr, BLOCK: tl.constexpr,
@@ -229,10 +248,10 @@ if triton is not None:
 
     @triton.jit
     def _bwd_col_inner(
-        dk, dv, dq_r, dc, da, db, k, v, q_n, c,
+        dk, dv, dq_r, dc, k, v, q_n, c,
         q_ptr, k_ptr, do_ptr, lse_ptr, delta_ptr, sqt, skt, sdt,
         ca, cb, offs_n, lo, hi, T,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_A: tl.constexpr,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
         RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ):
         # transposed orientation: tiles are [BLOCK_N (key j), BLOCK_M (query i)]
@@ -246,12 +265,10 @@ if triton is not None:
             # rows past T get lse = +inf, hence P = 0 and dS = 0 there
             lse = tl.load(lse_ptr + offs_m, mask=mm, other=float("inf"))
             delta = tl.load(delta_ptr + offs_m, mask=mm, other=0.0)
-            s_t = _dot(k, tl.trans(q_i), IEEE)  # s_t[j, i] = k_j.q_i = S_ij
-            qk_t = s_t * ca
+            qk_t = _dot(k, tl.trans(q_i), IEEE) * ca  # [j, i]: k_j.q_i = S_ij
             if RECIP:
                 k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mm[:, None], other=0.0)
-                s2_t = _dot(q_n, tl.trans(k_i), IEEE)  # s2_t[j, i] = q_j.k_i = S'_ij
-                qk_t += s2_t * cb
+                qk_t += _dot(q_n, tl.trans(k_i), IEEE) * cb  # [j, i]: q_j.k_i = S'_ij
             if HAS_BIAS:
                 qk_t += c[:, None]
             p_t = tl.math.exp2(qk_t - lse[None, :])
@@ -263,18 +280,14 @@ if triton is not None:
             dk += _dot(ds_t.to(q_i.dtype), q_i, IEEE)
             if RECIP:
                 dq_r += _dot(ds_t.to(k_i.dtype), k_i, IEEE)
-                db += tl.sum(ds_t * s2_t, 1)
             if HAS_BIAS:
-                dc += tl.sum(ds_t, 1)
-            if HAS_A:
-                da += tl.sum(ds_t * s_t, 1)
-        return dk, dv, dq_r, dc, da, db
+                dc += tl.sum(ds_t, 1)  # column sums: dc_j = sum_i dS_ij
+        return dk, dv, dq_r, dc
 
-    @triton.autotune(configs=_BWD_COL_CONFIGS, key=_AUTOTUNE_KEY)
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
     def _ra_bwd_col_kernel(
         Q, K, V, DO, LSE, DELTA, CB, A, BC,
-        DK, DV, DQR, DC, DA, DB,
+        DK, DV, DQR, DC,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
         H, T, scale,
         D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -284,7 +297,7 @@ if triton is not None:
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        row = bh.to(tl.int64) * T  # [B*H, T] buffers (LSE, DELTA, DC, DA, DB)
+        row = bh.to(tl.int64) * T  # [B*H, T] buffers (LSE, DELTA, DC)
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
@@ -317,17 +330,15 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         dq_r = tl.zeros([BLOCK_N, D], dtype=tl.float32)
         dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        da = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_N], dtype=tl.float32)
         lo = (start_n // BLOCK_M) * BLOCK_M  # first query block holding a row i >= start_n
         # query blocks [lo, mid) touch the diagonal (masked); from mid on every i >= start_n + BLOCK_N > j
         mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, T)
-        dk, dv, dq_r, dc, da, db = _bwd_col_inner(
-            dk, dv, dq_r, dc, da, db, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
-            sqt, skt, sdt, ca, cb, offs_n, lo, mid, T, D, BLOCK_M, True, HAS_A, RECIP, HAS_BIAS, IEEE)
-        dk, dv, dq_r, dc, da, db = _bwd_col_inner(
-            dk, dv, dq_r, dc, da, db, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
-            sqt, skt, sdt, ca, cb, offs_n, mid, T, T, D, BLOCK_M, False, HAS_A, RECIP, HAS_BIAS, IEEE)
+        dk, dv, dq_r, dc = _bwd_col_inner(
+            dk, dv, dq_r, dc, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
+            sqt, skt, sdt, ca, cb, offs_n, lo, mid, T, D, BLOCK_M, True, RECIP, HAS_BIAS, IEEE)
+        dk, dv, dq_r, dc = _bwd_col_inner(
+            dk, dv, dq_r, dc, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
+            sqt, skt, sdt, ca, cb, offs_n, mid, T, T, D, BLOCK_M, False, RECIP, HAS_BIAS, IEEE)
         # DK, DV (and DQR) are contiguous [B, H, T, D] buffers allocated by the wrapper
         g_off = bh.to(tl.int64) * T * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
@@ -335,18 +346,15 @@ if triton is not None:
         tl.store(DK + g_off, (dk * (a_h * scale)).to(DK.dtype.element_ty), mask=mask_n[:, None])
         if RECIP:
             tl.store(DQR + g_off, dq_r * (b_h * scale), mask=mask_n[:, None])
-            tl.store(DB + row + offs_n, db * scale, mask=mask_n)
         if HAS_BIAS:
             tl.store(DC + row + offs_n, dc, mask=mask_n)
-        if HAS_A:
-            tl.store(DA + row + offs_n, da * scale, mask=mask_n)
 
     @triton.jit
     def _bwd_row_inner(
-        dq, dk_r, q, k_i, do, lse, delta,
+        dq, dk_r, da, db, q, k_i, do, lse, delta,
         q_ptr, k_ptr, v_ptr, c_ptr, sqt, skt, svt, sct,
         ca, cb, offs_m, lo, hi, T,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_A: tl.constexpr,
         RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ):
         offs_d = tl.arange(0, D)
@@ -360,13 +368,15 @@ if triton is not None:
             else:
                 k_j = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :])
                 v_j = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :])
-            qk = _dot(q, tl.trans(k_j), IEEE) * ca
+            s = _dot(q, tl.trans(k_j), IEEE)  # q_i.k_j = S_ij
+            qk = s * ca
             if RECIP:
                 if MASK:
                     q_j = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :], mask=mn[:, None], other=0.0)
                 else:
                     q_j = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :])
-                qk += _dot(k_i, tl.trans(q_j), IEEE) * cb
+                s2 = _dot(k_i, tl.trans(q_j), IEEE)  # k_i.q_j = S'_ij
+                qk += s2 * cb
             if HAS_BIAS:
                 if MASK:
                     c = tl.load(c_ptr + offs_n * sct, mask=mn, other=0.0).to(tl.float32)
@@ -379,15 +389,17 @@ if triton is not None:
             dp = _dot(do, tl.trans(v_j), IEEE)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k_j.dtype), k_j, IEEE)
+            if HAS_A:
+                da += tl.sum(ds * s, 1)  # row sums of dS * S (masked entries have dS = 0)
             if RECIP:
                 dk_r += _dot(ds.to(q_j.dtype), q_j, IEEE)
-        return dq, dk_r
+                db += tl.sum(ds * s2, 1)
+        return dq, dk_r, da, db
 
-    @triton.autotune(configs=_BWD_ROW_CONFIGS, key=_AUTOTUNE_KEY)
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
     def _ra_bwd_row_kernel(
         Q, K, V, DO, LSE, DELTA, CB, A, BC,
-        DQ, DK, DQR, DKP,
+        DQ, DK, DQR, DKP, DA, DB,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
         H, T, scale,
         D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -426,14 +438,20 @@ if triton is not None:
         cb = qk_scale * b_h
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         dk_r = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        da = tl.zeros([BLOCK_M], dtype=tl.float32)
+        db = tl.zeros([BLOCK_M], dtype=tl.float32)
         hi1 = (start_m // BLOCK_N) * BLOCK_N
         hi2 = tl.minimum(start_m + BLOCK_M, T)
-        dq, dk_r = _bwd_row_inner(dq, dk_r, q, k_i, do, lse, delta, q_ptr, k_ptr, v_ptr, c_ptr,
-                                  sqt, skt, svt, sct, ca, cb, offs_m, 0, hi1, T,
-                                  D, BLOCK_N, False, RECIP, HAS_BIAS, IEEE)
-        dq, dk_r = _bwd_row_inner(dq, dk_r, q, k_i, do, lse, delta, q_ptr, k_ptr, v_ptr, c_ptr,
-                                  sqt, skt, svt, sct, ca, cb, offs_m, hi1, hi2, T,
-                                  D, BLOCK_N, True, RECIP, HAS_BIAS, IEEE)
+        dq, dk_r, da, db = _bwd_row_inner(dq, dk_r, da, db, q, k_i, do, lse, delta, q_ptr, k_ptr, v_ptr, c_ptr,
+                                          sqt, skt, svt, sct, ca, cb, offs_m, 0, hi1, T,
+                                          D, BLOCK_N, False, HAS_A, RECIP, HAS_BIAS, IEEE)
+        dq, dk_r, da, db = _bwd_row_inner(dq, dk_r, da, db, q, k_i, do, lse, delta, q_ptr, k_ptr, v_ptr, c_ptr,
+                                          sqt, skt, svt, sct, ca, cb, offs_m, hi1, hi2, T,
+                                          D, BLOCK_N, True, HAS_A, RECIP, HAS_BIAS, IEEE)
+        if HAS_A:  # per-row partials of da_h = scale * sum_ij dS_ij S_ij (and db_h with S')
+            tl.store(DA + row + offs_m, da * scale, mask=mask_m)
+        if RECIP:
+            tl.store(DB + row + offs_m, db * scale, mask=mask_m)
         g_off = bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
         dq = dq * (a_h * scale)
         if RECIP:  # complete dq and dk with the column kernel's fp32 partials for these rows
@@ -441,6 +459,16 @@ if triton is not None:
             dk_r = dk_r * (b_h * scale) + tl.load(DKP + g_off, mask=mask_m[:, None], other=0.0)
             tl.store(DK + g_off, dk_r.to(DK.dtype.element_ty), mask=mask_m[:, None])
         tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+    def _tuners(fn, pairs, fixed):
+        """(autotuned over ``pairs``, single ``fixed`` config) wrappers of one jitted kernel."""
+        return (triton.autotune(configs=_configs(pairs), key=_AUTOTUNE_KEY)(fn),
+                triton.autotune(configs=_configs([fixed]), key=_AUTOTUNE_KEY)(fn))
+
+    _FWD = _tuners(_ra_fwd_kernel, _FWD_CONFIGS, _FWD_FIXED)
+    _BWD_COL = _tuners(_ra_bwd_col_kernel, _BWD_COL_CONFIGS, _BWD_COL_FIXED)
+    _BWD_ROW = _tuners(_ra_bwd_row_kernel, _BWD_ROW_CONFIGS, _BWD_ROW_FIXED)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -476,8 +504,9 @@ def _flags(q: Tensor, col_bias, a, b) -> dict:
     )
 
 
-def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None, b: Tensor | None,
-              scale: float) -> tuple[Tensor, Tensor]:
+# The op signatures use typing.Optional (torch.library's canonical form on every torch version)
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Optional[Tensor], a: Optional[Tensor],
+              b: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     B, H, T, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -486,7 +515,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tenso
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    _wrap(_ra_fwd_kernel)[grid](
+    _wrap(_FWD[0 if AUTOTUNE else 1])[grid](
         q, k, v, o, lse,
         dummy if col_bias is None else col_bias, dummy if a is None else a, dummy if b is None else b,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(col_bias),
@@ -495,9 +524,9 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tenso
     return o, lse
 
 
-def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, col_bias: Tensor | None,
-              a: Tensor | None, b: Tensor | None, scale: float
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, col_bias: Optional[Tensor],
+              a: Optional[Tensor], b: Optional[Tensor], scale: float
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     if do.stride(-1) != 1 or _needs_copy(do):
         do = do.contiguous()
@@ -537,13 +566,13 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    _wrap(_ra_bwd_col_kernel)[grid_n](
+    _wrap(_BWD_COL[0 if AUTOTUNE else 1])[grid_n](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
-        dkp, dv, dqr, dc_part, da_part, db_part,
+        dkp, dv, dqr, dc_part,
         *strides, H, T, scale, **flags)
-    _wrap(_ra_bwd_row_kernel)[grid_m](
+    _wrap(_BWD_ROW[0 if AUTOTUNE else 1])[grid_m](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
-        dq, dk, dqr, dkp,
+        dq, dk, dqr, dkp, da_part, db_part,
         *strides, H, T, scale, **flags)
 
     # O(B H T) reductions of the per-column partials (deterministic)
@@ -568,7 +597,8 @@ def _needs_copy(x: Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Autograd: torch.library.triton_op (compile-friendly), else a plain autograd.Function
 # ----------------------------------------------------------------------------------------------------------
-OP_MODE = "unavailable"  # "triton_op" | "autograd.Function" | "unavailable" (no triton)
+# "triton_op" (GPU), "custom_op" (TRITON_INTERPRET=1), "autograd.Function" (old torch), "unavailable" (no triton)
+OP_MODE = "unavailable"
 _fwd_op = None
 _bwd_op = None
 
@@ -591,43 +621,71 @@ class _FlashRAFunction(torch.autograd.Function):
                 db if b is not None else None, None)
 
 
+def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None, b: Tensor | None,
+              scale: float) -> tuple[Tensor, Tensor]:
+    B, H, T, D = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+def _bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, col_bias: Tensor | None,
+              a: Tensor | None, b: Tensor | None, scale: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def opt(x):
+        return x.new_empty(x.shape) if x is not None else q.new_empty((0,), dtype=torch.float32)
+
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), opt(col_bias), opt(a), opt(b)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, col_bias, a, b, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, col_bias, a, b)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
+    dq, dk, dv, dc, da, db = _bwd_op(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
+    return (dq, dk, dv, dc if col_bias is not None else None, da if a is not None else None,
+            db if b is not None else None, None)
+
+
+def _register_ops() -> str:
+    """Register ``reciprocal_attention::flash_ra_fwd/bwd``; returns the mode used (see ``OP_MODE``)."""
+    global _fwd_op, _bwd_op
+    lib = torch.library
+    if _INTERPRET:
+        # interpreter kernels cannot be traced by wrap_triton: register opaque custom ops with explicit fake
+        # implementations instead, so torch.compile (aot_eager) of the autograd plumbing is testable on CPU
+        if not hasattr(lib, "custom_op"):  # pragma: no cover - torch < 2.4
+            return "autograd.Function"
+        fwd = lib.custom_op("reciprocal_attention::flash_ra_fwd", mutates_args=())(_fwd_impl)
+        bwd = lib.custom_op("reciprocal_attention::flash_ra_bwd", mutates_args=())(_bwd_impl)
+        fwd.register_fake(_fwd_fake)
+        bwd.register_fake(_bwd_fake)
+        mode = "custom_op"
+    else:
+        if not (hasattr(lib, "triton_op") and hasattr(lib, "wrap_triton")):  # pragma: no cover - torch < 2.6
+            log.info("flash_ra_attention: torch %s has no torch.library.triton_op/wrap_triton; using a plain "
+                     "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", torch.__version__)
+            return "autograd.Function"
+        # triton_op derives the fake implementation by running the function with wrap_triton launches as no-ops
+        fwd = lib.triton_op("reciprocal_attention::flash_ra_fwd", mutates_args=())(_fwd_impl)
+        bwd = lib.triton_op("reciprocal_attention::flash_ra_bwd", mutates_args=())(_bwd_impl)
+        mode = "triton_op"
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    _fwd_op, _bwd_op = fwd, bwd
+    return mode
+
+
 if triton is not None:
-    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-        try:
-            @torch.library.triton_op("reciprocal_attention::flash_ra_fwd", mutates_args=())
-            def _flash_ra_fwd(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None,
-                              b: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-                return _fwd_impl(q, k, v, col_bias, a, b, scale)
-
-            @torch.library.triton_op("reciprocal_attention::flash_ra_bwd", mutates_args=())
-            def _flash_ra_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                              col_bias: Tensor | None, a: Tensor | None, b: Tensor | None, scale: float
-                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-                return _bwd_impl(do, q, k, v, o, lse, col_bias, a, b, scale)
-
-            def _setup_context(ctx, inputs, output):
-                q, k, v, col_bias, a, b, scale = inputs
-                o, lse = output
-                ctx.save_for_backward(q, k, v, o, lse, col_bias, a, b)
-                ctx.scale = scale
-                ctx.mark_non_differentiable(lse)
-
-            def _backward(ctx, do, _dlse):
-                q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
-                dq, dk, dv, dc, da, db = _flash_ra_bwd(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
-                return (dq, dk, dv, dc if col_bias is not None else None, da if a is not None else None,
-                        db if b is not None else None, None)
-
-            _flash_ra_fwd.register_autograd(_backward, setup_context=_setup_context)
-            _fwd_op, _bwd_op = _flash_ra_fwd, _flash_ra_bwd
-            OP_MODE = "triton_op"
-        except Exception as _e:  # pragma: no cover - depends on the torch build
-            log.warning("flash_ra_attention: torch.library.triton_op registration failed (%r); using a plain "
-                        "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", _e)
-            OP_MODE = "autograd.Function"
-    else:  # pragma: no cover - torch < 2.6
-        log.info("flash_ra_attention: torch %s has no torch.library.triton_op/wrap_triton; using a plain "
-                 "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", torch.__version__)
+    try:
+        OP_MODE = _register_ops()
+    except Exception as _e:  # pragma: no cover - depends on the torch build
+        log.warning("flash_ra_attention: registering the torch.library ops failed (%r); using a plain "
+                    "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", _e)
+        _fwd_op = _bwd_op = None
         OP_MODE = "autograd.Function"
 
 
@@ -708,8 +766,10 @@ def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
             ``TRITON_INTERPRET=1``), ``D`` in {16, 32, 64, 128}, ``T >= 1``. Any strides with unit stride on
             the last dim are read in place; other layouts are copied once.
         scale: logit scale, default ``1/sqrt(D)`` (also for the reciprocal term: RA-SPEC 3.4).
-        col_bias: optional column bias ``c`` of shape ``[H, T]`` (shared over the batch) or ``[B, H, T]``.
-        a: optional ``[H]`` coefficient of the standard term (default 1, no gradient).
+        col_bias: optional column bias ``c`` of shape ``[H, T]`` (shared over the batch) or ``[B, H, T]``, any
+            float dtype and strides. Must be finite (``-inf`` entries are not supported; to mask keys use a large
+            negative number such as ``-1e4``).
+        a: optional ``[H]`` coefficient of the standard term; omitted, the coefficient is 1 (and has no gradient).
         b: optional ``[H]`` coefficient of the reciprocal term ``q_j.k_i``; needs ``a``.
 
     Gradients flow to ``q, k, v`` and to whichever of ``col_bias, a, b`` are given (in their own dtypes).
@@ -727,6 +787,9 @@ def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
         k = k.contiguous()
     if _needs_copy(v):
         v = v.contiguous()
+    # the kernels read a[h], b[h] at unit stride (a no-op for ordinary [H] parameters)
+    a = a.contiguous() if a is not None else None
+    b = b.contiguous() if b is not None else None
     if _fwd_op is not None:
         return _fwd_op(q, k, v, col_bias, a, b, scale)[0]
     return _FlashRAFunction.apply(q, k, v, col_bias, a, b, scale)
