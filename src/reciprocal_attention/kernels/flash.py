@@ -203,6 +203,7 @@ if triton is not None:
         k_ptr = K + b * skb + h * skh
         v_ptr = V + b * svb + h * svh
         c_ptr = CB + b * scb + h * sch
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64 scalars: keep fp32 math
         qk_scale = scale * 1.4426950408889634
         if HAS_A:
             ca = qk_scale * tl.load(A + h).to(tl.float32)
@@ -306,6 +307,7 @@ if triton is not None:
         k_ptr = K + b * skb + h * skh
         v_ptr = V + b * svb + h * svh
         do_ptr = DO + b * sdb + h * sdh
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64 scalars: keep fp32 math
         qk_scale = scale * 1.4426950408889634
         if HAS_A:
             a_h = tl.load(A + h).to(tl.float32)
@@ -418,6 +420,7 @@ if triton is not None:
         k_ptr = K + b * skb + h * skh
         v_ptr = V + b * svb + h * svh
         c_ptr = CB + b * scb + h * sch
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64 scalars: keep fp32 math
         qk_scale = scale * 1.4426950408889634
         if HAS_A:
             a_h = tl.load(A + h).to(tl.float32)
