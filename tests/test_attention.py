@@ -281,6 +281,30 @@ def test_fold_cache_is_used_and_invalidated():
         assert rel_err(m(x.to(F64)), ref(x.to(F64))) <= 1e-12
 
 
+@pytest.mark.parametrize("opt_kw", [dict(fused=True), dict(foreach=True), dict(foreach=False)])
+def test_fold_cache_follows_every_optimizer(opt_kw):
+    """A fused optimizer updates parameters without bumping version counters; the cache must still refresh.
+
+    This is the bug that made eval losses of same_flop runs use stale weights in a training run (fused AdamW).
+    """
+    gen = torch.Generator().manual_seed(11)
+    m = ReciprocalAttention.from_preset("ra", n_embd=32, n_head=2, block_size=16)
+    randomize(m, gen, positive_gates=True)
+    x = torch.randn(2, 6, 32, generator=gen)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, **opt_kw)
+    m.eval()
+    for _ in range(3):
+        with torch.no_grad():
+            y = m(x)
+        twin = ReciprocalAttention.from_preset("ra", n_embd=32, n_head=2, block_size=16, backend="reference")
+        twin.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(y, twin(x), atol=1e-5), "stale folded weight"
+        m(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_no_graph_breaks_under_compile():
     """Forward traces as one graph (no .item(), no data-dependent Python branching on tensor values)."""
     torch._dynamo.reset()

@@ -12,8 +12,9 @@ Backends (``backend=``):
   ``full`` variant), else ``sdpa``. :meth:`ReciprocalAttention.explain_backend` says which and why.
 
 The weight-space fold is rebuilt only when it must be: when no autograd graph is needed (eval, ``no_grad``) the
-folded weight is cached and keyed on every parameter's version counter, storage and dtype, so an optimizer step,
-``load_state_dict`` or ``.to()`` invalidates it. (A write through ``param.data`` bypasses version counters: call
+folded weight is cached and keyed on every parameter's version counter, storage and dtype and on a global count of
+optimizer steps (fused optimizers don't bump version counters), and dropped by ``train()``/``eval()``,
+``load_state_dict`` and ``.to()``. (A write through ``param.data`` bypasses all of these: call
 :meth:`ReciprocalAttention.invalidate_cache` after such writes.)
 """
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import fold as _fold
 from .reference import GATES, VARIANTS, check_choice, discoverability_bias, gate_sides, ra_attention, routed_heads
@@ -37,6 +39,23 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 DISCOVERABILITY = (None, "positional", "content")
 PRESETS = ("standard", "seed", "ra", "ra_disc", "full", "low_rank", "output_gate")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fold-cache invalidation
+# --------------------------------------------------------------------------------------------------------------
+# A cached folded weight is keyed on every parameter's version counter, storage and dtype. Version counters are
+# not enough: fused optimizers (torch.optim.AdamW(fused=True), the default on CUDA in this package's trainer)
+# update parameters without bumping them. So every optimizer step anywhere also bumps a global generation that is
+# part of the key. (Measured: with only version counters, eval losses in a training run used stale weights.)
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(*_args: Any, **_kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,7 +392,8 @@ class ReciprocalAttention(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         compiling = torch.compiler.is_compiling()
         if not needs_grad and not compiling:
-            key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (out_dtype,)
+            key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (out_dtype,
+                                                                                          _OPTIMIZER_STEPS[0])
             if self._fold_cache is not None and self._fold_cache[0] == key:
                 return self._fold_cache[1], self._fold_cache[2]
         wf, bf = fold_qkv(self.c_attn.weight, self.c_attn.bias, self.W_recip, *self._gate_sides(), self._routed(),
@@ -381,6 +401,10 @@ class ReciprocalAttention(nn.Module):
         if not needs_grad and not compiling:
             self._fold_cache = (key, wf, bf)
         return wf, bf
+
+    def train(self, mode: bool = True) -> "ReciprocalAttention":  # a mode switch never keeps a cached fold
+        self.invalidate_cache()
+        return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): the cache must not survive
         self.invalidate_cache()

@@ -58,6 +58,7 @@ class QualityConfig:
     mqar_seq_len: int = 64
     mqar_kv: int = 8
     run_timeout: float = 0.0  # seconds per training process; 0 = none
+    device_label: str = ""  # where the training runs ran, when the report is assembled elsewhere
 
     def validate(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
@@ -151,13 +152,13 @@ def run_mqar(qc: QualityConfig, arm: str, seed: int, device: torch.device) -> di
         return json.loads(out.read_text())
     spec = MQARSpec(seq_len=qc.mqar_seq_len, n_kv=qc.mqar_kv, n_queries=qc.mqar_kv, n_keys=4 * qc.mqar_kv,
                     n_values=4 * qc.mqar_kv)
-    big = device.type == "cuda"
-    mcfg = GPTConfig(n_layer=2, n_head=4 if big else 2, n_embd=128 if big else 64, block_size=spec.seq_len,
-                     vocab_size=spec.vocab_size, dropout=0.0, bias=True, attn=arm, ra_layers="all")
+    # one model size on every device (fp32), so results from a GPU and a CPU are the same experiment
+    mcfg = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=spec.seq_len, vocab_size=spec.vocab_size,
+                     dropout=0.0, bias=True, attn=arm, ra_layers="all")
     model = GPT(mcfg, seed=seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3 if not big else 1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    batch = 64 if big else 32
+    batch = 64
     t0 = time.time()
     for step in range(qc.mqar_steps):
         x, y = make_batch(spec, batch, gen)
@@ -176,7 +177,8 @@ def run_mqar(qc: QualityConfig, arm: str, seed: int, device: torch.device) -> di
             logits, _ = model(x.to(device))
             accs.append(accuracy(logits.float().cpu(), y))
     res = {"arm": arm, "seed": seed, "accuracy": sum(accs) / len(accs), "steps": qc.mqar_steps,
-           "final_train_loss": float(loss), "seconds": time.time() - t0, "spec": asdict(spec)}
+           "final_train_loss": float(loss.detach()), "seconds": time.time() - t0, "spec": asdict(spec),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     return res
@@ -249,7 +251,7 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
     return {"config": asdict(qc), "arms": arms, "noise_floor": noise, "verdicts": verdicts, "mqar": mqar,
             "curves": curves, "device": any_run.get("device"), "dtype": any_run.get("dtype"),
             "params": any_run.get("params"), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "gpu": qc.device_label or (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
             "complete": all(runs.values())}
 
 
@@ -382,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mqar-steps", type=int, default=300)
     ap.add_argument("--run-timeout", type=float, default=0.0)
     ap.add_argument("--report-only", action="store_true", help="only analyse finished runs and write the report")
+    ap.add_argument("--device-label", default="", help="where the training runs ran (for a report made elsewhere)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cuda = torch.cuda.is_available()
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                        preset=args.preset or ("quality-gpu" if cuda else "quality-cpu"), overrides=args.overrides,
                        out_dir=args.out, parallel=args.parallel or (6 if cuda else 1), equal=args.equal,
                        wall_seconds=args.wall_seconds, mqar=not args.no_mqar, mqar_steps=args.mqar_steps,
-                       run_timeout=args.run_timeout)
+                       run_timeout=args.run_timeout, device_label=args.device_label)
     try:
         qc.validate()
     except ValueError as e:

@@ -345,16 +345,17 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
 
     Forward: one program per (head, column block) holding all D rows (it reduces over them for ``W^T Wk``).
     Backward: one program per (head, column block, d-block): measured on an H100 at GPT-2 small sizes, whole
-    ``[D, BLOCK_C]`` tiles per program left the backward latency-bound (21-31 us for ~10 MB of traffic), so each
-    head's rows are split over ``BLOCK_D``-row blocks for more programs in flight. ``tests/test_gpu_fold.py``
-    prints a sweep to retune on a card.
+    ``[D, BLOCK_C]`` tiles per program took 21-31 us for ~10 MB of traffic, so each head's rows are split over
+    ``BLOCK_D``-row blocks. The split bought little (best 20.3 us): the backward is bound by something other than
+    tile shape (to profile next: the reduction kernel vs the tile kernel). ``tests/test_gpu_fold.py`` prints a
+    sweep to retune on a card.
     """
     full_d = max(16, _next_pow2(D))
     block_r = max(16, _next_pow2(R))
     if _interpreting():  # the interpreter runs each program in numpy: small tiles
         bd, bc, nw = (16 if bwd else full_d), 16, 1
-    elif bwd:
-        bd, bc, nw = min(full_d, 32), 64, 4
+    elif bwd:  # fastest of the sweep on an H100 (benchmarks/results/h100/fold_bench.json): 20.3 us
+        bd, bc, nw = min(full_d, 32), 64, 2
     else:
         bd, bc, nw = full_d, min(128, max(16, 2048 // full_d)), 4
     if bwd and not _interpreting() and os.environ.get("RA_FOLD_BWD_TILES"):
