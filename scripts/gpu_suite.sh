@@ -25,18 +25,21 @@ stage() {  # stage NAME SECONDS CMD...
   tail -n 25 "$RES/$name.log"
   return 0
 }
+pick_tiles() {  # the fold test sweeps backward tile sizes on this card: use the fastest for the rest of the suite
+  if [ -f "$RES/fold_bench.json" ]; then
+    export RA_FOLD_BWD_TILES=$($PY -c "import json; d=json.load(open('$RES/fold_bench.json')); b=min((r for r in d['sweep'] if r.get('kernel')=='bwd'), key=lambda r: r['us'][0]); print(f\"{b['BLOCK_D']},{b['BLOCK_C']},{b['num_warps']}\")" 2>/dev/null)
+    note "fold backward tiles from the sweep: ${RA_FOLD_BWD_TILES:-default}"
+  fi
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/device.txt"
 $PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$RES/device.txt"
 for s in $STAGES; do
   case "$s" in
     tests)   stage tests "${RA_TESTS_TIMEOUT:-420}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=300 -o addopts="" -rfE
-             # the fold test sweeps backward tile sizes on this card: use the fastest for the rest of the suite
-             if [ -f "$RES/fold_bench.json" ]; then
-               export RA_FOLD_BWD_TILES=$($PY -c "import json; d=json.load(open('$RES/fold_bench.json')); b=min((r for r in d['sweep'] if r.get('kernel')=='bwd'), key=lambda r: r['us'][0]); print(f\"{b['BLOCK_D']},{b['BLOCK_C']},{b['num_warps']}\")" 2>/dev/null)
-               note "fold backward tiles from the sweep: ${RA_FOLD_BWD_TILES:-default}"
-             fi ;;
-    flashtests) stage flashtests "${RA_FLASHTESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_flash.py --timeout=90 -o addopts="" -rfE ;;
-    foldsweep)  stage foldsweep 90 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts="" ;;
+             pick_tiles ;;
+    flashtests) stage flashtests "${RA_FLASHTESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_flash.py --timeout=90 -o addopts="" -rfE ${RA_FLASHTESTS_K:+-k "$RA_FLASHTESTS_K"} ;;
+    foldsweep)  stage foldsweep 120 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts=""
+                pick_tiles ;;
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
     check)   stage check 240 $PY -m reciprocal_attention.cli check ;;

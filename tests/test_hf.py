@@ -449,3 +449,133 @@ def test_gpt_state_loads_into_nanogpt_model(ids, convert):
     with torch.no_grad():
         got, _ = gpt(ids)
     assert (got - logits(hf, ids)).abs().max().item() <= 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ra train --init-from DIR (model.init_from): the trainer's GPT starts at the HF checkpoint's exact function
+# ----------------------------------------------------------------------------------------------------------------
+
+INIT_BASE = ["system.device=cpu", "system.dtype=float32", "system.threads=1", "system.progress=false",
+             "data.fixture=true", "data.batch_size=2", "eval.interval=0", "eval.iters=1", "budget.max_steps=1",
+             "checkpoint.interval=1", "checkpoint.keep_last=0", "schedule.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random-init tiny GPT-2 (byte vocabulary, gelu_new) saved with save_pretrained."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=257, n_positions=64, initializer_range=0.2,
+                     bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(cfg).eval()
+    assert cfg.activation_function == "gelu_new"
+    d = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(d)
+    return d, model
+
+
+def _init_run(out, hf_path, *extra):
+    from reciprocal_attention import train as T
+    from reciprocal_attention.config import load_config
+
+    cfg = load_config("tiny", overrides=INIT_BASE + [f"system.out_dir={out}", f"model.init_from={hf_path}", *extra])
+    n = torch.get_num_threads()
+    try:
+        return T.train(cfg)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _gpt_at_step(run, step):
+    """The trainer's GPT as its checkpoint of ``step`` holds it (step 0: before any update)."""
+    from reciprocal_attention import checkpoint as ckpt
+    from reciprocal_attention import train as T
+    from reciprocal_attention.config import TrainConfig
+    from reciprocal_attention.model import GPT
+
+    d = ckpt.step_dir(run / "checkpoints", step)
+    cfg = TrainConfig.from_dict(ckpt.read_state(d)["config"])
+    gpt = GPT(T.gpt_config(cfg, 257), seed=cfg.system.seed)
+    ckpt.load_checkpoint(d, gpt, restore_rng=False)
+    return gpt.eval(), cfg
+
+
+@pytest.mark.parametrize("attn", ["low_rank", "standard"])
+def test_init_from_hf_checkpoint_same_logits(hf_dir, tmp_path, attn):
+    path, hf = hf_dir
+    run = tmp_path / "run"
+    summary = _init_run(run, path, f"model.attn={attn}")
+    assert summary["steps"] == 1
+    gpt, cfg = _gpt_at_step(run, 0)
+    m = cfg.model  # the resolved architecture is recorded in the run's config
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.activation) == (2, 2, 32, 64, "gelu_tanh")
+    assert m.init_from == str(path) and 'init_from = "' in (run / "config.toml").read_text()
+    assert gpt.config.ra_layer_indices() == [0, 1]
+    if attn == "low_rank":
+        for b in gpt.transformer.h:
+            assert b.attn.variant == "low_rank"
+            assert torch.all(b.attn.w_std == 1) and torch.all(b.attn.w_rec == 0)
+            assert b.attn.W_recip.abs().sum() > 0  # RA can switch on at the first step
+    ids = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, _ = gpt(ids)
+    want = logits(hf, ids)
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    # ... and training then moved it (the step-1 checkpoint differs)
+    after, _ = _gpt_at_step(run, 1)
+    assert not torch.equal(after.transformer.wte.weight, gpt.transformer.wte.weight)
+
+
+def test_init_from_resume_uses_run_checkpoint(hf_dir, tmp_path):
+    import shutil
+
+    from reciprocal_attention import train as T
+    from reciprocal_attention.checkpoint import read_state
+    from reciprocal_attention.config import TrainConfig
+
+    path, _ = hf_dir
+    copy_dir = tmp_path / "hf"
+    shutil.copytree(path, copy_dir)
+    run = tmp_path / "run"
+    _init_run(run, copy_dir, "model.attn=low_rank")
+    shutil.rmtree(copy_dir)  # a resumed run neither needs nor reads the HF checkpoint
+    saved = read_state(run)["config"]
+    saved["budget"]["max_steps"] = 2
+    n = torch.get_num_threads()
+    try:
+        out = T.train(TrainConfig.from_dict(saved), resume=run)
+    finally:
+        torch.set_num_threads(n)
+    assert out["resumed_from_step"] == 1 and out["steps"] == 2
+
+
+def test_init_from_errors(hf_dir, tmp_path):
+    from reciprocal_attention import train as T
+    from reciprocal_attention.config import ConfigError
+
+    path, _ = hf_dir
+    with pytest.raises(ConfigError, match=r"attn='ra'.*same_flop.*model\.attn=low_rank"):
+        _init_run(tmp_path / "a", path, "model.attn=ra")
+    with pytest.raises(ConfigError, match=r"model\.n_embd=64 \(checkpoint: 32\)"):
+        _init_run(tmp_path / "b", path, "model.n_embd=64")
+    with pytest.raises(ConfigError, match=r"model\.activation='gelu' \(checkpoint: 'gelu_tanh'\)"):
+        _init_run(tmp_path / "c", path, "model.activation=gelu")
+    with pytest.raises(ConfigError, match="no config.json"):
+        _init_run(tmp_path / "d", tmp_path)
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(ConfigError, match="no weights"):
+        _init_run(tmp_path / "e", tmp_path / "noweights")
+    with pytest.raises(ConfigError, match="model.bias must be true"):
+        _init_run(tmp_path / "f", path, "model.bias=false")
+    # --init-from is sugar for --set model.init_from=DIR
+    assert T.build_parser().parse_args(["--init-from", str(path)]).init_from == str(path)
+
+
+def test_init_from_vocab_mismatch(tmp_path):
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=32, bos_token_id=None,
+                               eos_token_id=None)).save_pretrained(tmp_path / "hf")
+    from reciprocal_attention.config import ConfigError
+
+    with pytest.raises(ConfigError, match="vocab_size 300 differs from the corpus tokenizer's 257"):
+        _init_run(tmp_path / "run", tmp_path / "hf")

@@ -29,7 +29,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class ModelConfig:
-    """The network. ``preset`` is a named GPT size; the ``0`` fields keep that size's value."""
+    """The network. ``preset`` is a named GPT size; the ``0`` fields keep that size's value.
+
+    ``init_from``: a local Hugging Face GPT-2 checkpoint directory (``save_pretrained``: ``config.json`` + weights)
+    to start from instead of a random init. Its config then fixes ``n_layer``, ``n_head``, ``n_embd``,
+    ``block_size`` (``n_positions``) and ``activation`` (they override ``preset``; a non-zero / non-``auto`` value
+    here that differs is an error), its ``vocab_size`` must equal the corpus tokenizer's, and ``bias`` must be
+    true. The RA layers start at the checkpoint's exact function (``w_std = 1``, ``w_rec = 0``), which only some
+    ``attn`` presets allow (``low_rank``, ``full``, ``standard``, ``output_gate``); see ``train.resolve_init_from``.
+    A resumed run takes its weights from its checkpoint, never from here.
+    """
 
     preset: str = "tiny"  # tiny | small-cpu | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     n_layer: int = 0
@@ -41,6 +50,8 @@ class ModelConfig:
     attn: str = "standard"  # a ReciprocalAttention preset: standard | seed | ra | ra_disc | full | low_rank | ...
     attn_overrides: dict = field(default_factory=dict)  # extra ReciprocalAttention kwargs, e.g. {"rank": 16}
     ra_layers: str | list[int] = "all"  # all | none | middle | [layer indices]
+    activation: str = "auto"  # MLP GELU: auto (gelu, or init_from's) | gelu (exact erf) | gelu_tanh (GPT-2's gelu_new)
+    init_from: str = ""  # a local HF GPT-2 checkpoint dir (save_pretrained) to initialise from; "" = random init
 
 
 @dataclass
@@ -295,7 +306,7 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Check ranges and choices that types alone cannot (raises ConfigError naming the key)."""
     from .attention import PRESETS as ATTN_PRESETS
-    from .model import GPT_PRESETS
+    from .model import ACTIVATIONS, GPT_PRESETS
     from .tokenizer import TOKENIZERS
 
     m, d, o, s, b, e, c, y = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.budget, cfg.eval, cfg.checkpoint,
@@ -307,6 +318,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
     _check(not isinstance(m.ra_layers, str) or m.ra_layers in ("all", "none", "middle"),
            f"model.ra_layers must be 'all', 'none', 'middle' or a list of layer indices; got {m.ra_layers!r}")
+    _check(m.activation in ("auto",) + ACTIVATIONS,
+           f"model.activation must be one of {('auto',) + ACTIVATIONS}; got {m.activation!r}")
+    _check(not m.init_from or m.bias, "model.init_from loads a GPT-2 checkpoint, whose Linear and LayerNorm layers "
+           "have biases: model.bias must be true")
     _check(d.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}; got {d.tokenizer!r}")
     _check(d.fixture or bool(d.dir), "data.dir must name a prepared corpus (or set data.fixture = true)")
     for k in ("batch_size", "grad_accum"):

@@ -111,8 +111,10 @@ def _attention_recorder() -> list | None:
         return None
     return collected["attentions"]
 
-__all__ = ["CONVERTIBLE_PRESETS", "DEFAULT_PRESET", "GPT2ReciprocalAttention", "convert_gpt2", "converted_layers",
-           "gpt_state_from_hf", "layer_indices", "load_converted", "save_converted", "unconvert_gpt2"]
+__all__ = ["CONVERTIBLE_PRESETS", "DEFAULT_PRESET", "GPT2ReciprocalAttention", "GPT_ACTIVATIONS", "check_gpt_init",
+           "convert_gpt2", "converted_layers", "gpt_activation", "gpt_state_from_hf", "init_gpt_from_hf",
+           "layer_indices", "load_converted", "load_pretrained_gpt2", "read_gpt2_config", "save_converted",
+           "unconvert_gpt2"]
 
 DEFAULT_PRESET = "low_rank"
 #: Module presets with an exact, trainable function-preserving init (``ra_disc`` only with ``variant=`` low_rank
@@ -124,6 +126,11 @@ META_NAME = "ra_conversion.json"
 _GATE_INIT = ("w_std", "w_rec", "w_disc")
 _FROM_CONFIG = ("n_embd", "n_head", "block_size", "dropout")
 _MODEL_CLASSES = {"GPT2LMHeadModel": GPT2LMHeadModel, "GPT2Model": GPT2Model}
+#: GPT-2 ``activation_function`` -> the :class:`reciprocal_attention.model.GPTConfig` ``activation`` computing it.
+GPT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+#: Weight files ``save_pretrained`` writes (single file or sharded index).
+_PRETRAINED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")
 
 
 def _transformers_major() -> int:
@@ -517,22 +524,32 @@ def _build_ra(config: GPT2Config, layer: int, preset: str, overrides: dict[str, 
                                              dropout=float(config.attn_pdrop), **overrides)
     ra.resid_dropout = nn.Dropout(float(config.resid_pdrop))
     _check_exact(ra, preset)
+    _check_biases(ra, preset)
+    ra.reset_ra_parameters(generator=torch.Generator().manual_seed(_layer_seed(seed, layer)))
+    _set_preserving_gates(ra)
+    return ra
+
+
+def _check_biases(ra: ReciprocalAttention, preset: str) -> None:
     if ra.c_attn.bias is None or ra.c_proj.bias is None:
         raise ValueError(f"preset {preset!r} with bias=False cannot hold GPT-2's c_attn/c_proj biases; "
                          f"use bias=True")
-    ra.reset_ra_parameters(generator=torch.Generator().manual_seed(_layer_seed(seed, layer)))
-    with torch.no_grad():  # the function-preserving gates
-        if hasattr(ra, "w_std"):
-            ra.w_std.fill_(1.0)
-            ra.w_rec.fill_(0.0)
-        if hasattr(ra, "d_bias"):
-            ra.d_bias.zero_()
-        if ra.discoverability == "content":
-            ra.w_disc.fill_(0.0)
-        if hasattr(ra, "out_gate"):
-            ra.out_gate.zero_()
+
+
+@torch.no_grad()
+def _set_preserving_gates(ra: ReciprocalAttention) -> None:
+    """The function-preserving gates (``w_std = 1``, ``w_rec = 0``, ``d_bias = 0``, content ``w_disc = 0``,
+    ``out_gate = 0``); with :func:`_check_exact` passed, ``ra`` then computes standard attention exactly."""
+    if hasattr(ra, "w_std"):
+        ra.w_std.fill_(1.0)
+        ra.w_rec.fill_(0.0)
+    if hasattr(ra, "d_bias"):
+        ra.d_bias.zero_()
+    if ra.discoverability == "content":
+        ra.w_disc.fill_(0.0)
+    if hasattr(ra, "out_gate"):
+        ra.out_gate.zero_()
     ra.invalidate_cache()
-    return ra
 
 
 def convert_gpt2(model: nn.Module, layers: str | Iterable[int] = "all", preset: str = DEFAULT_PRESET, *,
@@ -691,6 +708,20 @@ def load_converted(directory: str | os.PathLike, device: str | torch.device | No
 # nanoGPT-style state dict
 # --------------------------------------------------------------------------------------------------------------
 
+def _nanogpt_config_problems(cfg: GPT2Config) -> list[str]:
+    """What in ``cfg`` the nanoGPT-style GPT cannot compute (config only; the tied ``lm_head`` needs the model)."""
+    problems = []
+    if not cfg.scale_attn_weights:
+        problems.append("scale_attn_weights=False")
+    if cfg.scale_attn_by_inverse_layer_idx:
+        problems.append("scale_attn_by_inverse_layer_idx=True")
+    if cfg.n_inner is not None and cfg.n_inner != 4 * cfg.hidden_size:
+        problems.append(f"n_inner={cfg.n_inner} != 4*n_embd")
+    if cfg.layer_norm_epsilon != 1e-5:
+        problems.append(f"layer_norm_epsilon={cfg.layer_norm_epsilon} != 1e-5")
+    return problems
+
+
 def gpt_state_from_hf(model: nn.Module, strict: bool = True) -> dict[str, Tensor]:
     """GPT-2 weights under :class:`reciprocal_attention.model.GPT`'s (nanoGPT's) names, ``Conv1D`` transposed.
 
@@ -709,22 +740,14 @@ def gpt_state_from_hf(model: nn.Module, strict: bool = True) -> dict[str, Tensor
 
     ``strict``: raise ``ValueError`` when the config computes something the nanoGPT-style model cannot
     (``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx``, ``n_inner != 4 C``,
-    ``layer_norm_epsilon != 1e-5``, untied ``lm_head``). Not checked: GPT-2's ``gelu_new`` (tanh) MLP activation
-    vs the nanoGPT MLP's exact-erf ``nn.GELU()`` -- a small difference nanoGPT also accepts when it loads GPT-2.
+    ``layer_norm_epsilon != 1e-5``, untied ``lm_head``). Not checked here: the MLP activation -- build the GPT with
+    ``activation=gpt_activation(model.config)`` (``"gelu_tanh"`` for GPT-2's ``gelu_new``) for the same function,
+    as :func:`init_gpt_from_hf` does.
     """
     base = _base(model)
     cfg = base.config
-    C = cfg.hidden_size
     if strict:
-        problems = []
-        if not cfg.scale_attn_weights:
-            problems.append("scale_attn_weights=False")
-        if cfg.scale_attn_by_inverse_layer_idx:
-            problems.append("scale_attn_by_inverse_layer_idx=True")
-        if cfg.n_inner is not None and cfg.n_inner != 4 * C:
-            problems.append(f"n_inner={cfg.n_inner} != 4*n_embd")
-        if cfg.layer_norm_epsilon != 1e-5:
-            problems.append(f"layer_norm_epsilon={cfg.layer_norm_epsilon} != 1e-5")
+        problems = _nanogpt_config_problems(cfg)
         lm = getattr(model, "lm_head", None)
         if lm is not None and lm.weight is not base.wte.weight and not torch.equal(lm.weight, base.wte.weight):
             problems.append("lm_head is not tied to wte")
@@ -755,3 +778,113 @@ def gpt_state_from_hf(model: nn.Module, strict: bool = True) -> dict[str, Tensor
     lm = getattr(model, "lm_head", None)
     out["lm_head.weight"] = t(lm.weight if lm is not None else base.wte.weight)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Initialising the nanoGPT-style GPT from a GPT-2 checkpoint (``ra train --init-from DIR``)
+# --------------------------------------------------------------------------------------------------------------
+
+def gpt_activation(config: GPT2Config) -> str:
+    """The :class:`reciprocal_attention.model.GPTConfig` ``activation`` that computes ``config``'s MLP activation
+    (``gelu_new`` / ``gelu_pytorch_tanh`` -> ``"gelu_tanh"``, ``gelu`` -> ``"gelu"``); ``ValueError`` otherwise."""
+    act = config.activation_function
+    if act not in GPT_ACTIVATIONS:
+        raise ValueError(f"GPT-2 activation_function {act!r} has no equivalent in the nanoGPT-style GPT "
+                         f"(supported: {', '.join(GPT_ACTIVATIONS)})")
+    return GPT_ACTIVATIONS[act]
+
+
+def _pretrained_dir(directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is not a directory (expected a GPT-2 checkpoint written by save_pretrained)")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} has no config.json (expected a GPT-2 checkpoint written by save_pretrained)")
+    return d
+
+
+def read_gpt2_config(directory: str | os.PathLike) -> GPT2Config:
+    """The ``GPT2Config`` of a local ``save_pretrained`` directory (no network); clear errors if it is not one."""
+    d = _pretrained_dir(directory)
+    config = GPT2Config.from_pretrained(str(d), local_files_only=True)
+    if getattr(config, "model_type", None) != "gpt2":
+        raise ValueError(f"{d}/config.json is a {getattr(config, 'model_type', None)!r} model, not 'gpt2'")
+    return config
+
+
+def load_pretrained_gpt2(directory: str | os.PathLike) -> GPT2LMHeadModel:
+    """``GPT2LMHeadModel.from_pretrained(directory, local_files_only=True)`` in eval mode, after checking that
+    ``directory`` holds a config and weights (a missing file is a ``FileNotFoundError`` naming it)."""
+    d = _pretrained_dir(directory)
+    read_gpt2_config(d)
+    if not any((d / name).is_file() for name in _PRETRAINED_WEIGHTS):
+        raise FileNotFoundError(f"{d} has config.json but no weights (one of {', '.join(_PRETRAINED_WEIGHTS)})")
+    with torch.random.fork_rng(devices=[]):  # loading must not consume the caller's RNG stream
+        return GPT2LMHeadModel.from_pretrained(str(d), local_files_only=True).eval()
+
+
+_TRAIN_HINT = ("; with ra train use --set model.attn=low_rank (or full, standard, output_gate), or keep this preset "
+               "with --set model.attn_overrides='{\"variant\": \"low_rank\"}'")
+
+
+def check_gpt_init(gpt_config: Any, config: GPT2Config) -> None:
+    """Raise ``ValueError`` unless a :class:`reciprocal_attention.model.GPT` built from ``gpt_config`` can start
+    at exactly the function of a GPT-2 with ``config``: same shape (``n_layer``, ``n_head``, ``n_embd``,
+    ``block_size = n_positions``, ``vocab_size``), ``bias``, the matching ``activation``, and RA layers whose
+    attention has an exact function-preserving init (the :func:`convert_gpt2` rule: ``low_rank``, ``full``,
+    ``standard``, ``output_gate``, or another preset resolved to one of those by overrides)."""
+    from .model import build_attention
+
+    problems = _nanogpt_config_problems(config)
+    if problems:
+        raise ValueError(f"the nanoGPT-style GPT cannot compute this GPT-2 config: {', '.join(problems)}")
+    want = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "block_size": config.n_positions, "vocab_size": config.vocab_size, "activation": gpt_activation(config),
+            "bias": True}
+    bad = [f"{k}={getattr(gpt_config, k)!r} (checkpoint: {v!r})" for k, v in want.items()
+           if getattr(gpt_config, k) != v]
+    if bad:
+        raise ValueError(f"the GPT config does not match the GPT-2 checkpoint: {', '.join(bad)}")
+    if gpt_config.ra_layer_indices():
+        with torch.random.fork_rng(devices=[]):
+            _check_gpt_attention(build_attention(gpt_config, use_ra=True), gpt_config)
+
+
+def _check_gpt_attention(ra: ReciprocalAttention, gpt_config: Any) -> None:
+    attn = gpt_config.attn
+    preset = attn if isinstance(attn, str) else attn.get("preset", "custom")
+    try:
+        _check_exact(ra, preset)
+        _check_biases(ra, preset)
+    except ValueError as e:
+        raise ValueError(f"cannot initialise attn={attn!r} from a GPT-2 checkpoint: {e}{_TRAIN_HINT}") from None
+
+
+@torch.no_grad()
+def init_gpt_from_hf(gpt: nn.Module, model: nn.Module) -> nn.Module:
+    """Load a GPT-2 (``GPT2LMHeadModel``/``GPT2Model``) into the nanoGPT-style ``gpt`` so it computes exactly the
+    same function; returns ``gpt``.
+
+    ``gpt`` (a :class:`reciprocal_attention.model.GPT`) must pass :func:`check_gpt_init` for ``model.config``.
+    Every shared parameter comes from :func:`gpt_state_from_hf` (``strict``); in the RA layers the gates are set
+    as :func:`convert_gpt2` sets them (``w_std = 1``, ``w_rec = 0``, ...) and ``W_recip`` / ``u`` keep ``gpt``'s
+    own seeded init (so RA and standard arms started from one checkpoint share every other weight).
+    """
+    check_gpt_init(gpt.config, _base(model).config)
+    ra_layers = gpt.config.ra_layer_indices()
+    for i in ra_layers:  # the actual modules (the check above built a fresh one)
+        _check_gpt_attention(gpt.transformer.h[i].attn, gpt.config)
+    state = gpt_state_from_hf(model, strict=True)
+    own = set(gpt.state_dict())
+    unexpected = sorted(set(state) - own)
+    shared = set(gpt.shared_parameter_names()) | {"lm_head.weight"}
+    missing = sorted((own & shared) - set(state))
+    if unexpected or missing:  # pragma: no cover - shapes were checked above
+        raise ValueError(f"GPT-2 state does not fit the GPT: unexpected {unexpected}, missing {missing}")
+    result = gpt.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    for i in ra_layers:
+        _set_preserving_gates(gpt.transformer.h[i].attn)
+    for block in gpt.transformer.h:
+        block.attn.invalidate_cache()
+    return gpt

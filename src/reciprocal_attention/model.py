@@ -40,6 +40,9 @@ GPT_PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 # RA parameters that are gates or biases, not weight matrices: never weight-decayed.
 NO_DECAY_RA = ("w_std", "w_rec", "w_disc", "d_bias", "u", "out_gate")
+#: MLP activations: ``gelu`` is exact-erf ``nn.GELU()`` (nanoGPT); ``gelu_tanh`` is the tanh approximation
+#: (``nn.GELU(approximate="tanh")``), GPT-2's ``gelu_new`` / ``gelu_pytorch_tanh``.
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass
@@ -50,7 +53,8 @@ class GPTConfig:
     ``"full"``, ``"low_rank"``, ``"output_gate"``) or a dict of its kwargs (with an optional ``"preset"`` key
     the rest override). ``ra_layers``: which blocks get it: ``"all"``, ``"none"``, ``"middle"`` (the middle
     third) or a list of indices; the others use ``variant="standard"``. ``bias`` applies to every Linear and
-    LayerNorm, attention included, unless ``attn`` sets ``bias`` itself.
+    LayerNorm, attention included, unless ``attn`` sets ``bias`` itself. ``activation``: the MLP's GELU, one of
+    :data:`ACTIVATIONS` (``"gelu_tanh"`` matches GPT-2 checkpoints, whose ``activation_function`` is ``gelu_new``).
     """
 
     n_layer: int = 12
@@ -62,6 +66,7 @@ class GPTConfig:
     bias: bool = True
     attn: str | dict[str, Any] = "standard"
     ra_layers: str | list[int] = "all"
+    activation: str = "gelu"
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
@@ -83,6 +88,8 @@ class GPTConfig:
         if not isinstance(self.attn, (str, dict)):
             raise TypeError(f"attn must be a preset name or a dict of ReciprocalAttention kwargs; got "
                             f"{type(self.attn).__name__}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
         self.ra_layer_indices()  # validates ra_layers
 
     def ra_layer_indices(self) -> list[int]:
@@ -143,12 +150,12 @@ class LayerNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2 feed-forward: ``C -> 4C -> GELU -> C``."""
+    """GPT-2 feed-forward: ``C -> 4C -> GELU -> C`` (exact-erf GELU, or its tanh approximation for ``gelu_tanh``)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 

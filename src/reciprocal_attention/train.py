@@ -4,9 +4,13 @@
     ra train --preset gpt2 --set model.attn=ra --out runs/ra-s0
     torchrun --standalone --nproc_per_node=8 -m reciprocal_attention.train --preset gpt2
     ra train --resume runs/ra-s0                              # continue exactly where the last checkpoint was
+    ra train --preset gpt2 --init-from ckpt/gpt2 --set model.attn=low_rank   # start from a HF GPT-2 checkpoint
 
 A run directory holds ``config.toml``, ``metrics.jsonl`` (one record per log step and per evaluation),
 ``checkpoints/``, ``loss_curve.png``, ``summary.json`` and, if ``tensorboard`` is installed, ``tb/``.
+
+``--init-from DIR`` (``model.init_from``): start from a local Hugging Face GPT-2 checkpoint (``save_pretrained``)
+at exactly its function; the model's shape and MLP activation come from its config (see :func:`resolve_init_from`).
 
 Exact resume: batch ``i`` of rank ``r`` is a pure function of ``(data.seed, r, i)``, the checkpoint holds the
 number of batches consumed, the optimizer/scaler state and every RNG state, and the LR is a function of the step,
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -140,8 +145,57 @@ def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     m = cfg.model
     shape = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(m, k)}
     attn: str | dict = {"preset": m.attn, **m.attn_overrides} if m.attn_overrides else m.attn
+    activation = "gelu" if m.activation == "auto" else m.activation
     return GPTConfig.from_preset(m.preset, vocab_size=vocab_size, dropout=m.dropout, bias=m.bias, attn=attn,
-                                 ra_layers=m.ra_layers, **shape)
+                                 ra_layers=m.ra_layers, activation=activation, **shape)
+
+
+def _import_hf() -> Any:
+    try:
+        from . import hf
+    except ImportError as e:
+        raise ImportError(f"model.init_from (--init-from) loads a Hugging Face checkpoint: {e}") from e
+    return hf
+
+
+def resolve_init_from(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` whose model shape and activation are those of the ``model.init_from`` checkpoint.
+
+    ``n_layer``, ``n_head``, ``n_embd``, ``block_size`` (``n_positions``) and ``activation`` (``gelu_tanh`` for
+    GPT-2's ``gelu_new``) are written into ``cfg.model``, so the run directory's ``config.toml`` and every
+    checkpoint record the real architecture (a resumed run needs no access to the HF directory). They override
+    ``model.preset``'s size; a value the user set explicitly (non-zero, or an activation other than ``auto``)
+    that differs from the checkpoint is a :class:`ConfigError`, never silently replaced. Also checked here, before
+    any data or weights are touched: that the configured attention has an exact function-preserving init.
+    """
+    m = cfg.model
+    if not m.init_from:
+        return cfg
+    hf = _import_hf()
+    try:
+        hcfg = hf.read_gpt2_config(m.init_from)
+        act = hf.gpt_activation(hcfg)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from={m.init_from!r}: {e}") from None
+    want = {"n_layer": hcfg.n_layer, "n_head": hcfg.n_head, "n_embd": hcfg.n_embd, "block_size": hcfg.n_positions,
+            "activation": act}
+    clash = [f"model.{k}={getattr(m, k)!r} (checkpoint: {v!r})" for k, v in want.items()
+             if getattr(m, k) not in (0, "auto", v)]
+    if clash:
+        raise ConfigError(f"model.init_from={m.init_from!r} fixes the model's shape and activation, but the config "
+                          f"sets {', '.join(clash)}; drop these settings (0 / 'auto' take the checkpoint's)")
+    out = copy.deepcopy(cfg)
+    for k, v in want.items():
+        setattr(out.model, k, v)
+    changed = {k: v for k, v in want.items() if getattr(m, k) != v}
+    if changed:
+        log.info("model.init_from=%s: model %s from the checkpoint's config", m.init_from,
+                 ", ".join(f"{k}={v}" for k, v in changed.items()))
+    try:
+        hf.check_gpt_init(gpt_config(out, hcfg.vocab_size), hcfg)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from={m.init_from!r}: {e}") from None
+    return out
 
 
 def data_dir(cfg: TrainConfig, dist: Dist) -> Path:
@@ -258,6 +312,9 @@ def evaluate(model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig, block_s
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
+    # A key added after the checkpoint was written counts as its default (what the old run computed).
+    defaults = TrainConfig().to_dict()
+    saved = {s: {**defaults.get(s, {}), **saved.get(s, {})} for s in set(defaults) | set(saved)}
     diffs = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
     bad = [k for k in diffs if not k.startswith(RESUME_MUTABLE)]
     if bad:
@@ -287,6 +344,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         autocast: Any = contextlib.nullcontext, scaler: Any | None = None) -> torch.Tensor:
+    """Forward/backward over the micro-batches of one optimizer step; returns the detached mean loss.
+
+    Each micro-batch's loss is divided by ``len(batches)``, so the gradients are the mean over the micro-batches.
+    Under DDP (``model`` a ``DistributedDataParallel``) every micro-step but the last runs in ``no_sync()``: the
+    gradients accumulate locally and are all-reduced (averaged over ranks) once, in the last backward.
+    ``scaler``: a float16 ``GradScaler`` (the loss is scaled before backward).
+    """
+    A = len(batches)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    total = None
+    for micro, (x, y) in enumerate(batches):
+        sync_ctx = model.no_sync() if ddp and micro < A - 1 else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast():
+                _, loss = model(x, y)
+            loss = loss / A
+            total = loss.detach() if total is None else total + loss.detach()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    return total
+
+
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run training as configured (optionally resuming a checkpoint); return a summary dict.
 
@@ -297,6 +377,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
         raise TypeError(f"cfg must be a TrainConfig; got {type(cfg).__name__}")
     validate(cfg)
     state = ckpt.read_state(resume) if resume is not None else None
+    # With init_from the checkpoint's config fixes the model's shape. A resumed run's saved config is already
+    # resolved, so it still runs when the HF directory has gone (its weights come from the run's checkpoint).
+    if cfg.model.init_from and (state is None or Path(cfg.model.init_from).is_dir()):
+        cfg = resolve_init_from(cfg)
     if state is not None:
         _check_resume_config(state["config"], cfg)
 
@@ -325,7 +409,23 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
 
     # Model and optimizer
     mcfg = gpt_config(cfg, manifest["tokenizer"]["n_vocab"])
-    model = GPT(mcfg, seed=cfg.system.seed).to(device)
+    model = GPT(mcfg, seed=cfg.system.seed)
+    if cfg.model.init_from and state is None:  # a resumed run loads its own checkpoint below
+        hf = _import_hf()
+        try:
+            hf_model = hf.load_pretrained_gpt2(cfg.model.init_from)
+            if hf_model.config.vocab_size != mcfg.vocab_size:
+                raise ValueError(f"its vocab_size {hf_model.config.vocab_size} differs from the corpus tokenizer's "
+                                 f"{mcfg.vocab_size} ({manifest['tokenizer']['name']}): the token ids would not "
+                                 f"mean the same")
+            hf.init_gpt_from_hf(model, hf_model)  # never re-initialised afterwards
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
+        del hf_model
+        if dist.master:
+            log.info("initialised from %s (attention %r on layers %s starts at its exact function)",
+                     cfg.model.init_from, mcfg.attn, mcfg.ra_layer_indices())
+    model = model.to(device)
     optimizer = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
                                            device_type=device.type, eps=cfg.optim.eps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -421,16 +521,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
         lr = lr_at(step, cfg, decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(A):
-            x, y = get_batch(train_data, B, T, seed=cfg.data.seed, index=data_pos, rank=dist.rank, device=device)
-            data_pos += 1
-            sync_ctx = model.no_sync() if dist.enabled and micro < A - 1 else contextlib.nullcontext()
-            with sync_ctx:
-                with autocast():
-                    _, loss = model(x, y)
-                loss = loss / A
-                loss_acc += loss.detach()
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+        batches = [get_batch(train_data, B, T, seed=cfg.data.seed, index=data_pos + micro, rank=dist.rank,
+                             device=device) for micro in range(A)]
+        data_pos += A
+        loss_acc += accumulate_gradients(model, batches, autocast, scaler)
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip) \
@@ -504,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value")
     p.add_argument("--resume", metavar="DIR", help="continue from a run dir, checkpoints dir or step dir")
     p.add_argument("--out", help="run directory (same as --set system.out_dir=DIR)")
+    p.add_argument("--init-from", metavar="DIR", help="start from a local Hugging Face GPT-2 checkpoint directory "
+                   "(save_pretrained); same as --set model.init_from=DIR")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     return p
 
@@ -513,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + ([f"system.out_dir={args.out}"] if args.out else [])
+    overrides = list(args.overrides) + ([f"system.out_dir={args.out}"] if args.out else []) + \
+        ([f"model.init_from={args.init_from}"] if args.init_from else [])
     if args.resume:
         if args.preset or args.config:
             raise ConfigError("--resume takes the config from the checkpoint; drop --preset/--config")
