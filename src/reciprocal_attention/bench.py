@@ -464,7 +464,8 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
 def fill_ratios(records: list[dict[str, Any]]) -> None:
     """``ratio_vs_baseline`` = median / the designated baseline's median at the same shape/pass/mode/precision."""
     key = lambda r: (r["B"], r["T"], r["C"], r["pass"], r["mode"], r["precision"], r["bias"])  # noqa: E731
-    base = {(r["impl"],) + key(r): r for r in records if r["impl"].startswith("baseline")}
+    names = {r["baseline_impl"] for r in records}
+    base = {(r["impl"],) + key(r): r for r in records if r["impl"] in names}
     for r in records:
         b = base.get((r["baseline_impl"],) + key(r))
         ok = b is not None and b.get("ms_median") and r.get("ms_median")
@@ -560,7 +561,8 @@ def markdown_report(records: list[dict[str, Any]]) -> str:
         cells = [cell(impl, sdpa, pct, fB, fT, fC, p, m) for p, m in
                  (("fwd", "eager"), ("fwd", "graph"), ("fwd+bwd", "graph"), ("step", "graph"), ("fwd", "compile"),
                   ("fwd+bwd", "compile"))]
-        lines.append(f"| {impl} ({pct}% RA heads) | {sdpa} | " + " | ".join(cells) + " |")
+        label = impl if impl.startswith("baseline") else f"{impl} ({pct}% RA heads)"
+        lines.append(f"| {label} | {sdpa} | " + " | ".join(cells) + " |")
     lines += ["", f"## Performance Evolution (graph fwd+bwd, B={fB}, T={fT}; eager fwd where a row cannot be graphed)",
               "",
               "| implementation | ms | vs baseline (flash) | note |", "|---|---|---|---|"]
@@ -587,10 +589,10 @@ def markdown_report(records: list[dict[str, Any]]) -> str:
     core = [r for r in records if r.get("scope") == "core"]
     if core:
         lines += ["", "## Attention core TFLOP/s (causal, D=64, H=12, bf16, graph; FLOPs 4BHT^2D/2 fwd, x3.5 fwd+bwd)",
-                  "", "| impl | B x T | pass | ms | TFLOP/s | vs cuDNN |", "|---|---|---|---|---|---|"]
+                  "", "| impl | B x T | pass | ms | TFLOP/s | time vs cuDNN |", "|---|---|---|---|---|---|"]
         for r in core:
             lines.append(f"| {r['impl']} | {r['B']} x {r['T']} | {r['pass']} | {_fmt(r.get('ms_median'))} | "
-                         f"{_fmt(r.get('tflops'), 1)} | {_fmt(r.get('ratio_vs_baseline'), 2)}x time |")
+                         f"{_fmt(r.get('tflops'), 1)} | {_fmt(r.get('ratio_vs_baseline'), 2)}x |")
     errs = [r for r in records if r.get("error")]
     if errs:
         lines += ["", "## Arms that failed (recorded, not dropped)", ""]
@@ -662,7 +664,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="re-render bench.md/bench.png from an existing bench.json in this folder (no timing)")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        records = json.loads((args.render / "bench.json").read_text())
+        fill_ratios(records)
+        write_results(records, args.render)
+        print(f"re-rendered {args.render}/bench.md and bench.png from {len(records)} records")
+        return 0
     if args.repeats < 1 or args.inner < 1:
         ap.error("--repeats and --inner must be >= 1")
     cfg = BenchConfig(device=args.device, groups=set(args.groups.split(",")), precision=args.precision,
