@@ -40,3 +40,22 @@ def test_plan_keeps_full_matrix_at_one_shape():
     assert any(j[2] == 8192 for j in jobs) and any(j[3] == 1280 for j in jobs)
     # an arm that syncs the host is never planned in graph mode
     assert not [j for j in jobs if j[0].syncs_host and j[6] == "graph"]
+
+
+def test_peer_arms_compute_the_module_function():
+    """Every benchmark arm is the same function as the module it wraps (float64), so timings compare like with like."""
+    import torch
+
+    from reciprocal_attention.attention import ReciprocalAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    disc = ReciprocalAttention.from_preset("ra_disc", n_embd=64, n_head=4, block_size=16).double()
+    with torch.no_grad():
+        disc.d_bias.normal_()
+    assert torch.allclose(bench.MaskBiasBlock(disc)(x), disc(x), atol=1e-12)
+    plain = ReciprocalAttention.from_preset("ra", n_embd=64, n_head=4, block_size=16).double()
+    assert torch.allclose(bench.ActivationFoldBlock(plain)(x), plain(x), atol=1e-12)
+    for pct in (100, 50, 25):
+        seed = bench._seed_routed(pct)(64, 4, 16, False).double()
+        assert torch.allclose(bench.SeedBlock(seed)(x), seed(x), atol=1e-12)

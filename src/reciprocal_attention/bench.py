@@ -44,85 +44,87 @@ HEADS_PCT = {100: (0.0, None), 50: (0.25, (6, 0.2, 0.4)), 25: (0.35, (9, 0.3, 0.
 # Arms
 # --------------------------------------------------------------------------------------------------------------
 
-class SeedBlock(nn.Module):
+class _WrappedBlock(nn.Module):
+    """A peer block around a ReciprocalAttention's parameters: the same c_attn/c_proj boundary, another core."""
+
+    def __init__(self, ra: ReciprocalAttention) -> None:
+        super().__init__()
+        self.ra = ra
+
+    def heads(self, x: Tensor, folded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``q, k, v`` as ``[B, H, T, D]`` from ``c_attn`` (or from the weight-space folded ``c_attn``)."""
+        B, T, C = x.shape
+        w, b = self.ra.folded_weight(out_dtype=None) if folded else (self.ra.c_attn.weight, self.ra.c_attn.bias)
+        q, k, v = (t.view(B, T, self.ra.n_head, self.ra.head_dim).transpose(1, 2) for t in F.linear(x, w, b).split(C, 2))
+        return q, k, v
+
+    def project(self, y: Tensor) -> Tensor:
+        """``[B, H, T, D] -> c_proj -> [B, T, C]``."""
+        B, H, T, D = y.shape
+        return self.ra.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def column_bias(self, T: int) -> Tensor:
+        return self.ra.w_disc.view(-1, 1) * self.ra.d_bias[:, :T]
+
+
+class SeedBlock(_WrappedBlock):
     """The seed's RA Ultimate v2 block as it ran: c_attn -> activation fold with routed packs -> c_proj."""
 
-    def __init__(self, ra: ReciprocalAttention) -> None:
-        super().__init__()
-        self.ra = ra
-
     def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (t.contiguous() for t in self.heads(x))
         ra = self.ra
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, ra.n_head, ra.head_dim).transpose(1, 2).contiguous()
-                   for t in ra.c_attn(x).split(C, dim=2))
-        y = _fold.seed_packed_attention(q, k, v, ra.w_std, ra.w_rec, ra.W_recip, threshold=ra.routing_threshold)
-        return ra.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.project(_fold.seed_packed_attention(q, k, v, ra.w_std, ra.w_rec, ra.W_recip,
+                                                        threshold=ra.routing_threshold))
 
 
-class ActivationFoldBlock(nn.Module):
+class ActivationFoldBlock(_WrappedBlock):
     """same_flop through the activation-space fold (RA-SPEC 3.1), no routing packs: the readable baseline."""
 
-    def __init__(self, ra: ReciprocalAttention) -> None:
-        super().__init__()
-        self.ra = ra
-
     def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.heads(x)
         ra = self.ra
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, ra.n_head, ra.head_dim).transpose(1, 2) for t in ra.c_attn(x).split(C, dim=2))
         qf, kf = _fold.activation_fold(q, k, ra.W_recip, *ra._gate_sides(), ra._routed(), "same_flop")
-        y = F.scaled_dot_product_attention(qf, kf, v, is_causal=True, scale=1.0 / math.sqrt(ra.head_dim))
-        return ra.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.project(F.scaled_dot_product_attention(qf, kf, v, is_causal=True,
+                                                           scale=1.0 / math.sqrt(ra.head_dim)))
 
 
-class MaskBiasBlock(nn.Module):
+class MaskBiasBlock(_WrappedBlock):
     """Peer: RA fold + learned column bias through SDPA with a materialised causal+bias ``[1, H, T, T]`` mask."""
 
-    def __init__(self, ra: ReciprocalAttention) -> None:
-        super().__init__()
-        self.ra = ra
-
     def forward(self, x: Tensor) -> Tensor:
-        ra = self.ra
-        B, T, C = x.shape
-        wf, bf = ra.folded_weight(out_dtype=None)
-        q, k, v = (t.view(B, T, ra.n_head, ra.head_dim).transpose(1, 2) for t in F.linear(x, wf, bf).split(C, 2))
+        T = x.shape[1]
+        q, k, v = self.heads(x, folded=True)
         causal = torch.full((T, T), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        bias = (ra.w_disc.view(-1, 1) * ra.d_bias[:, :T]).to(x.dtype)
-        mask = causal.unsqueeze(0) + bias.unsqueeze(1)  # [H, T, T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), scale=1.0 / math.sqrt(ra.head_dim))
-        return ra.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        mask = causal.unsqueeze(0) + self.column_bias(T).to(x.dtype).unsqueeze(1)  # [H, T, T]
+        return self.project(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0),
+                                                           scale=1.0 / math.sqrt(self.ra.head_dim)))
 
 
-class FlexBiasBlock(nn.Module):
+class FlexBiasBlock(_WrappedBlock):
     """Peer: RA fold + learned column bias through FlexAttention (compiled), the bias a tensor requiring grad."""
 
     def __init__(self, ra: ReciprocalAttention) -> None:
-        super().__init__()
+        super().__init__(ra)
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        self.ra = ra
         self._flex = torch.compile(flex_attention)
         self._create_block_mask = create_block_mask
         self._masks: dict[tuple, Any] = {}
 
     def forward(self, x: Tensor) -> Tensor:
-        ra = self.ra
-        B, T, C = x.shape
+        T = x.shape[1]
         key = (T, x.device)
         if key not in self._masks:
             self._masks[key] = self._create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T,
                                                        device=x.device)
-        wf, bf = ra.folded_weight(out_dtype=None)
-        q, k, v = (t.view(B, T, ra.n_head, ra.head_dim).transpose(1, 2) for t in F.linear(x, wf, bf).split(C, 2))
-        bias = ra.w_disc.view(-1, 1) * ra.d_bias[:, :T]
+        q, k, v = self.heads(x, folded=True)
+        bias = self.column_bias(T)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[h, kv_idx]
 
-        y = self._flex(q, k, v, score_mod=score_mod, block_mask=self._masks[key], scale=1.0 / math.sqrt(ra.head_dim))
-        return ra.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.project(self._flex(q, k, v, score_mod=score_mod, block_mask=self._masks[key],
+                                       scale=1.0 / math.sqrt(self.ra.head_dim)))
 
 
 @dataclass
