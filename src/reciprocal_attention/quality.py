@@ -289,7 +289,8 @@ def markdown(res: dict[str, Any]) -> str:
     qc = res["config"]
     nf = res["noise_floor"]
     lines = ["# RA quality study", "",
-             f"Device: {res.get('gpu') or res.get('device')}, torch {res['torch']}, dtype {res.get('dtype')}; "
+             f"Device: {res.get('gpu') or res.get('device')}; dtype {res.get('dtype')}; report assembled with torch "
+             f"{res['torch']}; "
              f"training preset `{qc['preset']}` with overrides {qc['overrides'] or 'none'}; model parameters "
              f"{res.get('params')}; seeds {qc['seeds']} (paired: same init of shared weights, same data order); "
              f"equal {qc['equal']}.", "",
@@ -301,8 +302,13 @@ def markdown(res: dict[str, Any]) -> str:
              "verdict |", "|---|---|---|---|---|---|---|---|"]
     for a, st in res["arms"].items():
         lines.append(_arm_row(a, st, res["verdicts"].get(a, "baseline")))
+    lines += ["", "tokens/s is per training process while several runs share one GPU: a record of the study, not a "
+              "speed comparison (see `ra bench`)."]
     if res["mqar"]:
+        base = list(res["mqar"].get(BASELINE, {}).values())
+        spread = f"{max(base) - min(base):.3f}" if len(base) > 1 else "n/a"
         lines += ["", "## MQAR accuracy (held-out, same test set for every arm)", "",
+                  f"Spread of the baseline across seeds (its noise floor): {spread}.", "",
                   "| arm | accuracy per seed | mean |", "|---|---|---|"]
         for a, d in res["mqar"].items():
             lines.append(f"| {a} | {', '.join(f'{v:.3f}' for v in d.values())} | {statistics.fmean(d.values()):.3f} |")
