@@ -1,0 +1,67 @@
+"""The quality study: analysis and verdict on synthetic runs, and a tiny end-to-end study that resumes."""
+
+import json
+
+import pytest
+
+from reciprocal_attention import quality
+
+
+def _fake_run(root, arm, seed, loss):
+    d = root / "runs" / f"{arm}-s{seed}"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"final_val_loss": loss, "tokens": 1000, "tokens_per_s": 10.0,
+                                                "device": "cpu", "dtype": "float32", "params": 1}))
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 1, "tokens": 1000, "loss": loss}) + "\n")
+
+
+@pytest.mark.parametrize("ra_losses,expect", [
+    ((3.80, 3.81, 3.79), "better"),      # lower than the baseline by more than the noise floor in every seed
+    ((4.10, 4.11, 4.09), "worse"),
+    ((3.99, 4.02, 4.00), "no difference"),
+])
+def test_verdict_needs_every_seed_beyond_the_noise_floor(tmp_path, ra_losses, expect):
+    base = (4.00, 4.01, 3.99)  # noise floor (max pairwise |diff|) = 0.02
+    for s, (b, r) in enumerate(zip(base, ra_losses)):
+        _fake_run(tmp_path, "standard", s, b)
+        _fake_run(tmp_path, "ra", s, r)
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1, 2], out_dir=str(tmp_path), mqar=False)
+    res = quality.analyse(qc)
+    assert res["noise_floor"]["max"] == pytest.approx(0.02)
+    assert res["verdicts"]["ra"].startswith(expect)
+    assert res["arms"]["ra"]["paired_diff"][0] == pytest.approx(ra_losses[0] - 4.00)
+    quality.write_report(res, tmp_path)
+    assert "Verdict" in (tmp_path / "quality.md").read_text() and (tmp_path / "quality.png").exists()
+
+
+def test_incomplete_study_gives_no_verdict(tmp_path):
+    _fake_run(tmp_path, "standard", 0, 4.0)
+    _fake_run(tmp_path, "standard", 1, 4.1)
+    _fake_run(tmp_path, "ra", 0, 3.0)
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False)
+    res = quality.analyse(qc)
+    assert res["verdicts"]["ra"].startswith("incomplete")
+    assert quality.verdict_sentence(res) == "The study is incomplete; no verdict."
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown arm"):
+        quality.QualityConfig(arms=["standard", "magic"]).validate()
+    with pytest.raises(ValueError, match="baseline 'standard'"):
+        quality.QualityConfig(arms=["ra"]).validate()
+    with pytest.raises(ValueError, match="wall_seconds"):
+        quality.QualityConfig(equal="wallclock").validate()
+
+
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], preset="quality-cpu", parallel=2,
+                               overrides=["budget.max_steps=4", "eval.interval=2", "eval.iters=1",
+                                          "checkpoint.interval=2"],
+                               out_dir=str(tmp_path), mqar=True, mqar_steps=2)
+    res = quality.study(qc)
+    assert res["complete"] and set(res["arms"]) == {"standard", "ra"}
+    assert all(len(a["val_loss"]) == 2 for a in res["arms"].values())
+    assert set(res["mqar"]) == {"standard", "ra"}
+    first = (tmp_path / "runs" / "ra-s0" / "summary.json").read_text()
+    quality.study(qc)  # resumes: finished runs are kept, not retrained
+    assert (tmp_path / "runs" / "ra-s0" / "summary.json").read_text() == first
