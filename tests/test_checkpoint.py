@@ -13,12 +13,6 @@ from reciprocal_attention import checkpoint as C
 from reciprocal_attention.model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(attn="ra", seed=0, **kw):

@@ -10,13 +10,6 @@ from reciprocal_attention.model import GPT, GPTConfig
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one intra-op thread is much faster than two contending with other processes on 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 ARMS = ["standard", "seed", "ra", "ra_disc", "full", "low_rank", "output_gate"]
 

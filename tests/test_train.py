@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from reciprocal_attention import train as T
 from reciprocal_attention.config import ConfigError, TrainConfig, load_config, to_toml
@@ -20,12 +19,6 @@ BASE = ["system.device=cpu", "system.dtype=float32", "system.threads=1", "system
         "model.n_embd=32", "model.block_size=32", "data.batch_size=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def records(out: Path, kind: str) -> list[dict]:

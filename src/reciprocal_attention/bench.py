@@ -531,7 +531,7 @@ def markdown_report(records: list[dict[str, Any]]) -> str:
     if not records:
         return "# ra bench\n\nno records\n"
     v = records[0]
-    lines = [f"# ra bench: RA vs the baseline attention block",
+    lines = ["# ra bench: RA vs the baseline attention block",
              "", f"Device: **{v['device']}**; torch {v['torch']}, triton {v['triton']}, CUDA {v.get('cuda')}; "
              f"precision {v['precision']}; GPT-2 biases: {v['bias']}. Median ms per call (min-max), ratio against "
              "the baseline on the same SDPA backend, pass, mode and shape. Graph = CUDA-graph replay (pure GPU time).",

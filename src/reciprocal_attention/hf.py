@@ -83,7 +83,7 @@ from torch import Tensor
 
 from . import fold as _fold
 from .attention import PRESETS, ReciprocalAttention
-from .reference import gate_coefficient, gate_sides, routed_heads
+from .reference import gate_sides, routed_heads
 
 try:  # transformers >= 4.54 (Cache with per-layer objects)
     from transformers.cache_utils import DynamicLayer as _DynamicLayer
