@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import fold as _fold
+from .kernels import INTERPRET, triton_installed
 from .reference import GATES, VARIANTS, check_choice, discoverability_bias, gate_sides, ra_attention, routed_heads
 
 log = logging.getLogger(__name__)
@@ -62,28 +63,13 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 # Backend helpers
 # --------------------------------------------------------------------------------------------------------------
 
-def triton_available() -> bool:
-    """True when Triton imports (its kernels still need a CUDA device, or TRITON_INTERPRET=1 on CPU)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the environment
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _triton_usable(device: torch.device) -> bool:
-    return triton_available() and (device.type == "cuda" or _interpreting())
+    return triton_installed() and (device.type == "cuda" or INTERPRET)
 
 
 def _fused_fold_usable(weight: Tensor) -> bool:
     """The fused Triton fold runs on CUDA tensors of at least fp16 width when Triton is there."""
-    return weight.device.type == "cuda" and triton_available() and weight.dtype != torch.float64
+    return weight.device.type == "cuda" and triton_installed() and weight.dtype != torch.float64
 
 
 def fold_qkv(weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
@@ -357,7 +343,7 @@ class ReciprocalAttention(nn.Module):
             return "sdpa", "no column bias and no full-rank term: a standard SDPA kernel on the fold is fastest"
         if device.type != "cuda":
             return "sdpa", f"the fused Triton kernels need CUDA; device is {device.type} (exact channel fold/padding)"
-        if not triton_available():
+        if not triton_installed():
             return "sdpa", "triton is not installed (exact channel fold/padding through SDPA instead)"
         if D not in (16, 32, 64, 128):
             return "sdpa", f"head width {D} is not one the Triton kernel supports (16/32/64/128)"

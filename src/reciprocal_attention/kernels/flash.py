@@ -68,6 +68,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import INTERPRET
+
 __all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS", "triton_available", "OP_MODE", "AUTOTUNE"]
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ except Exception as _e:  # pragma: no cover - exercised only where triton is abs
     tl = None
     _TRITON_IMPORT_ERROR = _e
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = INTERPRET
 
 #: Autotune the three attention kernels over a few block/warp/stage configs (keyed on T, D, the flags and the
 #: dtype; the first call per key compiles and benchmarks them all). False (or RA_FLASH_AUTOTUNE=0 at import):

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..fold import FOLDED_VARIANTS, folded_width, std_width
+from . import INTERPRET
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def triton_available() -> bool:
 
 
 # Triton decides interpreter-or-compiler when a kernel is decorated (at import, below); so does this module.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = INTERPRET
 
 
 def _interpreting() -> bool:
