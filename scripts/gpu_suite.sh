@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
-# Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]   (stages: tests check bench train quality; default all)
+# Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
+#   stages: tests flashtests foldsweep check bench bench_amp profile ncu train quality (default: tests check bench
+#   train quality)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
 set -uo pipefail
@@ -42,6 +44,8 @@ for s in $STAGES; do
                 pick_tiles ;;
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
+    profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY scripts/profile_kernels.py "$RES/profile" ;;
+    ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY scripts/ncu_fold.py ;;
     check)   stage check 240 $PY -m reciprocal_attention.cli check ;;
     bench)   stage bench "${RA_BENCH_TIMEOUT:-420}" $PY -m reciprocal_attention.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)

@@ -226,7 +226,8 @@ def test_low_precision_within_tolerance(dtype, tol, preset):
     assert rel_err(m(x.to(dtype)).to(F64), m64(x)) <= tol
 
 
-@pytest.mark.parametrize("preset", ["standard", "seed", "ra", "ra_disc", "full", "low_rank", "output_gate"])
+@pytest.mark.parametrize("preset", ["standard", "seed", "ra", "ra_disc", "ra_disc_channel", "full", "low_rank",
+                                    "output_gate"])
 def test_cached_generation_equals_full_forward(preset):
     gen = torch.Generator().manual_seed(7)
     m = ReciprocalAttention.from_preset(preset, n_embd=48, n_head=3, block_size=16).to(F64)
@@ -308,12 +309,18 @@ def test_fold_cache_follows_every_optimizer(opt_kw):
 def test_no_graph_breaks_under_compile():
     """Forward traces as one graph (no .item(), no data-dependent Python branching on tensor values)."""
     torch._dynamo.reset()
-    for preset in ("ra", "seed", "ra_disc", "full"):
+    for preset in ("ra", "seed", "ra_disc", "ra_disc_channel", "full"):
         m = ReciprocalAttention.from_preset(preset, n_embd=32, n_head=2, block_size=16)
         x = torch.randn(2, 8, 32, requires_grad=True)
         y = torch.compile(m, fullgraph=True, backend="eager")(x)
         y.sum().backward()
-        assert torch.allclose(y, m(x), atol=1e-6)
+        g = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+        m.zero_grad()
+        y2 = m(x)
+        y2.sum().backward()
+        assert torch.allclose(y, y2, atol=1e-6)
+        for a, p in zip(g, [p for p in m.parameters() if p.grad is not None]):
+            assert torch.allclose(a, p.grad, atol=1e-5)
 
 
 def test_dropout_trains_and_eval_is_deterministic():
@@ -409,3 +416,80 @@ def test_reference_logit_formulas_by_hand():
                     assert lg[i, j] == float("-inf")
                 else:
                     assert abs(lg[i, j] - fn(i, j)).item() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bias channel (RA-SPEC 3.3): the discoverability bias in one reserved Q/K feature at width D
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("disc", ["positional", "content"])
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_bias_channel_matches_reference(disc, T):
+    """The reserved feature carries the bias exactly: output and every gradient (d_bias / u, w_disc included)
+    equal the reference with d_std = D - R - 1, in float64, on the SDPA path (what runs on CUDA)."""
+    gen = torch.Generator().manual_seed(21 + T)
+    m, ref = pair(gen, n_embd=48, n_head=3, rank=5, variant="same_flop", discoverability=disc, block_size=16,
+                  bias_channel=True)
+    assert m.explain_backend("cuda")[0] == "sdpa"
+    grads_match(m, ref, torch.randn(2, T, 48, generator=gen, dtype=F64))
+
+
+def test_bias_channel_is_same_width_and_spec_budget():
+    """ra_disc_channel: R-1 = 7 reciprocal features + 1 bias feature inside D (RA-SPEC 3.3), so the folded Q/K
+    width is D (the baseline's kernel) and the standard term keeps D - 8 features, as in ``ra``."""
+    m = ReciprocalAttention.from_preset("ra_disc_channel", n_embd=768, n_head=12)
+    assert (m.rank, m.bias_channel) == (7, True)
+    assert fold.folded_width(m.variant, 64, m.rank) == 64
+    assert fold.std_width(m.variant, 64, m.rank, bias_channel=True) == 56 == fold.std_width("same_flop", 64, 8)
+    wf, bf = m.folded_weight()
+    wq = wf[: 12 * 64].view(12, 64, 768)
+    assert torch.count_nonzero(wq[:, 63]) == 0 and torch.count_nonzero(bf[: 12 * 64].view(12, 64)[:, 63]) == 0
+
+
+def test_bias_channel_triton_backend_matches_reference():
+    """Triton backend (interpreter on CPU): the reserved features stay zero and the kernel adds the bias."""
+    from reciprocal_attention.kernels.flash import triton_available
+
+    if not triton_available():
+        pytest.skip("needs Triton")
+    gen = torch.Generator().manual_seed(5)
+    m, ref = pair(gen, backend="triton", n_embd=32, n_head=2, rank=3, variant="same_flop",
+                  discoverability="positional", block_size=16, bias_channel=True)
+    m.float()
+    ref.float()
+    x = torch.randn(2, 9, 32, generator=gen)
+    grads_match(m, ref, x, tol=2e-4)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(variant="low_rank", discoverability="positional"), "bias_channel reserves"),
+    (dict(variant="same_flop", discoverability=None), "bias_channel reserves"),
+    (dict(variant="same_flop", discoverability="positional", routing_threshold=0.1), "bias_channel reserves"),
+    (dict(variant="same_flop", discoverability="positional", rank=15), "rank <= D-2 = 14"),
+])
+def test_bias_channel_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ReciprocalAttention(n_embd=32, n_head=2, bias_channel=True, **{"rank": 3, **kw})
+
+
+def test_add_bias_channel_in_place_and_gradient():
+    """add_bias_channel writes kappa / c / (scale kappa) into the reserved columns in place; the gradient of qkv
+    passes through unchanged and the bias gradient is the K column's gradient (summed over B for [H, T])."""
+    B, T, H, Dp, C = 2, 5, 3, 4, 12
+    qkv0 = torch.zeros(B, T, 2 * H * Dp + C, dtype=F64)
+    w = torch.randn(2 * H * Dp + C, 7, dtype=F64, requires_grad=True)
+    x = torch.randn(B, T, 7, dtype=F64)
+    c = torch.randn(H, T, dtype=F64, requires_grad=True)
+    qkv = x @ w.t()
+    ptr = qkv.data_ptr()
+    out = fold.add_bias_channel(qkv, c, H, Dp, scale=0.5, kappa=2.0)
+    assert out.data_ptr() == ptr
+    expect = (x @ w.t()).detach().clone()
+    for h in range(H):
+        expect[..., h * Dp + Dp - 1] += 2.0
+        expect[..., H * Dp + h * Dp + Dp - 1] += c[h].detach() / (0.5 * 2.0)
+    torch.testing.assert_close(out, expect)
+    g = torch.randn_like(out)
+    dw, dc = torch.autograd.grad(out, [w, c], g)
+    torch.testing.assert_close(dw, g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, 7))
+    torch.testing.assert_close(dc, torch.stack([g[..., H * Dp + h * Dp + Dp - 1].sum(0) for h in range(H)]) / 1.0)

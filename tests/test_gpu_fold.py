@@ -262,7 +262,13 @@ def test_benchmark_printout(capsys):
     def cast():
         return weight.to(torch.bfloat16), b.to(torch.bfloat16)
 
-    arms = [("fused fold (bf16 out)", fused, gwf, gbf), ("fold.fold_qkv_weight + cast", ref, gwf, gbf),
+    w_std, w_rec = gates[0].detach().clone().requires_grad_(), gates[2].detach().clone().requires_grad_()
+    ins_gated = [weight, b, W, w_std, w_rec]
+
+    def gated():  # the module's path: signed gate sides formed in the kernels
+        return kfold.fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
+
+    arms = [("fused fold (bf16 out)", fused, gwf, gbf), ("fused gated fold (module path)", gated, gwf, gbf), ("fold.fold_qkv_weight + cast", ref, gwf, gbf),
             ("plain weight.to(bf16) cast", cast, gwc, gbc)]
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
              f"C={C} H={H} R={R} same_flop, fp32 params, bias; us per call, median (min-max) of 7 x 50 calls"]
@@ -277,7 +283,7 @@ def test_benchmark_printout(capsys):
 
         def fwd_bwd_():
             w, bb = fn()
-            torch.autograd.grad([w, bb], ins, [gw_, gb_], allow_unused=True)
+            torch.autograd.grad([w, bb], ins_gated if fn is gated else ins, [gw_, gb_], allow_unused=True)
 
         for mode in ("eager", "graph"):
             f = _time_us(fwd, graph=mode == "graph")
@@ -294,15 +300,15 @@ def test_benchmark_printout(capsys):
     lines.append(f"  defaults: forward BLOCK_C={default_f['BLOCK_C']} warps={default_f['num_warps']}; "
                  f"backward BLOCK_D={default_b['BLOCK_D']} BLOCK_C={default_b['BLOCK_C']} "
                  f"warps={default_b['num_warps']}")
-    for bc in (32, 128):
+    for bc in (32, 64, 128):
         for nw in (4, 8):
             tf = _time_us(lambda: kfold._fold_forward_impl(*args, torch.bfloat16, traceable=False, block_c=bc,
                                                            num_warps=nw), graph=True)
             lines.append(f"  forward BLOCK_C={bc:3d} warps={nw}: {tf[0]:7.2f}")
             record["sweep"].append({"kernel": "fwd", "BLOCK_C": bc, "num_warps": nw, "us": tf})
-    for bd in (16, 32):
-        for bc in (32, 64):
-            for nw in (2, 4):
+    for bd in (16, 32, 64):
+        for bc in (32, 64, 128):
+            for nw in (4, 8):
                 tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *args, traceable=False, block_c=bc,
                                                                 num_warps=nw, block_d=bd), graph=True)
                 lines.append(f"  backward BLOCK_D={bd:3d} BLOCK_C={bc:3d} warps={nw}: {tb[0]:7.2f}")
@@ -314,3 +320,57 @@ def test_benchmark_printout(capsys):
             json.dump(record, fh, indent=1)
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("gates", ["signed", "seed"])
+def test_gated_bf16_params_tensor_core_path(gates):
+    """bf16 parameters (the bench's precision): every dot operand is 16-bit, so the kernels use tf32 tensor cores,
+    which hold bf16 exactly: the folded weight is the exact fold rounded once to bf16, gradients to fp32 accuracy
+    before their bf16 rounding. Gate sides and routing (threshold 0.3) formed in the kernels."""
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    weight, b, W, gates_, _ = make_inputs(H, D, R, routing="none", dtype=torch.bfloat16, seed=12)
+    w_std = (torch.rand(H, device=DEV) + 0.2).to(torch.bfloat16).requires_grad_()
+    w_rec = torch.linspace(0.0, 1.0, H, device=DEV).to(torch.bfloat16).requires_grad_()
+    ow, ob = kfold.fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", gates=gates, routing_threshold=0.3)
+    from reciprocal_attention.reference import gate_sides, routed_heads
+
+    leaves = [t.detach().double().requires_grad_() for t in (weight, b, W, w_std, w_rec)]
+    qs, ks = gate_sides(leaves[3], gates)
+    qr, kr = gate_sides(leaves[4], gates)
+    rw, rb = fold.fold_qkv_weight(leaves[0], leaves[1], leaves[2], qs, ks, qr, kr, routed_heads(leaves[4], 0.3), H,
+                                  "same_flop")
+    torch.testing.assert_close(ow.double(), rw, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(ob.double(), rb, rtol=2 ** -8, atol=1e-6)
+    gw, gb = torch.randn_like(ow), torch.randn_like(ob)
+    got = torch.autograd.grad([ow, ob], [weight, b, W, w_std, w_rec], [gw, gb])
+    ref = torch.autograd.grad([rw, rb], leaves, [gw.double(), gb.double()])
+    for name, a, r in zip(("weight", "bias", "W", "w_std", "w_rec"), got, ref):
+        assert a.dtype == torch.bfloat16, name
+        assert_rel(a, r, 2 ** -7, f"d{name}")
+
+
+@pytest.mark.parametrize("preset", ["ra", "seed", "ra_disc_channel"])
+def test_module_bf16_matches_reference(preset):
+    """The module's CUDA fast path (gated fused fold + SDPA; for ra_disc_channel the bias in the reserved feature)
+    in bf16 against the float64 reference backend: output and every parameter gradient within bf16 tolerance."""
+    from reciprocal_attention import ReciprocalAttention
+
+    torch.manual_seed(3)
+    m = ReciprocalAttention.from_preset(preset, n_embd=768, n_head=12, block_size=256).to(DEV)
+    with torch.no_grad():
+        if hasattr(m, "d_bias"):
+            m.d_bias.normal_(0.0, 0.5)
+    ref = ReciprocalAttention.from_preset(preset, n_embd=768, n_head=12, block_size=256, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    ref = ref.to(DEV).double()
+    m = m.to(torch.bfloat16)
+    x = torch.randn(2, 200, 768, device=DEV)
+    xb, xr = x.to(torch.bfloat16).requires_grad_(), x.double().requires_grad_()
+    y, yr = m(xb), ref(xr)
+    g = torch.randn_like(yr)
+    y.backward(g.to(torch.bfloat16))
+    yr.backward(g)
+    assert_rel(y, yr, 3e-2, "output")
+    for (name, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
+        if pr.grad is not None and pr.requires_grad:
+            assert_rel(p.grad, pr.grad, 5e-2, f"d{name}")

@@ -8,6 +8,9 @@ every kernel in bf16 for sm_90 with the real compiler and ptxas, without a GPU.
 Tolerance (float32 kernel vs float64 oracle, inputs of order 1): every element of the output and of each
 gradient within ``atol + rtol * |ref|`` with ``rtol = 1e-4``, ``atol = 1e-5`` (observed errors are ~1e-7).
 
+Layout contract: ``o`` and ``dq, dk, dv`` follow the inputs' memory order (for ``[B, H, T, D]`` views of a
+``[B, T, 3C]`` projection: B, T, H, D), so neither the caller's reshape nor autograd's view backward copies.
+
 Memory contract (documented, not tested here): nothing of size ``T x T`` is allocated; the side buffers are
 ``O(B H T)`` (log-sum-exp, delta, the per-column dc/da/db partials) plus, with the reciprocal term, two fp32
 ``[B, H, T, D]`` partial gradients during the backward. tests/test_gpu_flash.py checks it on the GPU through the
@@ -191,6 +194,122 @@ def test_strided_inputs_used_in_place():
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
+def make_layout_inputs(B, H, T, D, *, layout, mode="recip", bias=None, seed=0):
+    """make_inputs' values with q, k, v laid out as a transformer block makes them.
+
+    layout: "bthd": ``[B, H, T, D]`` transposed views ``t.view(B, T, H, D).transpose(1, 2)`` of one
+    ``[B, T, 3 H D]`` projection buffer (GPT-2; strides ``(T 3C, D, 3C, 1)``); "tbhd": the same from a
+    sequence-first ``[T, B, 3 H D]`` buffer; "contiguous": make_inputs' contiguous leaves.
+    """
+    inputs = make_inputs(B, H, T, D, mode=mode, bias=bias, seed=seed)
+    if layout == "contiguous":
+        return inputs
+    q, k, v, col_bias, a, b = inputs
+    C = H * D
+    if layout == "bthd":
+        buf = torch.cat([x.detach().transpose(1, 2).reshape(B, T, C) for x in (q, k, v)], dim=2)
+        views = [t.view(B, T, H, D).transpose(1, 2) for t in buf.requires_grad_().split(C, dim=2)]
+        assert T == 1 or views[0].stride() == (T * 3 * C, D, 3 * C, 1)  # (view picks a size-1 dim's stride)
+    else:
+        assert layout == "tbhd", layout
+        buf = torch.cat([x.detach().permute(2, 0, 1, 3).reshape(T, B, C) for x in (q, k, v)], dim=2)
+        views = [t.view(T, B, H, D).permute(1, 2, 0, 3) for t in buf.requires_grad_().split(C, dim=2)]
+    for x, y in zip(views, (q, k, v)):
+        assert torch.equal(x, y)
+    return (*views, col_bias, a, b)
+
+
+# how each layout's [B, H, T, D] tensors are permuted into their memory order (B, T, H, D for "bthd")
+LAYOUT_ORDER = {"bthd": (0, 2, 1, 3), "tbhd": (2, 0, 1, 3), "contiguous": (0, 1, 2, 3)}
+
+
+def assert_layout(x, layout, name):
+    """``x`` is dense in ``layout``'s memory order (so a transpose/reshape back to the buffer is a view)."""
+    assert x.permute(LAYOUT_ORDER[layout]).is_contiguous(), f"{name}: {layout} order expected, stride {x.stride()}"
+
+
+# (B, H, T, D, layout, mode, bias): odd T = 37 and T = 1, with and without each bias layout
+LAYOUT_CASES = [
+    (2, 3, 37, 16, "bthd", "recip", "ht"),
+    (2, 3, 37, 16, "bthd", "recip", None),
+    (1, 2, 37, 32, "bthd", "plain", "bht"),
+    (2, 1, 37, 16, "bthd", "a_only", None),
+    (2, 3, 37, 16, "tbhd", "recip", "bht"),
+    (2, 3, 37, 16, "contiguous", "recip", "ht"),
+    (2, 3, 1, 16, "bthd", "recip", "bht"),
+    (1, 1, 1, 16, "bthd", "recip", None),
+    (2, 3, 1, 16, "contiguous", "recip", None),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("B,H,T,D,layout,mode,bias", LAYOUT_CASES,
+                         ids=[f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{c[4]}-{c[5]}-{c[6]}" for c in LAYOUT_CASES])
+def test_outputs_follow_input_layout(B, H, T, D, layout, mode, bias):
+    """q, k, v as views of a [B, T, 3C] projection (as in a GPT-2 block): the output and dq, dk, dv come back in
+    the inputs' memory order (no copy for ``o.transpose(1, 2).reshape(B, T, C)`` nor in autograd's view backward),
+    and output and every gradient still match the float64 oracle."""
+    inputs = make_layout_inputs(B, H, T, D, layout=layout, mode=mode, bias=bias, seed=T * 5 + D)
+    out, ref_out, grads, ref_grads = run_both(inputs)
+    assert_matches(out, ref_out, grads, ref_grads)
+    assert_layout(out, layout, "o")
+    for name in ("q", "k", "v"):
+        assert_layout(grads[name], layout, "d" + name)
+    if layout == "bthd":
+        assert out.transpose(1, 2).is_contiguous() and grads["q"].transpose(1, 2).is_contiguous()
+    elif layout == "contiguous":
+        assert out.is_contiguous() and all(grads[n].is_contiguous() for n in ("q", "k", "v"))
+
+
+def test_empty_like_layout():
+    """The allocation helper: dense, x's shape, dims ordered by x's strides (last dim always unit stride),
+    contiguous for contiguous x, and contiguous where the order would overflow int32 row offsets."""
+    B, H, T, D = 2, 3, 5, 16
+    C = H * D
+    qkv = torch.empty(B, T, 3 * C)
+    q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)
+    out = flash._empty_like_layout(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride() == (T * C, D, C, 1)
+    assert flash._empty_like_layout(q, torch.float64).stride() == (T * C, D, C, 1)
+    assert flash._empty_like_layout(q, torch.float64).dtype == torch.float64
+    for shape in ((B, H, T, D), (1, 1, 1, D), (B, 1, T, D), (B, H, 1, D)):
+        x = torch.empty(shape)
+        assert flash._empty_like_layout(x).stride() == x.stride()
+    # T = 1 (stride ties between B and T): still dense, B, T, H, D order
+    q1 = torch.empty(B, 1, 3 * C)[..., :C].view(B, 1, H, D).transpose(1, 2)
+    assert flash._empty_like_layout(q1).transpose(1, 2).is_contiguous()
+    # a zero stride on T (expanded): T is not moved inside the last dim
+    e = torch.empty(B, H, 1, D).expand(B, H, T, D)
+    assert flash._empty_like_layout(e).stride(-1) == 1
+    # order H, T, B would give a row stride B*D: (T - 1) * B * D > int32 max, so contiguous instead (meta: no memory)
+    big = torch.empty(1, 1, 2**16, D, device="meta").expand(2**12, 1, 2**16, D)
+    assert flash._empty_like_layout(big).is_contiguous()
+
+
+@interpreter
+@pytest.mark.parametrize("layout", ["bthd", "contiguous"])
+def test_fake_outputs_have_real_strides(layout):
+    """torch.compile plans with the fake implementations' strides: they must be those of the real outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.reciprocal_attention
+    for mode, bias in (("recip", "ht"), ("plain", None)):
+        q, k, v, col_bias, a, b = (None if x is None else x.detach()
+                                   for x in make_layout_inputs(2, 3, 17, 16, layout=layout, mode=mode, bias=bias))
+        o, lse = ops.flash_ra_fwd(q, k, v, col_bias, a, b, 0.25)
+        do = torch.randn_like(o)
+        real = (o, lse, *ops.flash_ra_bwd(do, q, k, v, o, lse, col_bias, a, b, 0.25))
+        with FakeTensorMode() as fm:
+            fq, fk, fv, fc, fa, fb, fdo = (None if x is None else fm.from_tensor(x)
+                                           for x in (q, k, v, col_bias, a, b, do))
+            fo, flse = ops.flash_ra_fwd(fq, fk, fv, fc, fa, fb, 0.25)
+            fake = (fo, flse, *ops.flash_ra_bwd(fdo, fq, fk, fv, fo, flse, fc, fa, fb, 0.25))
+        names = ("o", "lse", "dq", "dk", "dv", "dc", "da", "db")
+        for name, x, y in zip(names, real, fake):
+            assert (x.shape, x.stride(), x.dtype) == (y.shape, y.stride(), y.dtype), (mode, name)
+        assert_layout(o, layout, "o")
+
+
 @interpreter
 def test_no_grad_and_grad_only_where_asked():
     q, k, v, col_bias, a, b = make_inputs(1, 1, 17, 16, mode="recip", bias="ht", seed=2)
@@ -206,11 +325,13 @@ def test_no_grad_and_grad_only_where_asked():
 
 
 @interpreter
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("layout", ["contiguous", "bthd"])
+def test_torch_compile_fullgraph(layout):
     """The ops are registered with torch.library (custom ops with fake implementations under the interpreter,
-    triton_op on the GPU), so torch.compile(fullgraph=True) traces through them; aot_eager keeps it quick."""
+    triton_op on the GPU), so torch.compile(fullgraph=True) traces through them; aot_eager keeps it quick.
+    Also with q, k, v as views of a [B, T, 3C] projection (outputs in B, T, H, D order)."""
     assert flash.OP_MODE in ("custom_op", "triton_op")
-    inputs = make_inputs(2, 3, 17, 16, mode="recip", bias="ht", seed=4)
+    inputs = make_layout_inputs(2, 3, 17, 16, layout=layout, mode="recip", bias="ht", seed=4)
     leaves = [x for x in inputs if x is not None]
 
     def f(q, k, v, col_bias, a, b):
@@ -354,7 +475,8 @@ COMPILE_CHECK = textwrap.dedent("""
     q = torch.zeros(B, H, T, D, dtype=torch.bfloat16)
     f32 = torch.zeros(B, H, T, D)
     lse = torch.zeros(B, H, T)
-    st = F._strides3(q) * 4
+    st = F._strides3(q) * 4  # q, k, v, do
+    gs = F._strides3(q) * 3  # dq, dk, dv (the backward kernels' output strides)
     n = 0
     for has_a, recip, bias in [(False, False, False), (True, True, True), (True, False, True)]:
         flags = dict(D=D, HAS_A=has_a, RECIP=recip, HAS_BIAS=bias, IEEE=False)
@@ -363,8 +485,9 @@ COMPILE_CHECK = textwrap.dedent("""
         for tuner, kern, args in [
             (F._FWD, F._ra_fwd_kernel, (q, q, q, q, lse, cb, a, b, *st, *bs)),
             (F._BWD_COL, F._ra_bwd_col_kernel, (q, q, q, q, lse, lse, cb, a, b, f32 if recip else q, q, f32, lse,
-                                                *st, *bs)),
-            (F._BWD_ROW, F._ra_bwd_row_kernel, (q, q, q, q, lse, lse, cb, a, b, q, q, f32, f32, lse, lse, *st, *bs)),
+                                                *st, *bs, *gs)),
+            (F._BWD_ROW, F._ra_bwd_row_kernel, (q, q, q, q, lse, lse, cb, a, b, q, q, f32, f32, lse, lse, *st, *bs,
+                                                *gs)),
         ]:
             for cfg in tuner[1].configs:  # the fixed (AUTOTUNE off) config of each kernel
                 kern.warmup(*args, H, T, 0.125, **flags, **cfg.all_kwargs(), grid=(1,))

@@ -306,3 +306,146 @@ def test_strided_gates():
     got = run(fused_fold_qkv_weight, weight, b, W, views, routed, H, "same_flop")
     ref = run(fold.fold_qkv_weight, weight, b, W, views, routed, H, "same_flop")
     assert_matches(got, ref, rtol=1e-10, atol=1e-11, bias=True)
+
+
+def _gated_oracle(weight, b, W, w_std, w_rec, H, variant, gates, threshold, grad_seed=1):
+    """fold.fold_qkv_weight fed reference.gate_sides / routed_heads of float64 copies of the raw gates."""
+    from reciprocal_attention.reference import gate_sides, routed_heads
+
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (weight, b, W, w_std, w_rec)]
+
+    def fn(weight_, b_, W_, ws, wr, routed_, H_, variant_):
+        qs, ks = gate_sides(ws, gates)
+        qr, kr = gate_sides(wr, gates)
+        return fold.fold_qkv_weight(weight_, b_, W_, qs, ks, qr, kr, routed_heads(wr, threshold), H_, variant_)
+
+    return _run_gated(fn, *leaves, H, variant, grad_seed)
+
+
+def _run_gated(fn, weight, b, W, w_std, w_rec, H, variant, grad_seed=1):
+    ow, ob = fn(weight, b, W, w_std, w_rec, None, H, variant)
+    g = torch.Generator().manual_seed(grad_seed)
+    outs, grads, ins = [ow], [torch.randn(ow.shape, generator=g, dtype=torch.float64).to(ow.dtype)], [weight, W,
+                                                                                                       w_std, w_rec]
+    if b is not None:
+        outs.append(ob)
+        grads.append(torch.randn(ob.shape, generator=g, dtype=torch.float64).to(ob.dtype))
+        ins.insert(1, b)
+    return ow, ob, torch.autograd.grad(outs, ins, grads)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3], ids=["noroute", "route"])
+@pytest.mark.parametrize("gates", ["signed", "seed"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(3, 16, 3), (2, 8, 7)], ids=lambda s: "H{}D{}R{}".format(*s))
+def test_gated_matches_reference_gates(shape, variant, bias, gates, threshold):
+    """fused_fold_gated forms the gate sides and the routing in the kernels: same values and gradients (w_std,
+    w_rec included) as reference.gate_sides + routed_heads + the oracle fold, in float64. Gates of both signs
+    (seed gates: a non-positive w sits on the clamp floor and gets zero gradient; routing at 0.3 routes some)."""
+    from reciprocal_attention.kernels.fold import fused_fold_gated
+
+    H, D, R = shape
+    weight, b, W, _, _ = make_inputs(H, D, R, bias, "none", seed=7)
+    w_std = torch.tensor([0.9, -0.2, 0.5][:H], dtype=torch.float64, requires_grad=True)
+    w_rec = torch.tensor([0.1, 0.7, -0.4][:H], dtype=torch.float64, requires_grad=True)
+
+    def fused(weight_, b_, W_, ws, wr, routed_, H_, variant_):
+        return fused_fold_gated(weight_, b_, W_, ws, wr, H_, variant_, gates=gates, routing_threshold=threshold)
+
+    got = _run_gated(fused, weight, b, W, w_std, w_rec, H, variant)
+    ref = _gated_oracle(weight, b, W, w_std, w_rec, H, variant, gates, threshold)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-11)
+    names = ("weight", "bias", "W", "w_std", "w_rec") if bias else ("weight", "W", "w_std", "w_rec")
+    for name, a, e in zip(names, got[2], ref[2]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+    if gates == "seed":  # the clamp floor: zero gradient below 1e-8
+        assert got[2][-2][1] == 0  # w_std[1] = -0.2
+        if H > 2:
+            assert got[2][-1][2] == 0  # w_rec[2] = -0.4
+        assert got[2][-2][0] != 0
+
+
+def test_gated_errors():
+    from reciprocal_attention.kernels.fold import fused_fold_gated
+
+    weight, b, W, _, _ = make_inputs(2, 8, 3, True, "none")
+    w = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="gates must be 'signed' or 'seed'"):
+        fused_fold_gated(weight, b, W, w, w, 2, "same_flop", gates="sides")
+    with pytest.raises(ValueError, match=r"w_rec must have shape \[n_head\]"):
+        fused_fold_gated(weight, b, W, w, torch.ones(3, dtype=torch.float64), 2, "same_flop")
+    with pytest.raises(ValueError, match="routing_threshold must be a float"):
+        fused_fold_gated(weight, b, W, w, w, 2, "same_flop", routing_threshold="0.1")
+
+
+@pytest.mark.parametrize("preset", ["ra", "seed", "low_rank", "ra_disc_channel"])
+def test_module_fast_path_uses_gated_fold(monkeypatch, preset):
+    """The module's fast path (what runs on CUDA) through the interpreter: fused_fold_gated with the module's gate
+    form and routing gives the reference backend's output and every gradient (float64)."""
+    from reciprocal_attention import attention
+    from reciprocal_attention.attention import ReciprocalAttention
+
+    calls = []
+    real = kfold.fused_fold_gated
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("gates"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_fused_fold_usable", lambda w: True)
+    monkeypatch.setattr(kfold, "fused_fold_gated", spy)
+    gen = torch.Generator().manual_seed(3)
+    kw = dict(n_embd=32, n_head=2, block_size=16)
+    m = ReciprocalAttention.from_preset(preset, backend="sdpa", **kw).double()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+        if preset == "seed":  # one head under the routing threshold (0.1), one above
+            m.w_rec.copy_(torch.tensor([0.05, 0.6], dtype=torch.float64))
+            m.w_std.copy_(torch.tensor([0.8, 0.4], dtype=torch.float64))
+    ref = ReciprocalAttention.from_preset(preset, backend="reference", **kw).double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 7, 32, generator=gen, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = m(x1), ref(x2)
+    g = torch.randn(y1.shape, generator=gen, dtype=torch.float64)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert calls == [m.gates]
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    for (name, p1), (_, p2) in zip(m.named_parameters(), ref.named_parameters()):
+        if p2.grad is None:
+            assert p1.grad is None or p1.grad.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-12, msg=lambda s, n=name: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", [(2, 16, 3), (3, 8, 6)], ids=lambda s: "H{}D{}R{}".format(*s))
+def test_bias_channel_matches_oracle(shape, bias):
+    """bias_channel: standard rows Ds = D - R - 1, reciprocal rows, then a zero row per head (Q~ and K~); the
+    gradients ignore the zero rows. Float64 against the oracle, sides and gated forms."""
+    from reciprocal_attention.kernels.fold import fused_fold_gated
+
+    H, D, R = shape
+    inputs = make_inputs(H, D, R, bias, "none", seed=9)
+    got = run(fused_fold_qkv_weight, *inputs, H, "same_flop", bias_channel=True)
+    oracle_channel = run(lambda *a, **k: fold.fold_qkv_weight(*a, **k, bias_channel=True),
+                               *[t.detach().double().requires_grad_() if t is not None else None
+                                 for t in inputs[:3]],
+                               [g.detach().double().requires_grad_() for g in inputs[3]], None, H, "same_flop")
+    assert_matches(got, oracle_channel, rtol=1e-10, atol=1e-11, bias=bias)
+    rows = got[0][: 2 * H * D].view(2, H, D, H * D)
+    assert torch.count_nonzero(rows[:, :, D - 1]) == 0
+    weight, b, W, gates, _ = inputs
+    w_std, w_rec = gates[0], gates[2]
+    ow, ob = fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", bias_channel=True)
+    rw, rb = fold.fold_qkv_weight(weight, b, W, w_std, torch.ones_like(w_std), w_rec, torch.ones_like(w_rec), None,
+                                  H, "same_flop", bias_channel=True)
+    torch.testing.assert_close(ow, rw, rtol=1e-10, atol=1e-11)
+    with pytest.raises(ValueError, match="bias_channel needs"):
+        fused_fold_qkv_weight(weight, b, W, *gates, None, H, "low_rank", bias_channel=True)
+    with pytest.raises(ValueError, match="does not combine with routing"):
+        fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", routing_threshold=0.1, bias_channel=True)

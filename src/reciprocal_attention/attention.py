@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 DISCOVERABILITY = (None, "positional", "content")
-PRESETS = ("standard", "seed", "ra", "ra_disc", "full", "low_rank", "output_gate")
+PRESETS = ("standard", "seed", "ra", "ra_disc", "ra_disc_channel", "full", "low_rank", "output_gate")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def _fused_fold_usable(weight: Tensor) -> bool:
 
 def fold_qkv(weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
              routed: Tensor | None, n_head: int, variant: str, out_dtype: torch.dtype | None = None,
-             impl: str = "auto") -> tuple[Tensor, Tensor | None]:
+             impl: str = "auto", bias_channel: bool = False) -> tuple[Tensor, Tensor | None]:
     """Weight-space fold, fused on CUDA (one Triton kernel, gradient mapped back in fused kernels), else PyTorch.
 
     ``impl``: ``"auto"`` | ``"triton"`` | ``"torch"``. Returns the folded weight and bias in ``out_dtype``.
@@ -83,8 +83,9 @@ def fold_qkv(weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Ten
     if impl == "triton" or (impl == "auto" and _fused_fold_usable(weight)):
         from .kernels.fold import fused_fold_qkv_weight
 
-        return fused_fold_qkv_weight(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype=out_dtype)
-    wf, bf = _fold.fold_qkv_weight(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant)
+        return fused_fold_qkv_weight(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype=out_dtype,
+                                     bias_channel=bias_channel)
+    wf, bf = _fold.fold_qkv_weight(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, bias_channel)
     if out_dtype is not None:
         wf = wf.to(out_dtype)
         bf = bf.to(out_dtype) if bf is not None else None
@@ -226,6 +227,7 @@ class ReciprocalAttention(nn.Module):
         backend: str = "auto",
         output_gate: bool = False,
         init: dict[str, float] | None = None,
+        bias_channel: bool = False,
     ) -> None:
         super().__init__()
         for name, val in (("n_embd", n_embd), ("n_head", n_head), ("block_size", block_size)):
@@ -244,6 +246,12 @@ class ReciprocalAttention(nn.Module):
                              f"got {rank!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if bias_channel and (variant != "same_flop" or discoverability is None or routing_threshold is not None
+                             or not isinstance(rank, int) or rank > D - 2):
+            raise ValueError("bias_channel reserves one Q/K feature per head for the discoverability bias (RA-SPEC "
+                             "3.3): it needs variant='same_flop', a discoverability kind, no routing and rank <= "
+                             f"D-2 = {D - 2}; got variant={variant!r}, discoverability={discoverability!r}, "
+                             f"routing_threshold={routing_threshold!r}, rank={rank!r}")
         if routing_threshold is not None and variant == "standard":
             raise ValueError("routing_threshold needs an RA variant (full, low_rank, same_flop); "
                              "variant='standard' has no w_rec to route on")
@@ -252,6 +260,7 @@ class ReciprocalAttention(nn.Module):
         self.variant, self.gates, self.routing_threshold = variant, gates, routing_threshold
         self.discoverability, self.block_size, self.backend = discoverability, block_size, backend
         self.dropout = dropout
+        self.bias_channel = bias_channel
         self.center_bias = False  # the seed's mean-subtraction of d_bias (a softmax no-op); on for the seed preset
         init = dict(_DEFAULT_INIT, **(init or {}))
 
@@ -327,7 +336,8 @@ class ReciprocalAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_embd={self.n_embd}, n_head={self.n_head}, variant={self.variant!r}, rank={self.rank}, "
                 f"gates={self.gates!r}, routing_threshold={self.routing_threshold}, "
-                f"discoverability={self.discoverability!r}, backend={self.backend!r}")
+                f"discoverability={self.discoverability!r}, bias_channel={self.bias_channel}, "
+                f"backend={self.backend!r}")
 
     # ---------------------------------------------------------------------------------------------------------
     # Backend choice
@@ -341,6 +351,8 @@ class ReciprocalAttention(nn.Module):
         wants_triton = self.discoverability is not None or self.variant == "full"
         if not wants_triton:
             return "sdpa", "no column bias and no full-rank term: a standard SDPA kernel on the fold is fastest"
+        if self.bias_channel:
+            return "sdpa", "the column bias rides in the reserved Q/K feature: the baseline's SDPA kernel at width D"
         if device.type != "cuda":
             return "sdpa", f"the fused Triton kernels need CUDA; device is {device.type} (exact channel fold/padding)"
         if not triton_installed():
@@ -382,8 +394,17 @@ class ReciprocalAttention(nn.Module):
                                                                                           _OPTIMIZER_STEPS[0])
             if self._fold_cache is not None and self._fold_cache[0] == key:
                 return self._fold_cache[1], self._fold_cache[2]
-        wf, bf = fold_qkv(self.c_attn.weight, self.c_attn.bias, self.W_recip, *self._gate_sides(), self._routed(),
-                          self.n_head, self.variant, out_dtype=out_dtype)
+        if _fused_fold_usable(self.c_attn.weight):  # gate sides and routing formed inside the fold kernels
+            from .kernels.fold import fused_fold_gated
+
+            wf, bf = fused_fold_gated(self.c_attn.weight, self.c_attn.bias, self.W_recip, self.w_std, self.w_rec,
+                                      self.n_head, self.variant, gates=self.gates,
+                                      routing_threshold=self.routing_threshold, out_dtype=out_dtype,
+                                      bias_channel=self.bias_channel)
+        else:
+            wf, bf = fold_qkv(self.c_attn.weight, self.c_attn.bias, self.W_recip, *self._gate_sides(),
+                              self._routed(), self.n_head, self.variant, out_dtype=out_dtype, impl="torch",
+                              bias_channel=self.bias_channel)
         if not needs_grad and not compiling:
             self._fold_cache = (key, wf, bf)
         return wf, bf
@@ -448,20 +469,25 @@ class ReciprocalAttention(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             wf, bf = self.folded_weight(out_dtype=dtype)
             Dp = _fold.folded_width(self.variant, D, self.rank)
-            q, k, v = F.linear(x, wf, bf).split([self.n_head * Dp, self.n_head * Dp, C], dim=2)
-            q, k, v = self._split_heads(q, B, T, Dp), self._split_heads(k, B, T, Dp), self._split_heads(v, B, T, D)
+            qkv = F.linear(x, wf, bf)
             k_raw = None
             if self.discoverability == "content":  # the content bias needs the unfolded keys
                 bk = None if self.c_attn.bias is None else self.c_attn.bias[C:2 * C]
                 k_raw = self._split_heads(F.linear(x, self.c_attn.weight[C:2 * C], bk), B, T, D)
+            col_bias = self._column_bias(k_raw, offset + T)
+            if self.bias_channel and cache is None and backend == "sdpa":  # the bias rides in the reserved feature
+                qkv = _fold.add_bias_channel(qkv, col_bias, self.n_head, Dp, scale)
+                col_bias = None
+            q, k, v = qkv.split([self.n_head * Dp, self.n_head * Dp, C], dim=2)
+            q, k, v = self._split_heads(q, B, T, Dp), self._split_heads(k, B, T, Dp), self._split_heads(v, B, T, D)
         else:
             q, k, v = (self._split_heads(t, B, T, D) for t in self.c_attn(x).split(C, dim=2))
-            k_raw = k
-        col_bias = self._column_bias(k_raw, offset + T)
+            col_bias = self._column_bias(k, offset + T)
 
         if cache is not None:
             if folded and backend == "reference":
-                q, k = _fold.activation_fold(q, k, self.W_recip, *self._gate_sides(), self._routed(), self.variant)
+                q, k = _fold.activation_fold(q, k, self.W_recip, *self._gate_sides(), self._routed(), self.variant,
+                                             self.bias_channel)
             elif self.variant == "full":  # logit_ij = a q_i.k_j + b q_j.k_i: cache [k_j, q_j]
                 q, k = _fold.full_qk(q, k, *self._gate_sides(), routed=self._routed())
             y = self._attend_cached(q, k, v, col_bias, cache, scale)
@@ -486,7 +512,8 @@ class ReciprocalAttention(nn.Module):
 
         logits = ra_logits(q, k, variant=self.variant, W=getattr(self, "W_recip", None),
                            w_std=getattr(self, "w_std", None), w_rec=getattr(self, "w_rec", None), gates=self.gates,
-                           routing_threshold=self.routing_threshold, col_bias=col_bias, scale=scale)
+                           routing_threshold=self.routing_threshold, col_bias=col_bias, scale=scale,
+                           d_std=self.head_dim - self.rank - 1 if self.bias_channel else None)
         probs = F.dropout(torch.softmax(logits, dim=-1), p=dropout_p, training=dropout_p > 0)
         return probs @ v
 
@@ -516,6 +543,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
              "init": {"w_std": 0.5, "w_rec": 0.3, "w_disc": 0.2, "W_recip": 0.02, "seed_params": True}},
     "ra": {"variant": "same_flop", "rank": 8, "gates": "signed"},
     "ra_disc": {"variant": "same_flop", "rank": 8, "gates": "signed", "discoverability": "positional"},
+    # RA-SPEC 3.3: R-1 = 7 reciprocal features + 1 bias feature, so the bias costs no width and no kernel change
+    "ra_disc_channel": {"variant": "same_flop", "rank": 7, "gates": "signed", "discoverability": "positional",
+                        "bias_channel": True},
     "full": {"variant": "full", "gates": "signed", "init": {"w_std": 1.0, "w_rec": 0.5}},
     "low_rank": {"variant": "low_rank", "rank": 8, "gates": "signed"},
     "output_gate": {"variant": "standard", "output_gate": True},

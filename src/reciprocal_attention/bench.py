@@ -217,6 +217,10 @@ def default_arms(groups: set[str]) -> list[Arm]:
                 note="fused Triton attention, no bias"),
             Arm("triton_bias", "same_flop", _with_bias("ra_disc", backend="triton"), sdpa="any",
                 baseline="baseline_cudnn", note="fused Triton attention + learned column bias"),
+            Arm("channel_bias", "same_flop", _with_bias("ra_disc_channel", backend="sdpa"), sdpa="cudnn",
+                baseline="baseline_cudnn", note="bias in the reserved Q/K feature (RA-SPEC 3.3: R-1 + 1), width D"),
+            Arm("channel_bias", "same_flop", _with_bias("ra_disc_channel", backend="sdpa"), sdpa="flash",
+                baseline="baseline_flash", note="bias in the reserved Q/K feature (RA-SPEC 3.3: R-1 + 1), width D"),
             Arm("channel_fold_bias", "same_flop", _with_bias("ra_disc", backend="sdpa"), sdpa="cudnn",
                 baseline="baseline_cudnn", note="bias in one extra Q/K feature (width 72)"),
             Arm("full_triton", "full", _ra("full", backend="triton"), sdpa="any", baseline="baseline_cudnn",
@@ -361,7 +365,7 @@ def _plan(cfg: BenchConfig, arms: list[Arm]) -> list[tuple[Arm, int, int, int, i
             for arm in arms:
                 if not full and not ({"baseline_flash", "baseline_cudnn", "ra_fast"} & {arm.impl} or
                                      arm.impl in ("triton_bias", "full_triton", "flex_bias", "channel_fold_bias",
-                                                  "seed_as_ran")):
+                                                  "channel_bias", "seed_as_ran")):
                     continue
                 if not full and arm.impl in ("flex_bias", "seed_as_ran", "channel_fold_bias") and T > 4096:
                     continue

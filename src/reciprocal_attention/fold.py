@@ -26,9 +26,12 @@ from torch import Tensor
 FOLDED_VARIANTS = ("low_rank", "same_flop")
 
 
-def std_width(variant: str, D: int, R: int) -> int:
-    """Features of the standard term in a folded head: ``D`` for ``low_rank``, ``D - R`` for ``same_flop``."""
-    return D if variant == "low_rank" else D - R
+def std_width(variant: str, D: int, R: int, bias_channel: bool = False) -> int:
+    """Features of the standard term in a folded head: ``D`` for ``low_rank``, ``D - R`` for ``same_flop``
+    (``D - R - 1`` with ``bias_channel``: the head's last feature is reserved for the column bias, RA-SPEC 3.3)."""
+    if variant == "low_rank":
+        return D
+    return D - R - 1 if bias_channel else D - R
 
 
 def folded_width(variant: str, D: int, R: int) -> int:
@@ -43,22 +46,25 @@ def _h(x: Tensor, ndim: int) -> Tensor:
 
 def fold_head_weights(
     Wq: Tensor, Wk: Tensor, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
-    routed: Tensor | None, variant: str,
+    routed: Tensor | None, variant: str, bias_channel: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Fold per-head Q/K weights ``[H, D, ...]`` (``...`` = ``C`` for weights, empty for biases).
 
     Returns ``(Wq~, Wk~)`` of shape ``[H, D', ...]`` with ``D' = folded_width``:
     ``Wq~^h = [qs Wq^h[:Ds] ; qr W^T Wk^h]`` and ``Wk~^h = [ks Wk^h[:Ds] ; kr W^T Wq^h]``.
     A routed head takes ``[qs Wq^h ; 0]`` and ``[ks Wk^h ; 0]`` (full D, zero reciprocal rows for low_rank).
+    ``bias_channel`` (same_flop, no routing): ``Ds = D - R - 1`` and a zero last row, the feature
+    :func:`add_bias_channel` fills after the GEMM.
     """
     H, D = Wq.shape[:2]
     R = W.shape[1]
-    ds = std_width(variant, D, R)
+    ds = std_width(variant, D, R, bias_channel)
     n = Wq.dim()
     rec_q = torch.einsum("dr,hd...->hr...", W, Wk)  # W^T Wk^h: [H, R, ...]
     rec_k = torch.einsum("dr,hd...->hr...", W, Wq)
-    fq = torch.cat([_h(qs, n) * Wq[:, :ds], _h(qr, n) * rec_q.to(Wq.dtype)], dim=1)
-    fk = torch.cat([_h(ks, n) * Wk[:, :ds], _h(kr, n) * rec_k.to(Wk.dtype)], dim=1)
+    zero = [Wq.new_zeros(H, 1, *Wq.shape[2:])] if bias_channel else []
+    fq = torch.cat([_h(qs, n) * Wq[:, :ds], _h(qr, n) * rec_q.to(Wq.dtype)] + zero, dim=1)
+    fk = torch.cat([_h(ks, n) * Wk[:, :ds], _h(kr, n) * rec_k.to(Wk.dtype)] + zero, dim=1)
     if routed is not None:
         pad = fq.shape[1] - D
         plain_q = _h(qs, n) * Wq
@@ -74,7 +80,7 @@ def fold_head_weights(
 
 def fold_qkv_weight(
     weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
-    routed: Tensor | None, n_head: int, variant: str,
+    routed: Tensor | None, n_head: int, variant: str, bias_channel: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Weight-space fold of a ``c_attn`` weight ``[3C, C]`` (and bias ``[3C]``) into ``[2 H D' + C, C]``.
 
@@ -87,7 +93,7 @@ def fold_qkv_weight(
     def fold(t: Tensor) -> Tensor:
         wq, wk, wv = t.split(C, dim=0)
         fq, fk = fold_head_weights(wq.reshape(n_head, D, *t.shape[1:]), wk.reshape(n_head, D, *t.shape[1:]),
-                                   W, qs, ks, qr, kr, routed, variant)
+                                   W, qs, ks, qr, kr, routed, variant, bias_channel)
         return torch.cat([fq.flatten(0, 1), fk.flatten(0, 1), wv], dim=0)
 
     return fold(weight), (fold(bias) if bias is not None else None)
@@ -95,7 +101,7 @@ def fold_qkv_weight(
 
 def activation_fold(
     q: Tensor, k: Tensor, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
-    routed: Tensor | None, variant: str,
+    routed: Tensor | None, variant: str, bias_channel: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Activation-space fold of ``q, k`` ``[B, H, T, D]`` into ``Q~, K~`` ``[B, H, T, D']`` (RA-SPEC 3.1).
 
@@ -103,7 +109,7 @@ def activation_fold(
     """
     # Heads are axis 1 here; move them to axis 0 so fold_head_weights' per-head broadcasting applies.
     fq, fk = fold_head_weights(q.transpose(0, 1).transpose(1, 3), k.transpose(0, 1).transpose(1, 3),
-                               W, qs, ks, qr, kr, routed, variant)
+                               W, qs, ks, qr, kr, routed, variant, bias_channel)
     return fq.transpose(1, 3).transpose(0, 1), fk.transpose(1, 3).transpose(0, 1)
 
 
@@ -160,6 +166,40 @@ def channel_fold(q: Tensor, k: Tensor, col_bias: Tensor, scale: float, kappa: fl
     pads_q = [q, q_feat] + ([q.new_zeros(B, H, T, extra)] if extra else [])
     pads_k = [k, k_feat] + ([k.new_zeros(B, H, T, extra)] if extra else [])
     return torch.cat(pads_q, dim=-1), torch.cat(pads_k, dim=-1)
+
+
+class _AddBiasChannel(torch.autograd.Function):
+    """In place on the GEMM output: ``qkv[..., q_cols] += kappa``, ``qkv[..., k_cols] += c_t``; the gradient
+    passes through unchanged (an addition) and ``c_t``'s is the K channel's gradient. In place, because the
+    out-of-place form (or autograd's ``CopySlices`` for an in-place view update) copies all of ``qkv``."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> Tensor:
+        qkv[..., q0:q0 + n * step:step].add_(kappa)
+        qkv[..., k0:k0 + n * step:step].add_(c_t)
+        ctx.mark_dirty(qkv)
+        ctx.cols = (k0, step, n, c_t.dim() == 2)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        k0, step, n, shared = ctx.cols
+        dc = g[..., k0:k0 + n * step:step]  # [B, T, H]
+        return g, (dc.sum(0) if shared else dc), None, None, None, None, None
+
+
+def add_bias_channel(qkv: Tensor, col_bias: Tensor, n_head: int, width: int, scale: float,
+                     kappa: float = 1.0) -> Tensor:
+    """Fill the reserved last feature of every folded Q/K head so it adds ``col_bias`` exactly (RA-SPEC 3.3).
+
+    ``qkv`` is the ``[B, T, 2 H width + C]`` output of the folded GEMM whose bias-channel rows are zero
+    (``fold_qkv_weight(..., bias_channel=True)``). The Q feature becomes ``kappa`` and the K feature at key ``j``
+    ``c_hj / (scale * kappa)``, so with the attention's ``scale`` the channel contributes ``c_hj``: the bias at the
+    same Q/K width, on any SDPA backend. ``col_bias``: ``[H, T]`` or ``[B, H, T]``. Modifies ``qkv`` in place.
+    """
+    c_t = (col_bias / (scale * kappa)).transpose(-1, -2).to(qkv.dtype)  # [T, H] or [B, T, H]
+    q0 = width - 1
+    return _AddBiasChannel.apply(qkv, c_t, q0, n_head * width + q0, width, n_head, kappa)
 
 
 def full_qk(q: Tensor, k: Tensor, qa: Tensor, ka: Tensor, qb: Tensor, kb: Tensor,

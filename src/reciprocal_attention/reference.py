@@ -98,11 +98,13 @@ def ra_logits(
     routing_threshold: float | None = None,
     col_bias: Tensor | None = None,
     scale: float | None = None,
+    d_std: int | None = None,
 ) -> Tensor:
     """Causal RA logits ``[B, H, T, T]`` for ``q, k`` of shape ``[B, H, T, D]`` (``-inf`` where ``j > i``).
 
     ``W`` (``[D, R]``) is needed by ``low_rank``/``same_flop``; ``w_std``/``w_rec`` (``[H]``) by every variant
-    except ``standard``. ``scale`` defaults to ``1/sqrt(D)``.
+    except ``standard``. ``scale`` defaults to ``1/sqrt(D)``. ``d_std``: features of the standard term of
+    ``same_flop`` (default ``D - R``; ``D - R - 1`` when one feature carries the column bias, RA-SPEC 3.3).
     """
     check_choice("variant", variant, VARIANTS)
     if q.dim() != 4 or q.shape != k.shape:
@@ -123,7 +125,10 @@ def ra_logits(
             if W is None or W.dim() != 2 or W.shape[0] != D:
                 raise ValueError(f"variant {variant!r} needs W of shape [D, R] with D={D}")
             R = W.shape[1]
-            d_std = D if variant == "low_rank" else D - R
+            if d_std is None:
+                d_std = D if variant == "low_rank" else D - R
+            elif variant != "same_flop" or not 1 <= d_std <= D - R:
+                raise ValueError(f"d_std applies to same_flop and must be in [1, D-R] = [1, {D - R}]; got {d_std}")
             std = q[..., :d_std] @ k[..., :d_std].transpose(-1, -2)
             rec = (k @ W) @ (q @ W).transpose(-1, -2)  # rec_ij = (k_i W).(q_j W)
             logits = scale * (a * std + b * rec)

@@ -37,6 +37,7 @@ only with the reciprocal term, two fp32 ``[B, H, T, D]`` partial-gradient buffer
   the column kernel, which holds three ``[BLOCK_N, D]`` accumulators already). Its epilogue adds the column
   kernel's fp32 partials for rows ``I`` (``dQ_I`` reciprocal part, ``dK_I`` ``a`` part) and writes the final
   ``dq``, ``dk``. It runs after the column kernel on the same stream.
+* outputs follow the input layout: ``o``, ``dq`` like ``q``, ``dk`` like ``k``, ``dv`` like ``v`` (no copies after).
 
 Here ``dS = P * (dP - delta)`` is the gradient of the logits ``l``. Without the reciprocal term the two
 backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
@@ -292,6 +293,7 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, CB, A, BC,
         DK, DV, DQR, DC,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
+        sdqb, sdqh, sdqt, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
         H, T, scale,
         D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -343,13 +345,15 @@ if triton is not None:
         dk, dv, dq_r, dc = _bwd_col_inner(
             dk, dv, dq_r, dc, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row,
             sqt, skt, sdt, ca, cb, offs_n, mid, T, T, D, BLOCK_M, False, RECIP, HAS_BIAS, IEEE)
-        # DK, DV (and DQR) are contiguous [B, H, T, D] buffers allocated by the wrapper
-        g_off = bh.to(tl.int64) * T * D + offs_n[:, None] * D + offs_d[None, :]
-        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
-        # without RECIP, DK is the final dk; with RECIP, an fp32 partial the row kernel completes
-        tl.store(DK + g_off, (dk * (a_h * scale)).to(DK.dtype.element_ty), mask=mask_n[:, None])
+        # DV, DK (and DQR) have the layouts of v, k (and q): strides sdv*, sdk* (sdq*), unit stride on d
+        dv_off = b * sdvb + h * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
+        dk_off = b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
+        tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+        # without RECIP, DK is the final dk; with RECIP, an fp32 partial (in k's layout) the row kernel completes
+        tl.store(DK + dk_off, (dk * (a_h * scale)).to(DK.dtype.element_ty), mask=mask_n[:, None])
         if RECIP:
-            tl.store(DQR + g_off, dq_r * (b_h * scale), mask=mask_n[:, None])
+            dq_off = b * sdqb + h * sdqh + offs_n[:, None] * sdqt + offs_d[None, :]
+            tl.store(DQR + dq_off, dq_r * (b_h * scale), mask=mask_n[:, None])
         if HAS_BIAS:
             tl.store(DC + row + offs_n, dc, mask=mask_n)
 
@@ -405,6 +409,7 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, CB, A, BC,
         DQ, DK, DQR, DKP, DA, DB,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
+        sdqb, sdqh, sdqt, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
         H, T, scale,
         D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -457,13 +462,15 @@ if triton is not None:
             tl.store(DA + row + offs_m, da * scale, mask=mask_m)
         if RECIP:
             tl.store(DB + row + offs_m, db * scale, mask=mask_m)
-        g_off = bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
+        # DQ (and DQR) have q's layout, DK (and DKP) k's: strides sdq*, sdk*, unit stride on d
+        dq_off = b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
         dq = dq * (a_h * scale)
         if RECIP:  # complete dq and dk with the column kernel's fp32 partials for these rows
-            dq += tl.load(DQR + g_off, mask=mask_m[:, None], other=0.0)
-            dk_r = dk_r * (b_h * scale) + tl.load(DKP + g_off, mask=mask_m[:, None], other=0.0)
-            tl.store(DK + g_off, dk_r.to(DK.dtype.element_ty), mask=mask_m[:, None])
-        tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+            dk_off = b * sdkb + h * sdkh + offs_m[:, None] * sdkt + offs_d[None, :]
+            dq += tl.load(DQR + dq_off, mask=mask_m[:, None], other=0.0)
+            dk_r = dk_r * (b_h * scale) + tl.load(DKP + dk_off, mask=mask_m[:, None], other=0.0)
+            tl.store(DK + dk_off, dk_r.to(DK.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
 
     def _tuners(fn, pairs, fixed):
@@ -494,6 +501,29 @@ def _strides3(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised dense tensor of ``x``'s shape (and device; ``dtype`` or ``x``'s) whose dims lie in memory
+    in the order of ``x``'s strides.
+
+    Why: q, k, v are usually ``[B, H, T, D]`` views of a ``[B, T, 3C]`` projection (memory order B, T, H, D).
+    Outputs in that order are what the caller's ``transpose(1, 2).reshape(B, T, C)`` and autograd's backward of
+    ``view(B, T, H, D)`` take without a copy (contiguous outputs cost four full copies per block). The dims but
+    the last are sorted by stride, descending (ties keep their natural order); the last dim stays innermost (the
+    kernels assume unit stride there). A contiguous ``x`` gets a contiguous result. Where a row offset could
+    overflow the kernels' int32 row arithmetic (:func:`_needs_copy`; reachable only for inputs with zero or
+    overlapping strides) the result is contiguous instead. The launchers and the fake implementations both
+    allocate through here, so real and fake outputs have the same strides (torch.compile relies on it).
+    """
+    n = x.dim()
+    order = sorted(range(n - 1), key=lambda i: -x.stride(i)) + [n - 1]  # outermost first; sorted() is stable
+    dtype = x.dtype if dtype is None else dtype
+    out = torch.empty([x.shape[i] for i in order], dtype=dtype, device=x.device)
+    out = out.permute(sorted(range(n), key=order.__getitem__))  # the inverse permutation: back to x's dim order
+    if _needs_copy(out):
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return out
+
+
 def _bias_strides(col_bias: Tensor | None) -> tuple[int, int, int]:
     if col_bias is None:
         return 0, 0, 0
@@ -513,7 +543,7 @@ def _flags(q: Tensor, col_bias, a, b) -> dict:
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Optional[Tensor], a: Optional[Tensor],
               b: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     B, H, T, D = q.shape
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = _empty_like_layout(q)  # q's memory order (e.g. B, T, H, D): no copy for the caller's reshape
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     dummy = q  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
 
@@ -541,17 +571,17 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     f32 = torch.float32
     flags = _flags(q, col_bias, a, b)
     recip = b is not None
-    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    dk = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    dv = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    # each gradient in its input's memory order: no copy in autograd's backward of the caller's view/transpose
+    dq, dk, dv = _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v)
     delta = torch.empty((B, H, T), dtype=f32, device=dev)
 
     def empty():  # a distinct 0-size tensor per absent output (op outputs must not alias each other)
         return torch.empty(0, dtype=f32, device=dev)
 
-    # with the reciprocal term the column kernel leaves fp32 partials that the row kernel completes
-    dkp = torch.empty(q.shape, dtype=f32, device=dev) if recip else dk
-    dqr = torch.empty(q.shape, dtype=f32, device=dev) if recip else empty()
+    # with the reciprocal term the column kernel leaves fp32 partials that the row kernel completes; they take
+    # the strides of dk and dq (same shape and order, so the same element strides): one set of strides each
+    dkp = _empty_like_layout(k, f32) if recip else dk
+    dqr = _empty_like_layout(q, f32) if recip else empty()
     dc_part = torch.empty((B, H, T), dtype=f32, device=dev) if col_bias is not None else empty()
     da_part = torch.empty((B, H, T), dtype=f32, device=dev) if a is not None else empty()
     db_part = torch.empty((B, H, T), dtype=f32, device=dev) if recip else empty()
@@ -559,7 +589,8 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     cb_arg = dummy if col_bias is None else col_bias
     a_arg = dummy if a is None else a
     b_arg = dummy if b is None else b
-    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(col_bias))
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(col_bias),
+               *_strides3(dq), *_strides3(dk), *_strides3(dv))
 
     delta_block = 16 if _INTERPRET else 64
     _wrap(_bwd_delta_kernel)[(triton.cdiv(T, delta_block), B * H)](
@@ -629,7 +660,7 @@ class _FlashRAFunction(torch.autograd.Function):
 def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None, b: Tensor | None,
               scale: float) -> tuple[Tensor, Tensor]:
     B, H, T, D = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+    return _empty_like_layout(q), q.new_empty((B, H, T), dtype=torch.float32)  # the strides _fwd_impl gives
 
 
 def _bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, col_bias: Tensor | None,
@@ -638,7 +669,8 @@ def _bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     def opt(x):
         return x.new_empty(x.shape) if x is not None else q.new_empty((0,), dtype=torch.float32)
 
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), opt(col_bias), opt(a), opt(b)
+    # dq, dk, dv: the strides _bwd_impl gives; dc, da, db are contiguous there too
+    return _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v), opt(col_bias), opt(a), opt(b)
 
 
 def _setup_context(ctx, inputs, output):
@@ -777,6 +809,8 @@ def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
         a: optional ``[H]`` coefficient of the standard term; omitted, the coefficient is 1 (and has no gradient).
         b: optional ``[H]`` coefficient of the reciprocal term ``q_j.k_i``; needs ``a``.
 
+    The output has ``q``'s memory order (e.g. B, T, H, D for views of a ``[B, T, 3C]`` projection, so
+    ``out.transpose(1, 2).reshape(B, T, C)`` is free); likewise the gradients of ``q, k, v`` have their layouts.
     Gradients flow to ``q, k, v`` and to whichever of ``col_bias, a, b`` are given (in their own dtypes).
     Deterministic (no atomics). Memory: no ``T x T`` tensor; ``O(B H T)`` fp32 side buffers, plus
     ``2 B H T D`` fp32 during the backward when ``b`` is given.

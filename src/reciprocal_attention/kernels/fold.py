@@ -87,8 +87,62 @@ def _next_pow2(n: int) -> int:
 
 if triton is not None:
     @triton.jit
+    def _mm(x, y, FP64: tl.constexpr, IEEE: tl.constexpr):
+        # IEEE: fp32 products of fp32 operands; else every operand is bf16/fp16, which tf32 tensor cores hold
+        # exactly (same result as IEEE, see _ieee)
+        if FP64:
+            r = tl.dot(x.to(tl.float64), y.to(tl.float64), input_precision="ieee")
+        elif IEEE:
+            r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+        else:
+            r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="tf32")
+        return r
+
+    @triton.jit
+    def _acc(x, FP64: tl.constexpr):
+        if FP64:
+            r = x.to(tl.float64)
+        else:
+            r = x.to(tl.float32)
+        return r
+
+    @triton.jit
+    def _head_gates(g0, g1, g2, g3, routed_ptr, thr, h, GATES: tl.constexpr, ROUTE: tl.constexpr,
+                    FP64: tl.constexpr):
+        """Sides ``(qs, ks, qr, kr)`` of head ``h`` and its routed flag ``rt`` (int32 0/1).
+
+        GATES 0: the four sides are given (g0..g3). 1 (signed): ``qs = w_std, ks = 1, qr = w_rec, kr = 1``
+        (g0 = w_std, g2 = w_rec). 2 (seed): every side is ``sqrt(max(w, 1e-8))``. ROUTE 0: none; 1: bool
+        tensor; 2: ``w_rec[h] <= thr`` (g2 = w_rec). Same math as ``reference.gate_sides``/``routed_heads``.
+        """
+        w0 = _acc(tl.load(g0 + h), FP64)
+        w2 = _acc(tl.load(g2 + h), FP64)
+        if GATES == 0:
+            qs = w0
+            ks = _acc(tl.load(g1 + h), FP64)
+            qr = w2
+            kr = _acc(tl.load(g3 + h), FP64)
+        elif GATES == 1:
+            qs = w0
+            ks = w0 * 0.0 + 1.0
+            qr = w2
+            kr = w2 * 0.0 + 1.0
+        else:
+            qs = tl.sqrt(tl.maximum(w0, 1e-8))
+            ks = qs
+            qr = tl.sqrt(tl.maximum(w2, 1e-8))
+            kr = qr
+        if ROUTE == 1:
+            rt = (tl.load(routed_ptr + h) != 0).to(tl.int32)
+        elif ROUTE == 2:
+            rt = (tl.load(g2 + h).to(tl.float32) <= thr).to(tl.int32)
+        else:
+            rt = h * 0
+        return qs, ks, qr, kr, rt
+
+    @triton.jit
     def _fwd_tile(src, dst, W_ptr, row_stride, n_cols, c0, h, rt, qs, ks, qr, kr, C, H, D, R, DS, DP,
-                  COL_STRIDE: tl.constexpr, LOW_RANK: tl.constexpr, FP64: tl.constexpr,
+                  COL_STRIDE: tl.constexpr, LOW_RANK: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         d = tl.arange(0, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
@@ -98,24 +152,19 @@ if triton is not None:
         m = dm[:, None] & cm[None, :]
         col = c[None, :] * COL_STRIDE
         out_ty = dst.dtype.element_ty
-        # V^h: copy (cast) straight through.
-        wv = tl.load(src + ((2 * C + h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0)
-        tl.store(dst + ((2 * H * DP + h * D + d) * row_stride)[:, None] + col, wv.to(out_ty), mask=m)
         wq = tl.load(src + ((h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0)
         wk = tl.load(src + ((C + h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0)
         wt = tl.load(W_ptr + d[None, :] * R + r[:, None], mask=(r < R)[:, None] & dm[None, :], other=0.0)
-        if FP64:
-            wq = wq.to(tl.float64)
-            wk = wk.to(tl.float64)
-            wt = wt.to(tl.float64)
-        else:
-            wq = wq.to(tl.float32)
-            wk = wk.to(tl.float32)
-            wt = wt.to(tl.float32)
         # Standard rows: the first Ds rows, all D rows of a routed head.
         sm = (d < DS + rt * (D - DS))[:, None] & cm[None, :]
-        tl.store(dst + ((h * DP + d) * row_stride)[:, None] + col, (qs * wq).to(out_ty), mask=sm)
-        tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, (ks * wk).to(out_ty), mask=sm)
+        tl.store(dst + ((h * DP + d) * row_stride)[:, None] + col, (qs * _acc(wq, FP64)).to(out_ty), mask=sm)
+        tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, (ks * _acc(wk, FP64)).to(out_ty),
+                 mask=sm)
+        # Rows past the reciprocal ones (the reserved bias channel, same_flop with bias_channel): zero.
+        zm = ((d >= DS + R) & (d < DP))[:, None] & cm[None, :]
+        zero = tl.zeros([BLOCK_D, BLOCK_C], dtype=out_ty)
+        tl.store(dst + ((h * DP + d) * row_stride)[:, None] + col, zero, mask=zm)
+        tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, zero, mask=zm)
         # Reciprocal rows Ds .. Ds+R: W^T Wk^h (Q~) and W^T Wq^h (K~); zero for a routed low_rank head, and not
         # written for a routed same_flop head (its std rows cover them).
         live = rt == 0
@@ -123,52 +172,60 @@ if triton is not None:
             rm = (r < R)[:, None] & cm[None, :]
         else:
             rm = ((r < R) & live)[:, None] & cm[None, :]
-        rq = tl.dot(wt, wk, input_precision="ieee")
+        rq = _mm(wt, wk, FP64, IEEE)
         tl.store(dst + ((h * DP + DS + r) * row_stride)[:, None] + col,
                  tl.where(live, qr * rq, 0.0).to(out_ty), mask=rm)
-        rk = tl.dot(wt, wq, input_precision="ieee")
+        rk = _mm(wt, wq, FP64, IEEE)
         tl.store(dst + ((H * DP + h * DP + DS + r) * row_stride)[:, None] + col,
                  tl.where(live, kr * rk, 0.0).to(out_ty), mask=rm)
 
+    @triton.jit
+    def _copy_rows(src, dst, src_row0, dst_row0, n_rows, row_stride, n_cols, c0,
+                   COL_STRIDE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+        # V rows: the fold copies (casts) them, its backward copies their gradient back
+        d = tl.arange(0, BLOCK_D)
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = (d < n_rows)[:, None] & (c < n_cols)[None, :]
+        col = c[None, :] * COL_STRIDE
+        x = tl.load(src + ((src_row0 + d) * row_stride)[:, None] + col, mask=m, other=0.0)
+        tl.store(dst + ((dst_row0 + d) * row_stride)[:, None] + col, x.to(dst.dtype.element_ty), mask=m)
+
     # Only C (the row stride) is worth specializing (16-divisibility -> vectorized rows); not specializing the other
     # sizes saves recompiles across shapes.
-    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP"])
-    def _fold_fwd_kernel(w_ptr, b_ptr, W_ptr, qs_ptr, ks_ptr, qr_ptr, kr_ptr, routed_ptr, ow_ptr, ob_ptr,
+    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP", "thr"])
+    def _fold_fwd_kernel(w_ptr, b_ptr, W_ptr, g0, g1, g2, g3, routed_ptr, thr, ow_ptr, ob_ptr,
                          C, H, D, R, DS, DP,
-                         HAS_BIAS: tl.constexpr, HAS_ROUTED: tl.constexpr, LOW_RANK: tl.constexpr,
-                         FP64: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_CB: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, GATES: tl.constexpr, ROUTE: tl.constexpr,
+                         LOW_RANK: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CB: tl.constexpr):
+        # grid (H, n_cb + HAS_BIAS, 2): axis 2 = 0 folds the Q/K rows of head h, 1 copies its V rows
         h = tl.program_id(0)
         j = tl.program_id(1)
-        if FP64:
-            qs = tl.load(qs_ptr + h).to(tl.float64)
-            ks = tl.load(ks_ptr + h).to(tl.float64)
-            qr = tl.load(qr_ptr + h).to(tl.float64)
-            kr = tl.load(kr_ptr + h).to(tl.float64)
-        else:
-            qs = tl.load(qs_ptr + h).to(tl.float32)
-            ks = tl.load(ks_ptr + h).to(tl.float32)
-            qr = tl.load(qr_ptr + h).to(tl.float32)
-            kr = tl.load(kr_ptr + h).to(tl.float32)
-        if HAS_ROUTED:
-            rt = (tl.load(routed_ptr + h) != 0).to(tl.int32)
-        else:
-            rt = h * 0
         n_cb = tl.cdiv(C, BLOCK_C)
-        if j < n_cb:
-            _fwd_tile(w_ptr, ow_ptr, W_ptr, C, C, j * BLOCK_C, h, rt, qs, ks, qr, kr, C, H, D, R, DS, DP,
-                      1, LOW_RANK, FP64, BLOCK_D, BLOCK_R, BLOCK_C)
+        if tl.program_id(2) == 1:
+            if j < n_cb:
+                _copy_rows(w_ptr, ow_ptr, 2 * C + h * D, 2 * H * DP + h * D, D, C, C, j * BLOCK_C, 1,
+                           BLOCK_D, BLOCK_C)
+            else:
+                if HAS_BIAS:  # the bias is one more column (row stride 1)
+                    _copy_rows(b_ptr, ob_ptr, 2 * C + h * D, 2 * H * DP + h * D, D, 1, 1, 0, 0, BLOCK_D, BLOCK_CB)
         else:
-            if HAS_BIAS:  # the bias is one more column (row stride 1)
-                _fwd_tile(b_ptr, ob_ptr, W_ptr, 1, 1, 0, h, rt, qs, ks, qr, kr, C, H, D, R, DS, DP,
-                          0, LOW_RANK, FP64, BLOCK_D, BLOCK_R, BLOCK_CB)
+            qs, ks, qr, kr, rt = _head_gates(g0, g1, g2, g3, routed_ptr, thr, h, GATES, ROUTE, FP64)
+            if j < n_cb:
+                _fwd_tile(w_ptr, ow_ptr, W_ptr, C, C, j * BLOCK_C, h, rt, qs, ks, qr, kr, C, H, D, R, DS, DP,
+                          1, LOW_RANK, FP64, IEEE, BLOCK_D, BLOCK_R, BLOCK_C)
+            else:
+                if HAS_BIAS:
+                    _fwd_tile(b_ptr, ob_ptr, W_ptr, 1, 1, 0, h, rt, qs, ks, qr, kr, C, H, D, R, DS, DP,
+                              0, LOW_RANK, FP64, IEEE, BLOCK_D, BLOCK_R, BLOCK_CB)
 
     @triton.jit
     def _bwd_tile(g_src, w_src, g_dst, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, row_stride, n_cols, c0, h, rt,
                   qs, ks, qr, kr, C, H, D, R, DS, DP,
-                  COL_STRIDE: tl.constexpr, FP64: tl.constexpr,
+                  COL_STRIDE: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # This program owns rows [d0, d0 + BLOCK_D) of head h's D rows and one column block.
+        # This program owns rows [d0, d0 + BLOCK_D) of head h's Q and K rows and one column block. The code is
+        # ordered Q side, then K side, so that only about half of the tiles are live at a time.
         d = d0 + tl.arange(0, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
         c = c0 + tl.arange(0, BLOCK_C)
@@ -179,46 +236,29 @@ if triton is not None:
         mr = rmask[:, None] & cm[None, :]
         col = c[None, :] * COL_STRIDE
         out_ty = g_dst.dtype.element_ty
-        # dWv^h = dV~^h
-        gv = tl.load(g_src + ((2 * H * DP + h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0)
-        tl.store(g_dst + ((2 * C + h * D + d) * row_stride)[:, None] + col, gv.to(out_ty), mask=m)
-        gq = tl.load(g_src + ((h * DP + d) * row_stride)[:, None] + col, mask=m, other=0.0)
-        gk = tl.load(g_src + ((H * DP + h * DP + d) * row_stride)[:, None] + col, mask=m, other=0.0)
-        gqr = tl.load(g_src + ((h * DP + DS + r) * row_stride)[:, None] + col, mask=mr, other=0.0)
-        gkr = tl.load(g_src + ((H * DP + h * DP + DS + r) * row_stride)[:, None] + col, mask=mr, other=0.0)
-        wq = tl.load(w_src + ((h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0)
-        wk = tl.load(w_src + ((C + h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0)
-        Wm = tl.load(W_ptr + d[:, None] * R + r[None, :], mask=dm[:, None] & rmask[None, :], other=0.0)
-        if FP64:
-            gq = gq.to(tl.float64)
-            gk = gk.to(tl.float64)
-            gqr = gqr.to(tl.float64)
-            gkr = gkr.to(tl.float64)
-            wq = wq.to(tl.float64)
-            wk = wk.to(tl.float64)
-            Wm = Wm.to(tl.float64)
-        else:
-            gq = gq.to(tl.float32)
-            gk = gk.to(tl.float32)
-            gqr = gqr.to(tl.float32)
-            gkr = gkr.to(tl.float32)
-            wq = wq.to(tl.float32)
-            wk = wk.to(tl.float32)
-            Wm = Wm.to(tl.float32)
         live = rt == 0
         std = (d < DS + rt * (D - DS))[:, None]
-        # dWq^h = [std] qs dQ~ + kr W dK~[Ds:];  dWk^h = [std] ks dK~ + qr W dQ~[Ds:]
-        dq = tl.where(std, qs * gq, 0.0) + tl.where(live, kr * tl.dot(Wm, gkr, input_precision="ieee"), 0.0)
+        Wm = tl.load(W_ptr + d[:, None] * R + r[None, :], mask=dm[:, None] & rmask[None, :], other=0.0)
+        # Q side. dWq^h = [std] qs dQ~ + kr W dK~[Ds:];  t2 = Wq^h dK~[Ds:]^T  [D, R]
+        gq = _acc(tl.load(g_src + ((h * DP + d) * row_stride)[:, None] + col, mask=m, other=0.0), FP64)
+        gkr = tl.load(g_src + ((H * DP + h * DP + DS + r) * row_stride)[:, None] + col, mask=mr, other=0.0)
+        wq = _acc(tl.load(w_src + ((h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0), FP64)
+        dq = tl.where(std, qs * gq, 0.0) + tl.where(live, kr * _mm(Wm, gkr, FP64, IEEE), 0.0)
         tl.store(g_dst + ((h * D + d) * row_stride)[:, None] + col, dq.to(out_ty), mask=m)
-        dk = tl.where(std, ks * gk, 0.0) + tl.where(live, qr * tl.dot(Wm, gqr, input_precision="ieee"), 0.0)
-        tl.store(g_dst + ((C + h * D + d) * row_stride)[:, None] + col, dk.to(out_ty), mask=m)
-        # Partials. t1 = Wk^h dQ~[Ds:]^T and t2 = Wq^h dK~[Ds:]^T, both [D, R].
         p_qs = tl.sum(tl.sum(tl.where(std, wq * gq, 0.0), axis=1), axis=0)
+        t2 = _mm(wq, tl.trans(gkr), FP64, IEEE)
+        # K side. dWk^h = [std] ks dK~ + qr W dQ~[Ds:];  t1 = Wk^h dQ~[Ds:]^T
+        gk = _acc(tl.load(g_src + ((H * DP + h * DP + d) * row_stride)[:, None] + col, mask=m, other=0.0), FP64)
+        gqr = tl.load(g_src + ((h * DP + DS + r) * row_stride)[:, None] + col, mask=mr, other=0.0)
+        wk = _acc(tl.load(w_src + ((C + h * D + d) * row_stride)[:, None] + col, mask=m, other=0.0), FP64)
+        dk = tl.where(std, ks * gk, 0.0) + tl.where(live, qr * _mm(Wm, gqr, FP64, IEEE), 0.0)
+        tl.store(g_dst + ((C + h * D + d) * row_stride)[:, None] + col, dk.to(out_ty), mask=m)
         p_ks = tl.sum(tl.sum(tl.where(std, wk * gk, 0.0), axis=1), axis=0)
-        t1 = tl.dot(wk, tl.trans(gqr), input_precision="ieee")
-        t2 = tl.dot(wq, tl.trans(gkr), input_precision="ieee")
-        p_qr = tl.where(live, tl.sum(tl.sum(Wm * t1, axis=1), axis=0), 0.0)
-        p_kr = tl.where(live, tl.sum(tl.sum(Wm * t2, axis=1), axis=0), 0.0)
+        t1 = _mm(wk, tl.trans(gqr), FP64, IEEE)
+        # Partials: dW += qr t1 + kr t2 (per slot), and the gate sums sum W*t1, sum W*t2.
+        Wa = _acc(Wm, FP64)
+        p_qr = tl.where(live, tl.sum(tl.sum(Wa * t1, axis=1), axis=0), 0.0)
+        p_kr = tl.where(live, tl.sum(tl.sum(Wa * t2, axis=1), axis=0), 0.0)
         pw = tl.where(live, qr * t1 + kr * t2, 0.0)
         tl.store(pw_ptr + slot * (D * R) + d[:, None] * R + r[None, :], pw.to(pw_ptr.dtype.element_ty),
                  mask=dm[:, None] & rmask[None, :])
@@ -228,47 +268,48 @@ if triton is not None:
         tl.store(ps_ptr + ps_slot * 4 + 2, p_qr.to(ps_ty))
         tl.store(ps_ptr + ps_slot * 4 + 3, p_kr.to(ps_ty))
 
-    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP"])
-    def _fold_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, W_ptr, qs_ptr, ks_ptr, qr_ptr, kr_ptr, routed_ptr,
+    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP", "thr"])
+    def _fold_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, W_ptr, g0, g1, g2, g3, routed_ptr, thr,
                          dw_ptr, db_ptr, pw_ptr, ps_ptr,
                          C, H, D, R, DS, DP,
-                         HAS_BIAS: tl.constexpr, HAS_ROUTED: tl.constexpr, FP64: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_CB: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, GATES: tl.constexpr, ROUTE: tl.constexpr, FP64: tl.constexpr,
+                         IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_CB: tl.constexpr):
+        # grid (H, n_cb + HAS_BIAS, 2 * n_db): axis 2 < n_db works on d-block db of the Q/K rows, the rest copy
+        # the V rows' gradient (d-block db - n_db)
         h = tl.program_id(0)
         j = tl.program_id(1)
+        n_db = tl.num_programs(2) // 2
         db = tl.program_id(2)
-        slot = h * tl.num_programs(1) + j  # dW partials: rows of one slot are split over the d-blocks
-        ps_slot = slot * tl.num_programs(2) + db  # gate partials: one per program
-        d0 = db * BLOCK_D
-        if FP64:
-            qs = tl.load(qs_ptr + h).to(tl.float64)
-            ks = tl.load(ks_ptr + h).to(tl.float64)
-            qr = tl.load(qr_ptr + h).to(tl.float64)
-            kr = tl.load(kr_ptr + h).to(tl.float64)
-        else:
-            qs = tl.load(qs_ptr + h).to(tl.float32)
-            ks = tl.load(ks_ptr + h).to(tl.float32)
-            qr = tl.load(qr_ptr + h).to(tl.float32)
-            kr = tl.load(kr_ptr + h).to(tl.float32)
-        if HAS_ROUTED:
-            rt = (tl.load(routed_ptr + h) != 0).to(tl.int32)
-        else:
-            rt = h * 0
         n_cb = tl.cdiv(C, BLOCK_C)
-        if j < n_cb:
-            _bwd_tile(gw_ptr, w_ptr, dw_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, C, C, j * BLOCK_C, h, rt,
-                      qs, ks, qr, kr, C, H, D, R, DS, DP, 1, FP64, BLOCK_D, BLOCK_R, BLOCK_C)
+        if db >= n_db:
+            d0 = (db - n_db) * BLOCK_D
+            n_rows = tl.minimum(D - d0, BLOCK_D)
+            if j < n_cb:
+                _copy_rows(gw_ptr, dw_ptr, 2 * H * DP + h * D + d0, 2 * C + h * D + d0, n_rows, C, C, j * BLOCK_C,
+                           1, BLOCK_D, BLOCK_C)
+            else:
+                if HAS_BIAS:
+                    _copy_rows(gb_ptr, db_ptr, 2 * H * DP + h * D + d0, 2 * C + h * D + d0, n_rows, 1, 1, 0, 0,
+                               BLOCK_D, BLOCK_CB)
         else:
-            if HAS_BIAS:
-                _bwd_tile(gb_ptr, b_ptr, db_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, 1, 1, 0, h, rt,
-                          qs, ks, qr, kr, C, H, D, R, DS, DP, 0, FP64, BLOCK_D, BLOCK_R, BLOCK_CB)
+            slot = h * tl.num_programs(1) + j  # dW partials: rows of one slot are split over the d-blocks
+            ps_slot = slot * n_db + db  # gate partials: one per program
+            d0 = db * BLOCK_D
+            qs, ks, qr, kr, rt = _head_gates(g0, g1, g2, g3, routed_ptr, thr, h, GATES, ROUTE, FP64)
+            if j < n_cb:
+                _bwd_tile(gw_ptr, w_ptr, dw_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, C, C, j * BLOCK_C, h,
+                          rt, qs, ks, qr, kr, C, H, D, R, DS, DP, 1, FP64, IEEE, BLOCK_D, BLOCK_R, BLOCK_C)
+            else:
+                if HAS_BIAS:
+                    _bwd_tile(gb_ptr, b_ptr, db_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, 1, 1, 0, h, rt,
+                              qs, ks, qr, kr, C, H, D, R, DS, DP, 0, FP64, IEEE, BLOCK_D, BLOCK_R, BLOCK_CB)
 
     @triton.jit(do_not_specialize=["n_slots", "n_per_head", "H", "DR"])
-    def _fold_bwd_reduce_kernel(pw_ptr, ps_ptr, dW_ptr, dqs_ptr, dks_ptr, dqr_ptr, dkr_ptr,
+    def _fold_bwd_reduce_kernel(pw_ptr, ps_ptr, dW_ptr, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr,
                                 n_slots, n_per_head, H, DR,
-                                BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-                                BLOCK_J: tl.constexpr):
+                                GATES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr):
         pid = tl.program_id(0)
         n_e = tl.cdiv(DR, BLOCK_E)
         if pid < n_e:  # dW[e] = sum over slots (all heads, all column blocks) of the partials, fixed order
@@ -296,10 +337,23 @@ if triton is not None:
                 a1 += tl.sum(tl.load(base + 1, mask=mm, other=0.0), axis=1)
                 a2 += tl.sum(tl.load(base + 2, mask=mm, other=0.0), axis=1)
                 a3 += tl.sum(tl.load(base + 3, mask=mm, other=0.0), axis=1)
-            tl.store(dqs_ptr + hh, a0.to(dqs_ptr.dtype.element_ty), mask=hm)
-            tl.store(dks_ptr + hh, a1.to(dks_ptr.dtype.element_ty), mask=hm)
-            tl.store(dqr_ptr + hh, a2.to(dqr_ptr.dtype.element_ty), mask=hm)
-            tl.store(dkr_ptr + hh, a3.to(dkr_ptr.dtype.element_ty), mask=hm)
+            if GATES == 0:  # the four sides' gradients
+                tl.store(d0_ptr + hh, a0.to(d0_ptr.dtype.element_ty), mask=hm)
+                tl.store(d1_ptr + hh, a1.to(d1_ptr.dtype.element_ty), mask=hm)
+                tl.store(d2_ptr + hh, a2.to(d2_ptr.dtype.element_ty), mask=hm)
+                tl.store(d3_ptr + hh, a3.to(d3_ptr.dtype.element_ty), mask=hm)
+            elif GATES == 1:  # signed: qs = w_std, qr = w_rec (the K sides are constants)
+                tl.store(d0_ptr + hh, a0.to(d0_ptr.dtype.element_ty), mask=hm)
+                tl.store(d2_ptr + hh, a2.to(d2_ptr.dtype.element_ty), mask=hm)
+            else:  # seed: both sides s = sqrt(max(w, 1e-8)): dw = (dqs + dks) / (2 s) where w >= 1e-8, else 0
+                w0 = tl.load(g0 + hh, mask=hm, other=1.0).to(a0.dtype)
+                w2 = tl.load(g2 + hh, mask=hm, other=1.0).to(a0.dtype)
+                s0 = tl.sqrt(tl.maximum(w0, 1e-8))
+                s2 = tl.sqrt(tl.maximum(w2, 1e-8))
+                dw0 = tl.where(w0 >= 1e-8, (a0 + a1) * 0.5 / s0, 0.0)
+                dw2 = tl.where(w2 >= 1e-8, (a2 + a3) * 0.5 / s2, 0.0)
+                tl.store(d0_ptr + hh, dw0.to(d0_ptr.dtype.element_ty), mask=hm)
+                tl.store(d2_ptr + hh, dw2.to(d2_ptr.dtype.element_ty), mask=hm)
 
 
 def _kernels() -> dict:
@@ -344,23 +398,23 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
             bwd: bool = False, block_d: Optional[int] = None) -> dict:
     """Tile sizes. ``BLOCK_D``/``BLOCK_R`` are padded to powers of two >= 16 (``tl.dot``'s minimum).
 
-    Forward: one program per (head, column block) holding all D rows (it reduces over them for ``W^T Wk``).
-    Backward: one program per (head, column block, d-block): measured on an H100 at GPT-2 small sizes, whole
-    ``[D, BLOCK_C]`` tiles per program took 21-31 us for ~10 MB of traffic, so each head's rows are split over
-    ``BLOCK_D``-row blocks. The split bought little (best 20.3 us): the backward is bound by something other than
-    tile shape (to profile next: the reduction kernel vs the tile kernel). ``tests/test_gpu_fold.py`` prints a
-    sweep to retune on a card.
+    Forward: one program per (head, column block) for the Q/K rows, holding all D rows (it reduces over them for
+    ``W^T Wk``), and one per (head, column block) copying the V rows. Backward: one program per (head, column
+    block, d-block) for the Q/K rows, one per (head, column block, d-block) copying the V rows' gradient.
+    History (H100, GPT-2 small, ncu): the first backward kept V and both Q/K sides in 2-warp programs
+    (255 registers, spilling; 18.7 us for ~10 MB); the V copy now has its own programs and the Q/K code is
+    ordered side by side. ``RA_FOLD_BWD_TILES="BLOCK_D,BLOCK_C,num_warps"`` overrides the backward tiles
+    (``scripts/gpu_suite.sh`` sets it from the sweep in ``tests/test_gpu_fold.py``).
     """
     full_d = max(16, _next_pow2(D))
     block_r = max(16, _next_pow2(R))
     if _interpreting():  # the interpreter runs each program in numpy: small tiles
         bd, bc, nw = (16 if bwd else full_d), 16, 1
-    elif bwd:  # fastest of the sweep on an H100 (benchmarks/results/h100/fold_bench.json): 20.3 us
-        bd, bc, nw = min(full_d, 32), 64, 2
+    elif bwd:
+        bd, bc, nw = min(full_d, 32), 64, 4
     else:
-        bd, bc, nw = full_d, min(128, max(16, 2048 // full_d)), 4
+        bd, bc, nw = full_d, min(64, max(16, 2048 // full_d)), 4
     if bwd and not _interpreting() and os.environ.get("RA_FOLD_BWD_TILES"):
-        # tuning knob: "BLOCK_D,BLOCK_C,num_warps" (scripts/gpu_suite.sh sets it from the sweep on the card)
         bd, bc, nw = (int(v) for v in os.environ["RA_FOLD_BWD_TILES"].split(","))
     bd = block_d or bd
     bc = block_c or bc
@@ -373,51 +427,73 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
 _REDUCE_MAX_S = 256  # slots summed per loop iteration of the reduction (a test lowers these to run the loops)
 _REDUCE_MAX_J = 64
 
+#: Gate forms the kernels understand: the four sides given as tensors, or computed in the kernel from the raw
+#: gate parameters ``w_std, w_rec`` (``reference.gate_sides``), which saves the small elementwise kernels (and
+#: their backward) that forming the sides in PyTorch launches on every call.
+GATE_MODES = {"sides": 0, "signed": 1, "seed": 2}
+
 
 def _dummy(t: Tensor) -> Tensor:
     return t  # any tensor: the kernel never dereferences a pointer whose constexpr flag is off
 
 
+def _route(routed: Optional[Tensor], threshold: Optional[float]) -> int:
+    return 1 if routed is not None else (2 if threshold is not None else 0)
+
+
+def _ieee(*tensors: Tensor) -> bool:
+    """IEEE fp32 dots unless every dot operand is 16-bit: tf32 holds bf16/fp16 values exactly (and their products
+    are exact in fp32), so tensor cores then give the IEEE result; fp32 operands would be rounded to tf32."""
+    return any(t.dtype in (torch.float32, torch.float64) for t in tensors)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Implementations (the bodies of the custom ops; also called directly by the fallback autograd.Function)
+# g0..g3 are the four gate sides (gate_mode "sides"), or g0 = w_std, g2 = w_rec and g1 = g3 = None.
 # ---------------------------------------------------------------------------------------------------------------
 
-def _fold_forward_impl(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor,
-                       kr: Tensor, routed: Optional[Tensor], n_head: int, variant: str, out_dtype: torch.dtype,
-                       traceable: bool = True, block_c: Optional[int] = None,
+def _fold_forward_impl(weight: Tensor, bias: Optional[Tensor], W: Tensor, g0: Tensor, g1: Optional[Tensor],
+                       g2: Tensor, g3: Optional[Tensor], routed: Optional[Tensor], n_head: int, variant: str,
+                       out_dtype: torch.dtype, gate_mode: int = 0, threshold: Optional[float] = None,
+                       bias_channel: bool = False, traceable: bool = True, block_c: Optional[int] = None,
                        num_warps: Optional[int] = None) -> tuple[Tensor, Tensor]:
     C = weight.shape[1]
     H = n_head
     D = C // H
     R = W.shape[1]
-    ds, dp = std_width(variant, D, R), folded_width(variant, D, R)
+    ds, dp = std_width(variant, D, R, bias_channel), folded_width(variant, D, R)
     rows = 2 * H * dp + C
     out_w = torch.empty((rows, C), dtype=out_dtype, device=weight.device)
     out_b = torch.empty((rows if bias is not None else 0,), dtype=out_dtype, device=weight.device)
     cfg = _config(D, R, C, block_c, num_warps)
-    kern = _kernels()["fwd"]
-    grid = (H, cfg["n_cb"] + (1 if bias is not None else 0))
-    _launcher(kern, traceable)[grid](
-        weight, bias if bias is not None else _dummy(weight), W, qs, ks, qr, kr,
-        routed if routed is not None else _dummy(qs), out_w, out_b if bias is not None else _dummy(out_w),
+    grid = (H, cfg["n_cb"] + (1 if bias is not None else 0), 2)
+    _launcher(_kernels()["fwd"], traceable)[grid](
+        weight, bias if bias is not None else _dummy(weight), W, g0, g1 if g1 is not None else g0, g2,
+        g3 if g3 is not None else g2, routed if routed is not None else _dummy(g0),
+        float(threshold) if threshold is not None else 0.0,
+        out_w, out_b if bias is not None else _dummy(out_w),
         C, H, D, R, ds, dp,
-        HAS_BIAS=bias is not None, HAS_ROUTED=routed is not None, LOW_RANK=variant == "low_rank",
-        FP64=weight.dtype == torch.float64, BLOCK_D=cfg["BLOCK_D"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
+        HAS_BIAS=bias is not None, GATES=gate_mode, ROUTE=_route(routed, threshold),
+        LOW_RANK=variant == "low_rank", FP64=weight.dtype == torch.float64, IEEE=_ieee(weight, W),
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16,
+        num_warps=cfg["num_warps"])
     return out_w, out_b
 
 
 def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                        W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor, routed: Optional[Tensor],
-                        n_head: int, variant: str, traceable: bool = True, block_c: Optional[int] = None,
+                        W: Tensor, g0: Tensor, g1: Optional[Tensor], g2: Tensor, g3: Optional[Tensor],
+                        routed: Optional[Tensor], n_head: int, variant: str, gate_mode: int = 0,
+                        threshold: Optional[float] = None, bias_channel: bool = False, traceable: bool = True,
+                        block_c: Optional[int] = None,
                         num_warps: Optional[int] = None,
                         block_d: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                    Tensor, Tensor]:
+    """Gradients ``(d_weight, d_bias, dW, dg0, dg1, dg2, dg3)``; ``dg1``/``dg3`` are empty in the gated modes."""
     C = weight.shape[1]
     H = n_head
     D = C // H
     R = W.shape[1]
-    ds, dp = std_width(variant, D, R), folded_width(variant, D, R)
+    ds, dp = std_width(variant, D, R, bias_channel), folded_width(variant, D, R)
     fp64 = weight.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     has_bias = bias is not None
@@ -430,26 +506,32 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     d_bias = torch.empty((3 * C if has_bias else 0,), dtype=bias.dtype if has_bias else weight.dtype, device=dev)
     pw = torch.empty((n_slots, D, R), dtype=acc, device=dev)
     ps = torch.empty((n_slots * n_db, 4), dtype=acc, device=dev)
+    g1_ = g1 if g1 is not None else g0
+    g3_ = g3 if g3 is not None else g2
     ks_ = _kernels()
-    _launcher(ks_["bwd"], traceable)[(H, n_per_head, n_db)](
+    _launcher(ks_["bwd"], traceable)[(H, n_per_head, 2 * n_db)](
         grad_w, grad_b if (has_bias and grad_b is not None) else _dummy(grad_w), weight,
-        bias if has_bias else _dummy(weight), W, qs, ks, qr, kr,
-        routed if routed is not None else _dummy(qs), d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
+        bias if has_bias else _dummy(weight), W, g0, g1_, g2, g3_,
+        routed if routed is not None else _dummy(g0), float(threshold) if threshold is not None else 0.0,
+        d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
         C, H, D, R, ds, dp,
-        HAS_BIAS=has_bias, HAS_ROUTED=routed is not None, FP64=fp64, BLOCK_D=cfg["BLOCK_D"],
+        HAS_BIAS=has_bias, GATES=gate_mode, ROUTE=_route(routed, threshold), FP64=fp64,
+        IEEE=_ieee(grad_w, weight, W), BLOCK_D=cfg["BLOCK_D"],
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
     dW = torch.empty_like(W, memory_format=torch.contiguous_format)
-    dqs, dks, dqr, dkr = (torch.empty_like(g, memory_format=torch.contiguous_format) for g in (qs, ks, qr, kr))
+    dg = [torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None
+          else torch.empty((0,), dtype=acc, device=dev) for g in (g0, g1, g2, g3)]
     # One program per 32 entries of dW (each sums a [n_slots, 32] strip, one load round trip when n_slots <= 256)
     # and one for the gates.
     block_e = 32
     n_e = -(-(D * R) // block_e)
     _launcher(ks_["reduce"], traceable)[(n_e + 1,)](
-        pw, ps, dW, dqs, dks, dqr, dkr, n_slots, n_per_head * n_db, H, D * R,
+        pw, ps, dW, g0, g2, dg[0], dg[1] if g1 is not None else dg[0], dg[2], dg[3] if g3 is not None else dg[2],
+        n_slots, n_per_head * n_db, H, D * R, GATES=gate_mode,
         BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
         BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head * n_db))),
         num_warps=1 if _interpreting() else 4)
-    return d_weight, d_bias, dW, dqs, dks, dqr, dkr
+    return d_weight, d_bias, dW, dg[0], dg[1], dg[2], dg[3]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,10 +539,13 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype = inputs
-    ctx.save_for_backward(weight, bias, W, qs, ks, qr, kr, routed)
+    weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold, bias_channel, out_dtype = inputs
+    ctx.save_for_backward(weight, bias, W, g0, g1, g2, g3, routed)
     ctx.n_head = n_head
     ctx.variant = variant
+    ctx.gate_mode = gate_mode
+    ctx.threshold = threshold
+    ctx.bias_channel = bias_channel
 
 
 _fold_op = None
@@ -479,6 +564,12 @@ def _zero_grads(ctx, grad_w: Optional[Tensor], grad_b: Optional[Tensor], weight:
     if bias is not None and (grad_b is None or grad_b.numel() == 0):
         grad_b = bias.new_zeros((rows,))
     return grad_w.contiguous(), (grad_b.contiguous() if bias is not None else None)
+
+
+def _input_grads(bias, g1, g3, grads) -> tuple:
+    dw, db, dW, d0, d1, d2, d3 = grads
+    return (dw, (db if bias is not None else None), dW, d0, (d1 if g1 is not None else None), d2,
+            (d3 if g3 is not None else None), None, None, None, None, None, None, None)
 
 
 def _register_ops() -> None:
@@ -510,23 +601,26 @@ def _register_ops() -> None:
 
     @make_op(f"{_OP_NAMESPACE}::fold_qkv_backward")
     def fold_qkv_backward(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                          W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor, routed: Optional[Tensor],
-                          n_head: int, variant: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                               Tensor]:
-        return _fold_backward_impl(grad_w, grad_b, weight, bias, W, qs, ks, qr, kr, routed, n_head, variant)
+                          W: Tensor, g0: Tensor, g1: Optional[Tensor], g2: Tensor, g3: Optional[Tensor],
+                          routed: Optional[Tensor], n_head: int, variant: str, gate_mode: int,
+                          threshold: Optional[float], bias_channel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                    Tensor, Tensor, Tensor]:
+        return _fold_backward_impl(grad_w, grad_b, weight, bias, W, g0, g1, g2, g3, routed, n_head, variant,
+                                   gate_mode, threshold, bias_channel)
 
     @make_op(f"{_OP_NAMESPACE}::fold_qkv")
-    def fold_qkv(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor,
-                 kr: Tensor, routed: Optional[Tensor], n_head: int, variant: str,
-                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return _fold_forward_impl(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype)
+    def fold_qkv(weight: Tensor, bias: Optional[Tensor], W: Tensor, g0: Tensor, g1: Optional[Tensor], g2: Tensor,
+                 g3: Optional[Tensor], routed: Optional[Tensor], n_head: int, variant: str, gate_mode: int,
+                 threshold: Optional[float], bias_channel: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return _fold_forward_impl(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, out_dtype, gate_mode,
+                                  threshold, bias_channel)
 
     def backward(ctx, grad_w, grad_b):
-        weight, bias, W, qs, ks, qr, kr, routed = ctx.saved_tensors
+        weight, bias, W, g0, g1, g2, g3, routed = ctx.saved_tensors
         grad_w, grad_b = _zero_grads(ctx, grad_w, grad_b, weight, bias, W)
-        dw, db, dW, dqs, dks, dqr, dkr = fold_qkv_backward(grad_w, grad_b, weight, bias, W, qs, ks, qr, kr,
-                                                           routed, ctx.n_head, ctx.variant)
-        return dw, (db if bias is not None else None), dW, dqs, dks, dqr, dkr, None, None, None, None
+        grads = fold_qkv_backward(grad_w, grad_b, weight, bias, W, g0, g1, g2, g3, routed, ctx.n_head,
+                                  ctx.variant, ctx.gate_mode, ctx.threshold, ctx.bias_channel)
+        return _input_grads(bias, g1, g3, grads)
 
     fold_qkv.register_autograd(backward, setup_context=_setup_context)
     _fold_op, _fold_bwd_op = fold_qkv, fold_qkv_backward
@@ -536,19 +630,21 @@ class _FoldFunction(torch.autograd.Function):
     """Fallback for torch without ``triton_op``: the same kernels behind a plain autograd.Function."""
 
     @staticmethod
-    def forward(ctx, weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype):
-        out = _fold_forward_impl(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype,
-                                 traceable=False)
-        _setup_context(ctx, (weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype), out)
+    def forward(ctx, weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold, bias_channel,
+                out_dtype):
+        out = _fold_forward_impl(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, out_dtype, gate_mode,
+                                 threshold, bias_channel, traceable=False)
+        _setup_context(ctx, (weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
+                             bias_channel, out_dtype), out)
         return out
 
     @staticmethod
     def backward(ctx, grad_w, grad_b):
-        weight, bias, W, qs, ks, qr, kr, routed = ctx.saved_tensors
+        weight, bias, W, g0, g1, g2, g3, routed = ctx.saved_tensors
         grad_w, grad_b = _zero_grads(ctx, grad_w, grad_b, weight, bias, W)
-        dw, db, dW, dqs, dks, dqr, dkr = _fold_backward_impl(grad_w, grad_b, weight, bias, W, qs, ks, qr, kr,
-                                                             routed, ctx.n_head, ctx.variant, traceable=False)
-        return dw, (db if bias is not None else None), dW, dqs, dks, dqr, dkr, None, None, None, None
+        grads = _fold_backward_impl(grad_w, grad_b, weight, bias, W, g0, g1, g2, g3, routed, ctx.n_head,
+                                    ctx.variant, ctx.gate_mode, ctx.threshold, ctx.bias_channel, traceable=False)
+        return _input_grads(bias, g1, g3, grads)
 
 
 _register_ops()
@@ -566,7 +662,8 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
-def _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype) -> None:
+def _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype,
+                  gate_names=("qs", "ks", "qr", "kr"), bias_channel=False) -> None:
     """Clear errors for bad inputs (messages are formatted only on failure: this runs on every call)."""
     if not (isinstance(weight, Tensor) and weight.dim() == 2):
         _fail(f"weight must be a 2-D tensor [3C, C]; got {_shape(weight)}")
@@ -585,11 +682,13 @@ def _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype) ->
     R = W.shape[1]
     if not 1 <= R <= D - 1:
         _fail(f"R = W.shape[1] must be in [1, D-1] = [1, {D - 1}]; got {R}")
+    if bias_channel and (variant != "same_flop" or R > D - 2 or routed is not None):
+        _fail(f"bias_channel needs variant 'same_flop', R <= D-2 = {D - 2} and no routing; got variant={variant!r}, "
+              f"R={R}, routed={'set' if routed is not None else None}")
     dev = weight.device
-    named = (("weight", weight), ("W", W), ("bias", bias), ("qs", gates[0]), ("ks", gates[1]), ("qr", gates[2]),
-             ("kr", gates[3]))
+    named = (("weight", weight), ("W", W), ("bias", bias)) + tuple(zip(gate_names, gates))
     for name, t in named:
-        if t is None and name == "bias":
+        if t is None and name in ("bias", "-"):
             continue
         if not isinstance(t, Tensor):
             _fail(f"{name} must be a tensor; got {type(t).__name__}")
@@ -599,7 +698,7 @@ def _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype) ->
             _fail(f"{name} is on {t.device} but weight is on {dev}")
         if name in ("weight", "W", "bias") and not t.is_contiguous():
             _fail(f"{name} must be contiguous")
-        if name[0] in "qk" and not (t.dim() == 1 and t.shape[0] == n_head):
+        if name not in ("weight", "W", "bias") and not (t.dim() == 1 and t.shape[0] == n_head):
             _fail(f"{name} must have shape [n_head] = [{n_head}]; got {_shape(t)}")
     if bias is not None and not (bias.dim() == 1 and bias.shape[0] == 3 * C):
         _fail(f"bias must have shape [3C] = [{3 * C}]; got {_shape(bias)}")
@@ -616,30 +715,68 @@ def _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype) ->
         _fail(f"the fused fold runs on CUDA tensors (or any device with TRITON_INTERPRET=1); got {dev}")
 
 
+def _need_triton() -> None:
+    if not triton_available():
+        raise RuntimeError(f"the fused fold needs Triton, which failed to import ({_TRITON_ERROR}); "
+                           "use reciprocal_attention.fold.fold_qkv_weight instead")
+
+
+def _apply(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold, bias_channel,
+           out_dtype):
+    if _fold_op is not None:
+        w, b = _fold_op(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
+                        bias_channel, out_dtype)
+    else:
+        w, b = _FoldFunction.apply(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
+                                   bias_channel, out_dtype)
+    return w, (b if bias is not None else None)
+
+
 def fused_fold_qkv_weight(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor,
                           kr: Tensor, routed: Optional[Tensor], n_head: int, variant: str,
-                          out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Optional[Tensor]]:
+                          out_dtype: Optional[torch.dtype] = None,
+                          bias_channel: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """Fused :func:`reciprocal_attention.fold.fold_qkv_weight`: ``[3C, C]`` (+ ``[3C]``) -> ``[2 H D' + C, C]``.
 
     One Triton kernel forward, two backward (deterministic). Differentiable in ``weight, bias, W, qs, ks, qr,
     kr`` (not ``routed``). ``out_dtype`` (default ``weight.dtype``) is the dtype of the folded weight and bias;
     arithmetic is fp32 (fp64 for fp64 weights). Gradients come back in each parameter's own dtype.
+    ``bias_channel``: reserve each head's last Q/K feature (zero rows) for the column bias, as the oracle does.
     Raises ``RuntimeError`` without Triton and ``ValueError`` on bad inputs.
     """
-    if not triton_available():
-        raise RuntimeError(f"fused_fold_qkv_weight needs Triton, which failed to import ({_TRITON_ERROR}); "
-                           "use reciprocal_attention.fold.fold_qkv_weight instead")
+    _need_triton()
     gates = (qs, ks, qr, kr)
     out_dtype = weight.dtype if out_dtype is None else out_dtype
-    _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype)
+    _check_inputs(weight, bias, W, gates, routed, n_head, variant, out_dtype, bias_channel=bias_channel)
     qs, ks, qr, kr = (g.contiguous() for g in gates)
     if routed is not None:
         routed = routed.contiguous()
-    if _fold_op is not None:
-        w, b = _fold_op(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype)
-    else:
-        w, b = _FoldFunction.apply(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype)
-    return w, (b if bias is not None else None)
+    return _apply(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, GATE_MODES["sides"], None,
+                  bias_channel, out_dtype)
 
 
-__all__ = ["fused_fold_qkv_weight", "triton_available"]
+def fused_fold_gated(weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
+                     n_head: int, variant: str, gates: str = "signed", routing_threshold: Optional[float] = None,
+                     out_dtype: Optional[torch.dtype] = None,
+                     bias_channel: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """The fold from the raw gate parameters: ``fused_fold_qkv_weight(weight, bias, W, *gate_sides(w_std),
+    *gate_sides(w_rec), routed_heads(w_rec, routing_threshold), ...)`` with the sides and the routing formed
+    inside the kernels (``gates`` = ``"signed"`` or ``"seed"``), so no other kernel runs forward or backward.
+    Gradients flow to ``weight, bias, W, w_std, w_rec``.
+    """
+    _need_triton()
+    if gates not in ("signed", "seed"):
+        _fail(f"gates must be 'signed' or 'seed'; got {gates!r}")
+    if routing_threshold is not None and not isinstance(routing_threshold, (int, float)):
+        _fail(f"routing_threshold must be a float or None; got {type(routing_threshold).__name__}")
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    if bias_channel and routing_threshold is not None:
+        _fail("bias_channel does not combine with routing (a routed head would use every feature)")
+    _check_inputs(weight, bias, W, (w_std, w_rec), None, n_head, variant, out_dtype, gate_names=("w_std", "w_rec"),
+                  bias_channel=bias_channel)
+    thr = float(routing_threshold) if routing_threshold is not None else None
+    return _apply(weight, bias, W, w_std.contiguous(), None, w_rec.contiguous(), None, None, n_head, variant,
+                  GATE_MODES[gates], thr, bias_channel, out_dtype)
+
+
+__all__ = ["fused_fold_qkv_weight", "fused_fold_gated", "triton_available", "GATE_MODES"]
