@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
-#   stages: tests flashtests foldsweep check bench bench_amp profile ncu train quality (default: tests check bench
+#   stages: tests flashtests foldtests foldsweep check bench bench_amp profile ncu train quality (default: tests check bench
 #   train quality)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
@@ -29,8 +29,11 @@ stage() {  # stage NAME SECONDS CMD...
 }
 pick_tiles() {  # the fold test sweeps backward tile sizes on this card: use the fastest for the rest of the suite
   if [ -f "$RES/fold_bench.json" ]; then
-    export RA_FOLD_BWD_TILES=$($PY -c "import json; d=json.load(open('$RES/fold_bench.json')); b=min((r for r in d['sweep'] if r.get('kernel')=='bwd'), key=lambda r: r['us'][0]); print(f\"{b['BLOCK_D']},{b['BLOCK_C']},{b['num_warps']}\")" 2>/dev/null)
-    note "fold backward tiles from the sweep: ${RA_FOLD_BWD_TILES:-default}"
+    for k in bwd bwd16; do
+      t=$($PY -c "import json; d=json.load(open('$RES/fold_bench.json')); b=min((r for r in d['sweep'] if r.get('kernel')=='$k'), key=lambda r: r['us'][0]); print(f\"{b['BLOCK_D']},{b['BLOCK_C']},{b['num_warps']}\")" 2>/dev/null)
+      if [ "$k" = bwd ]; then export RA_FOLD_BWD_TILES=$t; else export RA_FOLD_BWD_TILES_16=$t; fi
+    done
+    note "fold backward tiles from the sweep: fp32 ${RA_FOLD_BWD_TILES:-default}, 16-bit ${RA_FOLD_BWD_TILES_16:-default}"
   fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/device.txt"
@@ -40,7 +43,8 @@ for s in $STAGES; do
     tests)   stage tests "${RA_TESTS_TIMEOUT:-420}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=300 -o addopts="" -rfE
              pick_tiles ;;
     flashtests) stage flashtests "${RA_FLASHTESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_flash.py --timeout=90 -o addopts="" -rfE ${RA_FLASHTESTS_K:+-k "$RA_FLASHTESTS_K"} ;;
-    foldsweep)  stage foldsweep 120 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts=""
+    foldtests)  stage foldtests "${RA_FOLDTESTS_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_fold.py --timeout=150 -o addopts="" -rfE -k "not benchmark_printout" ;;
+    foldsweep)  stage foldsweep 180 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts=""
                 pick_tiles ;;
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;

@@ -306,13 +306,19 @@ def test_benchmark_printout(capsys):
                                                            num_warps=nw), graph=True)
             lines.append(f"  forward BLOCK_C={bc:3d} warps={nw}: {tf[0]:7.2f}")
             record["sweep"].append({"kernel": "fwd", "BLOCK_C": bc, "num_warps": nw, "us": tf})
-    for bd in (16, 32, 64):
-        for bc in (32, 64, 128):
-            for nw in (4, 8):
-                tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *args, traceable=False, block_c=bc,
-                                                                num_warps=nw, block_d=bd), graph=True)
-                lines.append(f"  backward BLOCK_D={bd:3d} BLOCK_C={bc:3d} warps={nw}: {tb[0]:7.2f}")
-                record["sweep"].append({"kernel": "bwd", "BLOCK_D": bd, "BLOCK_C": bc, "num_warps": nw, "us": tb})
+    # backward: fp32 parameters (tf32x3 dots; "bwd") and bf16 parameters with the module's gated path (one tf32
+    # product; "bwd16")
+    w16 = [t.detach().to(torch.bfloat16) for t in (weight, b, W, gates[0], gates[2])]
+    args16 = (w16[0], w16[1], w16[2], w16[3], None, w16[4], None, None, H, "same_flop")
+    for kernel, a, kw in (("bwd", args, {}), ("bwd16", args16, {"gate_mode": kfold.GATE_MODES["signed"]})):
+        for bd in (16, 32, 64):
+            for bc in (32, 64):
+                for nw in (2, 4, 8):
+                    tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *a, traceable=False, block_c=bc,
+                                                                    num_warps=nw, block_d=bd, **kw), graph=True)
+                    lines.append(f"  {kernel} BLOCK_D={bd:3d} BLOCK_C={bc:3d} warps={nw}: {tb[0]:7.2f}")
+                    record["sweep"].append({"kernel": kernel, "BLOCK_D": bd, "BLOCK_C": bc, "num_warps": nw,
+                                            "us": tb})
     out_dir = os.environ.get("RA_RESULTS_DIR")
     if out_dir:  # machine-readable copy for the results folder
         os.makedirs(out_dir, exist_ok=True)

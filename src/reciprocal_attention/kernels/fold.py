@@ -88,12 +88,13 @@ def _next_pow2(n: int) -> int:
 if triton is not None:
     @triton.jit
     def _mm(x, y, FP64: tl.constexpr, IEEE: tl.constexpr):
-        # IEEE: fp32 products of fp32 operands; else every operand is bf16/fp16, which tf32 tensor cores hold
-        # exactly (same result as IEEE, see _ieee)
+        # IEEE (some operand is fp32): tf32x3, three tf32 tensor-core products (hi*hi + hi*lo + lo*hi), fp32-level
+        # accuracy at tensor-core speed (fp32 FMA dots cost the backward ~10 us on an H100); else every operand is
+        # bf16/fp16, which one tf32 product holds exactly (the IEEE result, see _ieee)
         if FP64:
             r = tl.dot(x.to(tl.float64), y.to(tl.float64), input_precision="ieee")
         elif IEEE:
-            r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+            r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="tf32x3")
         else:
             r = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="tf32")
         return r
@@ -348,10 +349,10 @@ if triton is not None:
             else:  # seed: both sides s = sqrt(max(w, 1e-8)): dw = (dqs + dks) / (2 s) where w >= 1e-8, else 0
                 w0 = tl.load(g0 + hh, mask=hm, other=1.0).to(a0.dtype)
                 w2 = tl.load(g2 + hh, mask=hm, other=1.0).to(a0.dtype)
-                s0 = tl.sqrt(tl.maximum(w0, 1e-8))
-                s2 = tl.sqrt(tl.maximum(w2, 1e-8))
-                dw0 = tl.where(w0 >= 1e-8, (a0 + a1) * 0.5 / s0, 0.0)
-                dw2 = tl.where(w2 >= 1e-8, (a2 + a3) * 0.5 / s2, 0.0)
+                side0 = tl.sqrt(tl.maximum(w0, 1e-8))  # (names distinct from the loop variables above: Triton
+                side2 = tl.sqrt(tl.maximum(w2, 1e-8))  # types a name once across both branches)
+                dw0 = tl.where(w0 >= 1e-8, (a0 + a1) * 0.5 / side0, 0.0)
+                dw2 = tl.where(w2 >= 1e-8, (a2 + a3) * 0.5 / side2, 0.0)
                 tl.store(d0_ptr + hh, dw0.to(d0_ptr.dtype.element_ty), mask=hm)
                 tl.store(d2_ptr + hh, dw2.to(d2_ptr.dtype.element_ty), mask=hm)
 
@@ -395,7 +396,7 @@ class _InterpretedLaunch:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Optional[int] = None,
-            bwd: bool = False, block_d: Optional[int] = None) -> dict:
+            bwd: bool = False, block_d: Optional[int] = None, wide: bool = True) -> dict:
     """Tile sizes. ``BLOCK_D``/``BLOCK_R`` are padded to powers of two >= 16 (``tl.dot``'s minimum).
 
     Forward: one program per (head, column block) for the Q/K rows, holding all D rows (it reduces over them for
@@ -403,19 +404,21 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
     block, d-block) for the Q/K rows, one per (head, column block, d-block) copying the V rows' gradient.
     History (H100, GPT-2 small, ncu): the first backward kept V and both Q/K sides in 2-warp programs
     (255 registers, spilling; 18.7 us for ~10 MB); the V copy now has its own programs and the Q/K code is
-    ordered side by side. ``RA_FOLD_BWD_TILES="BLOCK_D,BLOCK_C,num_warps"`` overrides the backward tiles
-    (``scripts/gpu_suite.sh`` sets it from the sweep in ``tests/test_gpu_fold.py``).
+    ordered side by side. ``RA_FOLD_BWD_TILES="BLOCK_D,BLOCK_C,num_warps"`` overrides the backward tiles when a
+    dot operand is fp32 (``wide``), ``RA_FOLD_BWD_TILES_16`` when all are 16-bit (``scripts/gpu_suite.sh`` sets
+    both from the sweep in ``tests/test_gpu_fold.py``).
     """
     full_d = max(16, _next_pow2(D))
     block_r = max(16, _next_pow2(R))
     if _interpreting():  # the interpreter runs each program in numpy: small tiles
         bd, bc, nw = (16 if bwd else full_d), 16, 1
     elif bwd:
-        bd, bc, nw = min(full_d, 32), 64, 4
+        bd, bc, nw = min(full_d, 16), 32, 4
     else:
         bd, bc, nw = full_d, min(64, max(16, 2048 // full_d)), 4
-    if bwd and not _interpreting() and os.environ.get("RA_FOLD_BWD_TILES"):
-        bd, bc, nw = (int(v) for v in os.environ["RA_FOLD_BWD_TILES"].split(","))
+    env = "RA_FOLD_BWD_TILES" if wide else "RA_FOLD_BWD_TILES_16"
+    if bwd and not _interpreting() and os.environ.get(env):
+        bd, bc, nw = (int(v) for v in os.environ[env].split(","))
     bd = block_d or bd
     bc = block_c or bc
     if not bwd and bd != full_d:
@@ -497,7 +500,8 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     fp64 = weight.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     has_bias = bias is not None
-    cfg = _config(D, R, C, block_c, num_warps, bwd=True, block_d=block_d)
+    ieee = _ieee(grad_w, weight, W)
+    cfg = _config(D, R, C, block_c, num_warps, bwd=True, block_d=block_d, wide=ieee)
     n_per_head = cfg["n_cb"] + (1 if has_bias else 0)
     n_slots = H * n_per_head
     n_db = cfg["n_db"]
@@ -516,7 +520,7 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
         d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
         C, H, D, R, ds, dp,
         HAS_BIAS=has_bias, GATES=gate_mode, ROUTE=_route(routed, threshold), FP64=fp64,
-        IEEE=_ieee(grad_w, weight, W), BLOCK_D=cfg["BLOCK_D"],
+        IEEE=ieee, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
     dW = torch.empty_like(W, memory_format=torch.contiguous_format)
     dg = [torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None
