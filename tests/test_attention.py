@@ -476,14 +476,16 @@ def test_add_bias_channel_in_place_and_gradient():
     """add_bias_channel writes kappa / c / (scale kappa) into the reserved columns in place; the gradient of qkv
     passes through unchanged and the bias gradient is the K column's gradient (summed over B for [H, T])."""
     B, T, H, Dp, C = 2, 5, 3, 4, 12
-    qkv0 = torch.zeros(B, T, 2 * H * Dp + C, dtype=F64)
     w = torch.randn(2 * H * Dp + C, 7, dtype=F64, requires_grad=True)
     x = torch.randn(B, T, 7, dtype=F64)
     c = torch.randn(H, T, dtype=F64, requires_grad=True)
-    qkv = x @ w.t()
+    with pytest.raises(ValueError, match="not a view"):
+        fold.add_bias_channel(torch.nn.functional.linear(x, w), c, H, Dp, scale=0.5)  # 3-D linear: a view
+    qkv = torch.nn.functional.linear(x.reshape(B * T, 7), w)
     ptr = qkv.data_ptr()
-    out = fold.add_bias_channel(qkv, c, H, Dp, scale=0.5, kappa=2.0)
+    out = fold.add_bias_channel(qkv, c, H, Dp, scale=0.5, kappa=2.0).view(B, T, -1)
     assert out.data_ptr() == ptr
+    assert out.grad_fn is not None and "CopySlices" not in type(out.grad_fn).__name__
     expect = (x @ w.t()).detach().clone()
     for h in range(H):
         expect[..., h * Dp + Dp - 1] += 2.0

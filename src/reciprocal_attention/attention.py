@@ -469,7 +469,7 @@ class ReciprocalAttention(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             wf, bf = self.folded_weight(out_dtype=dtype)
             Dp = _fold.folded_width(self.variant, D, self.rank)
-            qkv = F.linear(x, wf, bf)
+            qkv = F.linear(x.reshape(B * T, C), wf, bf)  # 2-D: a base tensor, which add_bias_channel updates
             k_raw = None
             if self.discoverability == "content":  # the content bias needs the unfolded keys
                 bk = None if self.c_attn.bias is None else self.c_attn.bias[C:2 * C]
@@ -478,7 +478,7 @@ class ReciprocalAttention(nn.Module):
             if self.bias_channel and cache is None and backend == "sdpa":  # the bias rides in the reserved feature
                 qkv = _fold.add_bias_channel(qkv, col_bias, self.n_head, Dp, scale)
                 col_bias = None
-            q, k, v = qkv.split([self.n_head * Dp, self.n_head * Dp, C], dim=2)
+            q, k, v = qkv.view(B, T, -1).split([self.n_head * Dp, self.n_head * Dp, C], dim=2)
             q, k, v = self._split_heads(q, B, T, Dp), self._split_heads(k, B, T, Dp), self._split_heads(v, B, T, D)
         else:
             q, k, v = (self._split_heads(t, B, T, D) for t in self.c_attn(x).split(C, dim=2))

@@ -391,8 +391,11 @@ def _plan(cfg: BenchConfig, arms: list[Arm]) -> list[tuple[Arm, int, int, int, i
     return jobs
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the plan and return one record per (arm, shape, pass, mode); ratios filled against the baselines."""
+def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = None) -> list[dict[str, Any]]:
+    """Run the plan and return one record per (arm, shape, pass, mode); ratios filled against the baselines.
+
+    ``partial``: rewrite this JSON file after every record, so a run cut by a time limit keeps what it measured
+    (``ra bench --render DIR`` renders it once renamed to ``bench.json``)."""
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     if not cuda:
@@ -431,6 +434,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict[str, Any]]:
             if cuda:
                 torch.cuda.empty_cache()
         records.append(rec)
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial.with_suffix(".tmp")
+            tmp.write_text(json.dumps(records))
+            os.replace(tmp, partial)
     fill_ratios(records)
     if cfg.core_tflops and cuda and "kernels" in cfg.groups:
         records += run_core_tflops(cfg, device, timer, versions)
@@ -700,8 +708,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.modes = ("eager",)
         cfg.precision = "fp32" if args.precision == "bf16" else args.precision
         cfg.repeats, cfg.inner, cfg.warmup = min(cfg.repeats, 7), min(cfg.inner, 3), 1
-    records = run_bench(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    partial = args.out / "bench.partial.json"
+    records = run_bench(cfg, progress=not args.no_progress and sys.stderr.isatty(), partial=partial)
     write_results(records, args.out)
+    partial.unlink(missing_ok=True)
     print(markdown_report(records))
     print(f"wrote {args.out}/bench.json, bench.md, bench.png ({len(records)} records)")
     return 0

@@ -412,9 +412,9 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
     block_r = max(16, _next_pow2(R))
     if _interpreting():  # the interpreter runs each program in numpy: small tiles
         bd, bc, nw = (16 if bwd else full_d), 16, 1
-    elif bwd:
-        bd, bc, nw = min(full_d, 16), 32, 4
-    else:
+    elif bwd:  # fastest of the sweep on an H100 (benchmarks/results/h100/fold_bench.json): 12.5 / 8.3 us
+        bd, bc, nw = (min(full_d, 64), 64, 4) if wide else (16, 64, 2)
+    else:  # 4.7 us at D = 64 (BLOCK_C = 32), the sweep's best
         bd, bc, nw = full_d, min(64, max(16, 2048 // full_d)), 4
     env = "RA_FOLD_BWD_TILES" if wide else "RA_FOLD_BWD_TILES_16"
     if bwd and not _interpreting() and os.environ.get(env):
