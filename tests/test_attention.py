@@ -422,14 +422,16 @@ def test_reference_logit_formulas_by_hand():
 # Bias channel (RA-SPEC 3.3): the discoverability bias in one reserved Q/K feature at width D
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("disc", ["positional", "content"])
 @pytest.mark.parametrize("T", [1, 7, 16])
-def test_bias_channel_matches_reference(disc, T):
+def test_bias_channel_matches_reference(disc, T, bias):
     """The reserved feature carries the bias exactly: output and every gradient (d_bias / u, w_disc included)
-    equal the reference with d_std = D - R - 1, in float64, on the SDPA path (what runs on CUDA)."""
+    equal the reference with d_std = D - R - 1, in float64, on the SDPA path (what runs on CUDA); kappa comes
+    from the folded bias, or from add_bias_channel when c_attn has none."""
     gen = torch.Generator().manual_seed(21 + T)
     m, ref = pair(gen, n_embd=48, n_head=3, rank=5, variant="same_flop", discoverability=disc, block_size=16,
-                  bias_channel=True)
+                  bias_channel=True, bias=bias)
     assert m.explain_backend("cuda")[0] == "sdpa"
     grads_match(m, ref, torch.randn(2, T, 48, generator=gen, dtype=F64))
 
@@ -443,7 +445,10 @@ def test_bias_channel_is_same_width_and_spec_budget():
     assert fold.std_width(m.variant, 64, m.rank, bias_channel=True) == 56 == fold.std_width("same_flop", 64, 8)
     wf, bf = m.folded_weight()
     wq = wf[: 12 * 64].view(12, 64, 768)
-    assert torch.count_nonzero(wq[:, 63]) == 0 and torch.count_nonzero(bf[: 12 * 64].view(12, 64)[:, 63]) == 0
+    wk = wf[12 * 64: 24 * 64].view(12, 64, 768)
+    assert torch.count_nonzero(wq[:, 63]) == 0 and torch.count_nonzero(wk[:, 63]) == 0
+    bq, bk = bf[: 12 * 64].view(12, 64), bf[12 * 64: 24 * 64].view(12, 64)
+    assert torch.equal(bq[:, 63], torch.ones(12)) and torch.count_nonzero(bk[:, 63]) == 0  # kappa = 1 via the bias
 
 
 def test_bias_channel_triton_backend_matches_reference():

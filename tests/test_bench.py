@@ -59,3 +59,15 @@ def test_peer_arms_compute_the_module_function():
     for pct in (100, 50, 25):
         seed = bench._seed_routed(pct)(64, 4, 16, False).double()
         assert torch.allclose(bench.SeedBlock(seed)(x), seed(x), atol=1e-12)
+
+
+def test_arms_filter_keeps_baselines_and_cleans_partial(tmp_path):
+    """--arms runs only the named impls plus the baselines (their ratios need them); the per-record partial file
+    that survives a cut run is removed once the full results are written."""
+    rc = bench.main(["--out", str(tmp_path), "--repeats", "1", "--inner", "1", "--groups", "core,kernels",
+                     "--arms", "ra_fast,channel_bias", "--shapes", "1x16", "--widths", "", "--no-progress"])
+    assert rc == 0
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["impl"] for r in records} == {"baseline_flash", "ra_fast", "channel_bias"}
+    assert not [r for r in records if r.get("error")], [r["error"] for r in records if r.get("error")]
+    assert not (tmp_path / "bench.partial.json").exists()

@@ -476,7 +476,8 @@ class ReciprocalAttention(nn.Module):
                 k_raw = self._split_heads(F.linear(x, self.c_attn.weight[C:2 * C], bk), B, T, D)
             col_bias = self._column_bias(k_raw, offset + T)
             if self.bias_channel and cache is None and backend == "sdpa":  # the bias rides in the reserved feature
-                qkv = _fold.add_bias_channel(qkv, col_bias, self.n_head, Dp, scale)
+                qkv = _fold.add_bias_channel(qkv, col_bias, self.n_head, Dp, scale,
+                                             q_channel=self.c_attn.bias is None)
                 col_bias = None
             q, k, v = qkv.view(B, T, -1).split([self.n_head * Dp, self.n_head * Dp, C], dim=2)
             q, k, v = self._split_heads(q, B, T, Dp), self._split_heads(k, B, T, Dp), self._split_heads(v, B, T, D)

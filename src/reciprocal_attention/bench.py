@@ -352,6 +352,7 @@ class BenchConfig:
     inner: int = 20
     device: str = "cuda"
     full_matrix_shape: tuple[int, int] = (8, 1024)  # every arm/pass/mode here; elsewhere a subset
+    arms: set[str] | None = None  # only these impls (the baselines always run: the ratios need them)
     core_tflops: bool = True
 
 
@@ -402,6 +403,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
         print("ra bench: no CUDA device — running small CPU shapes in eager mode only. These numbers are not the "
               "protocol's (RA-SPEC section 4 is defined on a GPU); they show the harness works.", flush=True)
     arms = default_arms(cfg.groups)
+    if cfg.arms is not None:
+        arms = [a for a in arms if a.impl in cfg.arms or a.impl.startswith("baseline")]
     if not cuda:
         arms = [a for a in arms if a.sdpa in ("flash", "any") and not a.impl.startswith(("triton", "full_triton",
                                                                                         "flex"))]
@@ -440,7 +443,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
             tmp.write_text(json.dumps(records))
             os.replace(tmp, partial)
     fill_ratios(records)
-    if cfg.core_tflops and cuda and "kernels" in cfg.groups:
+    if cfg.core_tflops and cuda and "kernels" in cfg.groups and (cfg.arms is None or "core_triton" in cfg.arms):
         records += run_core_tflops(cfg, device, timer, versions)
     return records
 
@@ -670,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", default="core,heads,evolution,kernels",
                     help="comma list of: core, heads, evolution, kernels")
     ap.add_argument("--shapes", default=None, help="e.g. 8x1024,2x4096,1x8192")
+    ap.add_argument("--arms", default=None, help="only these impls, e.g. ra_fast,channel_bias (baselines always run)")
     ap.add_argument("--widths", default=None, help="scaling widths C/H, e.g. 1024/16,1280/20 ('' for none)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--passes", default=",".join(PASSES))
@@ -691,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats and --inner must be >= 1")
     cfg = BenchConfig(device=args.device, groups=set(args.groups.split(",")), precision=args.precision,
                       bias=not args.no_bias, repeats=args.repeats, inner=args.inner,
-                      modes=tuple(args.modes.split(",")), passes=tuple(args.passes.split(",")))
+                      modes=tuple(args.modes.split(",")), passes=tuple(args.passes.split(",")),
+                      arms=set(args.arms.split(",")) if args.arms else None)
     bad = set(cfg.modes) - set(MODES) | set(cfg.passes) - set(PASSES)
     if bad:
         ap.error(f"unknown mode/pass {sorted(bad)}; modes: {MODES}, passes: {PASSES}")

@@ -46,15 +46,16 @@ def _h(x: Tensor, ndim: int) -> Tensor:
 
 def fold_head_weights(
     Wq: Tensor, Wk: Tensor, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
-    routed: Tensor | None, variant: str, bias_channel: bool = False,
+    routed: Tensor | None, variant: str, bias_channel: bool = False, q_channel_value: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Fold per-head Q/K weights ``[H, D, ...]`` (``...`` = ``C`` for weights, empty for biases).
 
     Returns ``(Wq~, Wk~)`` of shape ``[H, D', ...]`` with ``D' = folded_width``:
     ``Wq~^h = [qs Wq^h[:Ds] ; qr W^T Wk^h]`` and ``Wk~^h = [ks Wk^h[:Ds] ; kr W^T Wq^h]``.
     A routed head takes ``[qs Wq^h ; 0]`` and ``[ks Wk^h ; 0]`` (full D, zero reciprocal rows for low_rank).
-    ``bias_channel`` (same_flop, no routing): ``Ds = D - R - 1`` and a zero last row, the feature
-    :func:`add_bias_channel` fills after the GEMM.
+    ``bias_channel`` (same_flop, no routing): ``Ds = D - R - 1`` and a last row that is ``q_channel_value`` on the
+    Q side (1 for the bias: the channel's ``kappa``) and zero on the K side, which :func:`add_bias_channel`
+    fills after the GEMM.
     """
     H, D = Wq.shape[:2]
     R = W.shape[1]
@@ -62,9 +63,10 @@ def fold_head_weights(
     n = Wq.dim()
     rec_q = torch.einsum("dr,hd...->hr...", W, Wk)  # W^T Wk^h: [H, R, ...]
     rec_k = torch.einsum("dr,hd...->hr...", W, Wq)
-    zero = [Wq.new_zeros(H, 1, *Wq.shape[2:])] if bias_channel else []
-    fq = torch.cat([_h(qs, n) * Wq[:, :ds], _h(qr, n) * rec_q.to(Wq.dtype)] + zero, dim=1)
-    fk = torch.cat([_h(ks, n) * Wk[:, :ds], _h(kr, n) * rec_k.to(Wk.dtype)] + zero, dim=1)
+    q_row = [Wq.new_full((H, 1, *Wq.shape[2:]), q_channel_value)] if bias_channel else []
+    k_row = [Wk.new_zeros(H, 1, *Wk.shape[2:])] if bias_channel else []
+    fq = torch.cat([_h(qs, n) * Wq[:, :ds], _h(qr, n) * rec_q.to(Wq.dtype)] + q_row, dim=1)
+    fk = torch.cat([_h(ks, n) * Wk[:, :ds], _h(kr, n) * rec_k.to(Wk.dtype)] + k_row, dim=1)
     if routed is not None:
         pad = fq.shape[1] - D
         plain_q = _h(qs, n) * Wq
@@ -90,13 +92,14 @@ def fold_qkv_weight(
     C = weight.shape[1]
     D = C // n_head
 
-    def fold(t: Tensor) -> Tensor:
+    def fold(t: Tensor, q_channel_value: float) -> Tensor:
         wq, wk, wv = t.split(C, dim=0)
         fq, fk = fold_head_weights(wq.reshape(n_head, D, *t.shape[1:]), wk.reshape(n_head, D, *t.shape[1:]),
-                                   W, qs, ks, qr, kr, routed, variant, bias_channel)
+                                   W, qs, ks, qr, kr, routed, variant, bias_channel, q_channel_value)
         return torch.cat([fq.flatten(0, 1), fk.flatten(0, 1), wv], dim=0)
 
-    return fold(weight), (fold(bias) if bias is not None else None)
+    # with bias_channel the folded bias carries the Q channel's constant kappa = 1
+    return fold(weight, 0.0), (fold(bias, 1.0) if bias is not None else None)
 
 
 def activation_fold(
@@ -178,7 +181,8 @@ class _AddBiasChannel(torch.autograd.Function):
     def forward(ctx, qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> Tensor:
         T = c_t.shape[-2]
         v = qkv.view(-1, T, qkv.shape[-1])
-        v[..., q0:q0 + n * step:step].add_(kappa)
+        if kappa:  # 0: the folded bias already put kappa there
+            v[..., q0:q0 + n * step:step].add_(kappa)
         v[..., k0:k0 + n * step:step].add_(c_t)
         ctx.mark_dirty(qkv)
         ctx.cols = (k0, step, n, T, c_t.dim() == 2)
@@ -192,21 +196,23 @@ class _AddBiasChannel(torch.autograd.Function):
 
 
 def add_bias_channel(qkv: Tensor, col_bias: Tensor, n_head: int, width: int, scale: float,
-                     kappa: float = 1.0) -> Tensor:
+                     kappa: float = 1.0, q_channel: bool = True) -> Tensor:
     """Fill the reserved last feature of every folded Q/K head so it adds ``col_bias`` exactly (RA-SPEC 3.3).
 
     ``qkv`` is the 2-D ``[B*T, 2 H width + C]`` output of the folded GEMM (rows ordered ``b, t``; a base tensor,
     not a view) whose bias-channel rows are zero (``fold_qkv_weight(..., bias_channel=True)``). The Q feature
     becomes ``kappa`` and the K feature at key ``j`` ``c_hj / (scale * kappa)``, so with the attention's ``scale``
     the channel contributes ``c_hj``: the bias at the same Q/K width, on any SDPA backend. ``col_bias``: ``[H, T]``
-    or ``[B, H, T]``. Modifies ``qkv`` in place and returns it.
+    or ``[B, H, T]``. ``q_channel=False`` when the GEMM's bias already wrote ``kappa`` (= 1) into the Q feature
+    (``fold_qkv_weight`` does when ``c_attn`` has a bias): one strided update fewer. Modifies ``qkv`` in place
+    and returns it.
     """
     if qkv.dim() != 2 or qkv._base is not None:
         raise ValueError(f"qkv must be the 2-D [B*T, N] GEMM output itself (not a view); got shape "
                          f"{list(qkv.shape)}{' (a view)' if qkv._base is not None else ''}")
     c_t = (col_bias / (scale * kappa)).transpose(-1, -2).to(qkv.dtype)  # [T, H] or [B, T, H]
     q0 = width - 1
-    return _AddBiasChannel.apply(qkv, c_t, q0, n_head * width + q0, width, n_head, kappa)
+    return _AddBiasChannel.apply(qkv, c_t, q0, n_head * width + q0, width, n_head, kappa if q_channel else 0.0)
 
 
 def full_qk(q: Tensor, k: Tensor, qa: Tensor, ka: Tensor, qb: Tensor, kb: Tensor,

@@ -162,10 +162,15 @@ if triton is not None:
         tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, (ks * _acc(wk, FP64)).to(out_ty),
                  mask=sm)
         # Rows past the reciprocal ones (the reserved bias channel, same_flop with bias_channel): zero.
+        # The folded bias (COL_STRIDE 0) carries the channel's kappa = 1 on the Q side, as fold.fold_qkv_weight.
         zm = ((d >= DS + R) & (d < DP))[:, None] & cm[None, :]
-        zero = tl.zeros([BLOCK_D, BLOCK_C], dtype=out_ty)
-        tl.store(dst + ((h * DP + d) * row_stride)[:, None] + col, zero, mask=zm)
-        tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, zero, mask=zm)
+        zero = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
+        if COL_STRIDE == 0:
+            q_fill = zero + 1.0
+        else:
+            q_fill = zero
+        tl.store(dst + ((h * DP + d) * row_stride)[:, None] + col, q_fill.to(out_ty), mask=zm)
+        tl.store(dst + ((H * DP + h * DP + d) * row_stride)[:, None] + col, zero.to(out_ty), mask=zm)
         # Reciprocal rows Ds .. Ds+R: W^T Wk^h (Q~) and W^T Wq^h (K~); zero for a routed low_rank head, and not
         # written for a routed same_flop head (its std rows cover them).
         live = rt == 0
