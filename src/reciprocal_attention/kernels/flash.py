@@ -69,7 +69,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import INTERPRET
+from . import INTERPRET, eager_launch
 
 __all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS", "triton_available", "OP_MODE", "AUTOTUNE"]
 
@@ -486,10 +486,11 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------------
 # Launchers (shared by the triton_op path and the autograd.Function fallback)
 # ----------------------------------------------------------------------------------------------------------
-def _wrap(kernel):
-    """``torch.library.wrap_triton(kernel)`` where available (traceable by torch.compile), else the kernel."""
+def _wrap(kernel, *tensors):
+    """``torch.library.wrap_triton(kernel)`` while tracing (torch.compile), else the kernel itself (eager: no
+    per-launch higher-order-op overhead; see ``kernels.eager_launch``)."""
     wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None:
+    if wrap is None or eager_launch(*tensors):
         return kernel
     try:
         return wrap(kernel)
@@ -550,7 +551,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Optional[Tensor], a: Op
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    _wrap(_FWD[0 if AUTOTUNE else 1])[grid](
+    _wrap(_FWD[0 if AUTOTUNE else 1], q)[grid](
         q, k, v, o, lse,
         dummy if col_bias is None else col_bias, dummy if a is None else a, dummy if b is None else b,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(col_bias),
@@ -593,7 +594,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
                *_strides3(dq), *_strides3(dk), *_strides3(dv))
 
     delta_block = 16 if _INTERPRET else 64
-    _wrap(_bwd_delta_kernel)[(triton.cdiv(T, delta_block), B * H)](
+    _wrap(_bwd_delta_kernel, q)[(triton.cdiv(T, delta_block), B * H)](
         o, do, delta, *_strides3(o), *_strides3(do), H, T, D=D, BLOCK=delta_block)
 
     def grid_n(meta):
@@ -602,11 +603,11 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    _wrap(_BWD_COL[0 if AUTOTUNE else 1])[grid_n](
+    _wrap(_BWD_COL[0 if AUTOTUNE else 1], q)[grid_n](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
         dkp, dv, dqr, dc_part,
         *strides, H, T, scale, **flags)
-    _wrap(_BWD_ROW[0 if AUTOTUNE else 1])[grid_m](
+    _wrap(_BWD_ROW[0 if AUTOTUNE else 1], q)[grid_m](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
         dq, dk, dqr, dkp, da_part, db_part,
         *strides, H, T, scale, **flags)

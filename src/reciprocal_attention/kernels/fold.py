@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..fold import FOLDED_VARIANTS, folded_width, std_width
-from . import INTERPRET
+from . import INTERPRET, eager_launch
 
 log = logging.getLogger(__name__)
 
@@ -368,15 +368,16 @@ def _kernels() -> dict:
     return {"fwd": _fold_fwd_kernel, "bwd": _fold_bwd_kernel, "reduce": _fold_bwd_reduce_kernel}
 
 
-def _launcher(kernel, traceable: bool):
-    """``wrap_triton(kernel)`` inside the triton_op (so torch.compile sees the kernel), the bare kernel otherwise.
+def _launcher(kernel, traceable: bool, *tensors):
+    """``wrap_triton(kernel)`` inside the triton_op while tracing (so torch.compile sees the kernel), the bare kernel
+    otherwise (eager calls: no per-launch higher-order-op overhead, see ``kernels.eager_launch``).
 
     Under the interpreter (CPU tests) the op is an opaque ``custom_op`` whose fake implementation is this same
     body: the launch is skipped when the tensors are fake (shape propagation only needs the allocations).
     """
     if _interpreting():
         return _InterpretedLaunch(kernel)
-    if traceable:
+    if traceable and not eager_launch(*tensors):
         return torch.library.wrap_triton(kernel)
     return kernel
 
@@ -475,7 +476,7 @@ def _fold_forward_impl(weight: Tensor, bias: Optional[Tensor], W: Tensor, g0: Te
     out_b = torch.empty((rows if bias is not None else 0,), dtype=out_dtype, device=weight.device)
     cfg = _config(D, R, C, block_c, num_warps)
     grid = (H, cfg["n_cb"] + (1 if bias is not None else 0), 2)
-    _launcher(_kernels()["fwd"], traceable)[grid](
+    _launcher(_kernels()["fwd"], traceable, weight)[grid](
         weight, bias if bias is not None else _dummy(weight), W, g0, g1 if g1 is not None else g0, g2,
         g3 if g3 is not None else g2, routed if routed is not None else _dummy(g0),
         float(threshold) if threshold is not None else 0.0,
@@ -518,7 +519,7 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     g1_ = g1 if g1 is not None else g0
     g3_ = g3 if g3 is not None else g2
     ks_ = _kernels()
-    _launcher(ks_["bwd"], traceable)[(H, n_per_head, 2 * n_db)](
+    _launcher(ks_["bwd"], traceable, grad_w)[(H, n_per_head, 2 * n_db)](
         grad_w, grad_b if (has_bias and grad_b is not None) else _dummy(grad_w), weight,
         bias if has_bias else _dummy(weight), W, g0, g1_, g2, g3_,
         routed if routed is not None else _dummy(g0), float(threshold) if threshold is not None else 0.0,
@@ -534,7 +535,7 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     # and one for the gates.
     block_e = 32
     n_e = -(-(D * R) // block_e)
-    _launcher(ks_["reduce"], traceable)[(n_e + 1,)](
+    _launcher(ks_["reduce"], traceable, pw)[(n_e + 1,)](
         pw, ps, dW, g0, g2, dg[0], dg[1] if g1 is not None else dg[0], dg[2], dg[3] if g3 is not None else dg[2],
         n_slots, n_per_head * n_db, H, D * R, GATES=gate_mode,
         BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
