@@ -8,6 +8,7 @@ gradients must equal those of a single process computing the mean loss over the 
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -97,3 +98,46 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # DDP averages gradients, not losses: each rank's loss is its own shard's; the mean is the global loss.
     mean_loss = torch.stack([res["loss"] for res in ranks]).mean(0)
     torch.testing.assert_close(mean_loss, torch.stack([loss.detach()] * 2), rtol=1e-6, atol=1e-6)
+
+
+def test_resume_on_a_different_number_of_processes(tmp_path):
+    """`ra train` under torchrun with 2 gloo processes writes its checkpoints once (rank 0); one process resumes
+    them with the same global batch (grad_accum doubled) and continues the step count and schedule; a resume that
+    would change the global batch is refused with the numbers to fix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from reciprocal_attention import train as T
+    from reciprocal_attention.config import ConfigError, TrainConfig
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    common = ["system.device=cpu", "system.dtype=float32", "system.threads=1", "system.progress=false",
+              "model.n_embd=32", "model.block_size=32", "model.attn=ra", "data.batch_size=2", "eval.interval=0",
+              "system.log_interval=1", "checkpoint.interval=2", "checkpoint.keep_last=0",
+              "schedule.warmup_steps=1", "schedule.decay_steps=6"]
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--out", str(out)] + [a for c in common + ["budget.max_steps=4"] for a in ("--set", c)]
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "reciprocal_attention.train", *args], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert [int(n.split("_")[1]) for n in ckpts] == [0, 2, 4]  # the 2-process run's checkpoints
+    from reciprocal_attention.checkpoint import read_state
+
+    state = read_state(out)
+    assert state["world_size"] == 2 and state["step"] == 4 and len(state["rank_rng"]) == 2
+
+    cfg = dict(state["config"])
+    with pytest.raises(ConfigError, match="global batch of 4 sequences per step"):
+        T.train(TrainConfig.from_dict({**cfg, "budget": {**cfg["budget"], "max_steps": 6}}), resume=out)
+    cfg = {**cfg, "data": {**cfg["data"], "grad_accum": 2}, "budget": {**cfg["budget"], "max_steps": 6}}
+    summary = T.train(TrainConfig.from_dict(cfg), resume=out)
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
+    steps = [r for r in T.Metrics.read(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    lr4, lr5 = steps[3]["lr"], steps[4]["lr"]
+    assert lr5 < lr4  # the cosine schedule continues from step 4 (decay_steps=6), it does not restart

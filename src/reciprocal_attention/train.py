@@ -310,13 +310,26 @@ def evaluate(model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig, block_s
     return (total[0] / total[1]).item()
 
 
-def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+def _check_resume_config(saved: dict, cfg: TrainConfig, world_change: tuple[int, int] | None = None) -> None:
+    """Refuse a resume whose config would not continue the run. ``world_change = (saved_N, N)`` when the number
+    of processes differs: then ``data.batch_size`` and ``data.grad_accum`` may change too, as long as the global
+    batch (``batch_size * grad_accum * N`` sequences per step) stays the same, so steps, schedule and tokens mean
+    what they meant."""
     now = cfg.to_dict()
     # A key added after the checkpoint was written counts as its default (what the old run computed).
     defaults = TrainConfig().to_dict()
     saved = {s: {**defaults.get(s, {}), **saved.get(s, {})} for s in set(defaults) | set(saved)}
     diffs = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
-    bad = [k for k in diffs if not k.startswith(RESUME_MUTABLE)]
+    mutable = RESUME_MUTABLE + (("data.batch_size", "data.grad_accum") if world_change else ())
+    bad = [k for k in diffs if not k.startswith(mutable)]
+    if world_change and not bad:
+        n_saved, n_now = world_change
+        before = saved["data"]["batch_size"] * saved["data"]["grad_accum"] * n_saved
+        after = cfg.data.batch_size * cfg.data.grad_accum * n_now
+        if before != after:
+            raise ConfigError(f"the checkpoint was written by {n_saved} process(es) with a global batch of {before} "
+                              f"sequences per step (batch_size x grad_accum x N); with {n_now} now it would be "
+                              f"{after}: set data.batch_size / data.grad_accum so the product stays {before}")
     if bad:
         raise ConfigError(f"resuming with a different {', '.join(bad)} would not continue the run exactly; only "
                           f"{', '.join(RESUME_MUTABLE)} may change")
@@ -381,10 +394,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     # resolved, so it still runs when the HF directory has gone (its weights come from the run's checkpoint).
     if cfg.model.init_from and (state is None or Path(cfg.model.init_from).is_dir()):
         cfg = resolve_init_from(cfg)
-    if state is not None:
-        _check_resume_config(state["config"], cfg)
-
     dist = setup_distributed(cfg.system.device)
+    if state is not None:
+        n_saved = state.get("world_size", 1)
+        _check_resume_config(state["config"], cfg,
+                             (n_saved, dist.world_size) if n_saved != dist.world_size else None)
+
     device = pick_device(cfg.system.device, dist)
     dtype = pick_dtype(cfg.system.dtype, device)
     if cfg.system.threads:
@@ -431,12 +446,16 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     step, tokens, data_pos, train_seconds, best_val = 0, 0, 0, 0.0, float("inf")
     if state is not None:
-        if state.get("world_size", 1) != dist.world_size:
-            raise ConfigError(f"checkpoint {state['dir']} was written with world_size={state.get('world_size')}; "
-                              f"resume with the same number of processes ({dist.world_size} now)")
+        n_saved = state.get("world_size", 1)
+        if n_saved != dist.world_size and dist.master:
+            log.warning("resuming a checkpoint written by %d process(es) on %d: parameters, optimizer state, step "
+                        "and schedule continue exactly; each rank's batches are stream (seed, rank, index), so "
+                        "the data order from here differs from an uninterrupted %d-process run", n_saved,
+                        dist.world_size, n_saved)
         state = ckpt.load_checkpoint(state["dir"], model, optimizer, scaler)
-        if dist.rank:  # the RNG files hold rank 0's streams; each other rank restores its own
-            _restore_rank_rng(state["rank_rng"][dist.rank], device)
+        rank_rng = state.get("rank_rng") or []
+        if dist.rank and dist.rank < len(rank_rng):  # the RNG files hold rank 0's streams; others restore theirs
+            _restore_rank_rng(rank_rng[dist.rank], device)  # (a rank the old run did not have keeps its seed)
         step, tokens, data_pos = state["step"], state["tokens"], state["data_position"]
         train_seconds = state["train_seconds"]
         best_val = state["best_val_loss"] if state.get("best_val_loss") is not None else float("inf")

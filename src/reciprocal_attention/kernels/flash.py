@@ -830,6 +830,6 @@ def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
     # the kernels read a[h], b[h] at unit stride (a no-op for ordinary [H] parameters)
     a = a.contiguous() if a is not None else None
     b = b.contiguous() if b is not None else None
-    if _fwd_op is not None:
+    if _fwd_op is not None and not eager_launch(q):  # the custom op while tracing, a plain Function eagerly
         return _fwd_op(q, k, v, col_bias, a, b, scale)[0]
     return _FlashRAFunction.apply(q, k, v, col_bias, a, b, scale)
