@@ -325,6 +325,28 @@ def test_no_grad_and_grad_only_where_asked():
 
 
 @interpreter
+def test_eager_function_and_custom_op_paths_agree(monkeypatch):
+    """Eager calls take the plain autograd.Function, tracing takes the custom op: same kernels, bitwise-equal
+    output and gradients."""
+    inputs = make_inputs(2, 2, 19, 16, mode="recip", bias="ht", seed=6)
+    calls = []
+    real_apply = flash._FlashRAFunction.apply
+    monkeypatch.setattr(flash._FlashRAFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    leaves = [x for x in inputs if x is not None]
+
+    def go():
+        out = flash_ra_attention(*inputs[:3], col_bias=inputs[3], a=inputs[4], b=inputs[5])
+        return out, torch.autograd.grad((out ** 2).sum(), leaves)
+
+    out_f, g_f = go()
+    assert calls == [1]
+    monkeypatch.setattr(flash, "eager_launch", lambda *t: False)
+    out_o, g_o = go()
+    assert calls == [1]
+    assert torch.equal(out_f, out_o) and all(torch.equal(x, y) for x, y in zip(g_f, g_o))
+
+
+@interpreter
 @pytest.mark.parametrize("layout", ["contiguous", "bthd"])
 def test_torch_compile_fullgraph(layout):
     """The ops are registered with torch.library (custom ops with fake implementations under the interpreter,

@@ -253,16 +253,36 @@ def test_partial_requires_grad():
     assert not ow2.requires_grad
 
 
-def test_fallback_autograd_function(monkeypatch):
-    """The torch < 2.6 path (plain autograd.Function around the same kernels) gives the same results."""
+def test_eager_function_and_custom_op_paths_agree(monkeypatch):
+    """Eager calls take the plain autograd.Function (no custom-op dispatch cost; also the torch < 2.6 path), the
+    custom op is taken while tracing: both run the same kernels and give bitwise-equal results."""
     H, D, R = 2, 16, 3
     inputs = make_inputs(H, D, R, True, "some")
+    calls = []
+    real_apply = kfold._FoldFunction.apply
+    monkeypatch.setattr(kfold._FoldFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
     a = run(fused_fold_qkv_weight, *inputs, H, "same_flop")
-    monkeypatch.setattr(kfold, "_fold_op", None)
+    assert calls == [1]  # eager: the Function
+    monkeypatch.setattr(kfold, "eager_launch", lambda *t: False)  # as while tracing: the custom op
     b = run(fused_fold_qkv_weight, *inputs, H, "same_flop")
+    assert calls == [1]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     for x, y in zip(a[2], b[2]):
         assert torch.equal(x, y)
+
+
+def test_eager_launch_detects_tracing():
+    """eager_launch: True for real tensors with no dispatch mode; False on fake tensors / under a mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from reciprocal_attention.kernels import eager_launch
+
+    t = torch.ones(2)
+    assert eager_launch(t)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(t)
+        assert not eager_launch(fake)
+    assert not eager_launch(fake)  # a fake tensor outside its mode still counts as tracing
 
 
 def test_import_without_triton():
