@@ -63,7 +63,7 @@ class DataConfig:
     tokenizer: str = "byte"  # the fixture's tokenizer (a prepared dir records its own)
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    seed: int = 0  # data-order seed; batch i of rank r is a pure function of (seed, r, i)
+    seed: int = 0  # data-order seed; micro-batch number i of the run (over all ranks) is a function of (seed, i)
     verify: bool = False  # sha256-check the .bin files before training
 
 

@@ -448,10 +448,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     if state is not None:
         n_saved = state.get("world_size", 1)
         if n_saved != dist.world_size and dist.master:
-            log.warning("resuming a checkpoint written by %d process(es) on %d: parameters, optimizer state, step "
-                        "and schedule continue exactly; each rank's batches are stream (seed, rank, index), so "
-                        "the data order from here differs from an uninterrupted %d-process run", n_saved,
-                        dist.world_size, n_saved)
+            log.info("resuming a checkpoint written by %d process(es) on %d with the same global batch: "
+                     "parameters, optimizer state, step, schedule and data order continue (only the order of "
+                     "floating-point reductions differs)", n_saved, dist.world_size)
         state = ckpt.load_checkpoint(state["dir"], model, optimizer, scaler)
         rank_rng = state.get("rank_rng") or []
         if dist.rank and dist.rank < len(rank_rng):  # the RNG files hold rank 0's streams; others restore theirs
@@ -540,9 +539,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
         lr = lr_at(step, cfg, decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [get_batch(train_data, B, T, seed=cfg.data.seed, index=data_pos + micro, rank=dist.rank,
+        # One global sequence of micro-batches: step s uses numbers data_pos .. data_pos + N*A - 1, rank r the
+        # r-th run of A of them. So the samples of a step depend only on the global batch, not on how it is split
+        # over processes (N GPUs == 1 GPU with grad_accum x N; a resume on another N continues the same data),
+        # and a single process draws exactly what it always did.
+        batches = [get_batch(train_data, B, T, seed=cfg.data.seed, index=data_pos + dist.rank * A + micro,
                              device=device) for micro in range(A)]
-        data_pos += A
+        data_pos += A * dist.world_size
         loss_acc += accumulate_gradients(model, batches, autocast, scaler)
         if scaler is not None:
             scaler.unscale_(optimizer)
