@@ -59,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         combos += [(args.device, torch.float32, "auto"), (args.device, torch.bfloat16, "auto")]
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}
     print(f"torch {torch.__version__}; checking presets {', '.join(PRESETS)} against the float64 reference")
-    print(f"{'preset':<12} {'backend':<9} {'device':<6} {'dtype':<9} {'grads':>5} {'max rel err':>12}  worst    ok")
+    print(f"{'preset':<16} {'backend':<9} {'device':<6} {'dtype':<9} {'grads':>5} {'max rel err':>12}  worst    ok")
     failures = 0
     for device, dtype, backend in combos:
         for preset in PRESETS:
             r = check_preset(preset, backend, device, dtype)
             ok = r["max_rel_err"] <= tol[dtype]
             failures += not ok
-            print(f"{r['preset']:<12} {r['backend']:<9} {r['device']:<6} {r['dtype']:<9} {r['n_checked']:>5} "
+            print(f"{r['preset']:<16} {r['backend']:<9} {r['device']:<6} {r['dtype']:<9} {r['n_checked']:>5} "
                   f"{r['max_rel_err']:>12.2e}  {r['worst']:<8} {'yes' if ok else 'NO'}")
     print("all within tolerance" if not failures else f"{failures} combination(s) out of tolerance")
     return 1 if failures else 0

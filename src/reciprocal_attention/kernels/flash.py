@@ -44,7 +44,8 @@ backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
 
 ``torch.compile(fullgraph=True)``: the kernels are launched from ``torch.library.triton_op`` operators
 (``reciprocal_attention::flash_ra_fwd`` / ``flash_ra_bwd``) through ``torch.library.wrap_triton``, with
-``register_autograd``. Under ``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same
+``register_autograd``; eager calls take a plain ``autograd.Function`` around the same launchers and launch the
+kernels directly (the custom-op dispatch and ``wrap_triton`` cost host time on every call). Under ``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same
 ops are opaque ``torch.library.custom_op`` s with explicit fake implementations. On a torch without
 ``triton_op`` (< 2.6) a plain ``torch.autograd.Function`` is used (and the reason is logged); it works eagerly
 but graph-breaks under ``torch.compile``. ``OP_MODE`` says which.

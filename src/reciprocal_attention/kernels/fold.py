@@ -7,32 +7,46 @@ its gradient back.
     Wq~^h = [ qs_h Wq^h[:Ds] ; qr_h W^T Wk^h ]        Wk~^h = [ ks_h Wk^h[:Ds] ; kr_h W^T Wq^h ]
 
 (bias likewise, as if it were column ``C`` of the weight); a routed head takes ``qs_h Wq^h`` / ``ks_h Wk^h`` over
-the full ``D`` (and zero reciprocal rows for ``low_rank``); the V rows are copied. The output is one contiguous
-``[2 H D' + C, C]`` tensor in ``out_dtype``: under autocast pass ``torch.bfloat16`` and the fold replaces the
-fp32 -> bf16 cast that ``F.linear`` would run on ``weight`` anyway.
+the full ``D`` (and zero reciprocal rows for ``low_rank``); the V rows are copied. With ``bias_channel`` the
+standard part is ``Ds = D - R - 1`` rows and each head's last row is reserved for the column bias (zero, and
+``kappa = 1`` on the Q side of the folded bias; ``fold.add_bias_channel`` fills the K side after the GEMM). The
+output is one contiguous ``[2 H D' + C, C]`` tensor in ``out_dtype``: under autocast pass ``torch.bfloat16`` and
+the fold replaces the fp32 -> bf16 cast that ``F.linear`` would run on ``weight`` anyway.
+
+Two entry points: :func:`fused_fold_qkv_weight` takes the four gate sides ``qs, ks, qr, kr`` and a routing mask
+as tensors; :func:`fused_fold_gated` (what the module uses) takes the raw gates ``w_std, w_rec``, the gate form
+and the routing threshold, and forms sides and routing inside the kernels (``GATES``/``ROUTE`` constexprs), so
+no other kernel runs around the fold, forward or backward.
 
 Kernels
 -------
-* ``_fold_fwd_kernel``, grid ``(H, n_cb + has_bias)``: program ``(h, j)`` loads the ``[D, BLOCK_C]`` tiles of
-  ``Wq^h``, ``Wk^h`` (columns ``j*BLOCK_C ...``; the extra block ``j == n_cb`` reads the bias as one column),
-  forms ``W^T Wk^h`` and ``W^T Wq^h`` with two ``tl.dot`` (``R`` padded to 16, IEEE fp32), writes the ``D'`` rows
-  of ``Q~^h`` and ``K~^h`` and copies (casts) the ``D`` rows of ``V^h``. Every output element is written once.
-* ``_fold_bwd_kernel``, same grid: program ``(h, j)`` loads the tiles of ``dQ~^h``, ``dK~^h``, ``dV^h``, ``Wq^h``,
-  ``Wk^h``, writes ``dWq^h``, ``dWk^h``, ``dWv^h`` for its columns (``qs dQ~[:Ds] + kr W dK~[Ds:]`` etc.) and
-  stores fp32 partials: ``qr Wk^h dQ~[Ds:]^T + kr Wq^h dK~[Ds:]^T`` (``[D, R]``, for ``dW``) and the four gate
-  partials (``sum Wq*dQ~`` over the std rows, ``sum Wk*dK~``, ``sum W * (Wk dQ~[Ds:]^T)``, ``sum W * (Wq dK~[Ds:]^T)``)
-  into ``[H * (n_cb + has_bias), ...]`` buffers.
+* ``_fold_fwd_kernel``, grid ``(H, n_cb + has_bias, 2)``: program ``(h, j, 0)`` loads the ``[D, BLOCK_C]`` tiles
+  of ``Wq^h``, ``Wk^h`` (columns ``j*BLOCK_C ...``; the extra block ``j == n_cb`` reads the bias as one column),
+  forms ``W^T Wk^h`` and ``W^T Wq^h`` with two ``tl.dot`` (``R`` padded to 16) and writes the ``D'`` rows of
+  ``Q~^h`` and ``K~^h``; program ``(h, j, 1)`` copies (casts) the ``D`` rows of ``V^h``. Every output element is
+  written once.
+* ``_fold_bwd_kernel``, grid ``(H, n_cb + has_bias, 2 * n_db)``: programs ``(h, j, db < n_db)`` own ``BLOCK_D``
+  rows of head ``h``'s Q and K weights and one column block: they write ``dWq^h``, ``dWk^h`` there
+  (``qs dQ~[:Ds] + kr W dK~[Ds:]`` etc.; the Q side, then the K side, to keep half the tiles live) and store fp32
+  partials: ``qr Wk^h dQ~[Ds:]^T + kr Wq^h dK~[Ds:]^T`` (``[BLOCK_D, R]``, for ``dW``) and the four gate sums
+  (``sum Wq*dQ~`` over the std rows, ``sum Wk*dK~``, ``sum W * (Wk dQ~[Ds:]^T)``, ``sum W * (Wq dK~[Ds:]^T)``);
+  programs ``(h, j, db >= n_db)`` copy the gradient of the V rows.
 * ``_fold_bwd_reduce_kernel``: sums the partials in a fixed order (no atomics anywhere, so two runs give
-  bitwise-equal gradients) and writes ``dW`` and ``dqs, dks, dqr, dkr`` in their parameters' dtypes.
+  bitwise-equal gradients) and writes ``dW`` and the gate gradients (the four sides', or ``dw_std, dw_rec``
+  through the chain rule of the gate form) in their parameters' dtypes.
+
+Precision: arithmetic in fp32 (fp64 for fp64 weights). ``tl.dot`` runs on tf32 tensor cores: one product when
+every operand is bf16/fp16 (tf32 holds those exactly, so the result is the IEEE one), ``tf32x3`` (three
+products, fp32-level accuracy) when an operand is fp32. On an H100 at GPT-2 small: forward 3.9 us, backward
+8.5 us with bf16 parameters (``benchmarks/results/h100/profile``).
 
 Registered as the custom ops ``reciprocal_attention::fold_qkv`` and ``reciprocal_attention::fold_qkv_backward``
-(``torch.library.triton_op``, torch >= 2.6) so the fold works under ``torch.compile(fullgraph=True)`` and inside
-CUDA graphs; on older torch a plain ``autograd.Function`` is used instead (the reason is logged). Under the
-Triton interpreter (``TRITON_INTERPRET=1`` when this module is imported: the CPU tests) the same bodies are
-registered as opaque ``torch.library.custom_op``s instead, as ``wrap_triton`` cannot trace interpreted kernels.
-Triton is imported guarded: importing this module never fails, calling the fold without Triton raises
-``RuntimeError``. Arithmetic is fp32 (fp64 for fp64 weights), ``tl.dot`` in IEEE precision (no TF32).
-Not twice differentiable.
+(``torch.library.triton_op``, torch >= 2.6) so the fold works under ``torch.compile(fullgraph=True)``; eager calls
+(and torch < 2.6) go through a plain ``autograd.Function`` around the same kernels, which costs less host time
+than the custom-op dispatch. Both run inside CUDA graphs. Under the Triton interpreter (``TRITON_INTERPRET=1``
+when this module is imported: the CPU tests) the ops are opaque ``torch.library.custom_op``s, as ``wrap_triton``
+cannot trace interpreted kernels. Triton is imported guarded: importing this module never fails, calling the
+fold without Triton raises ``RuntimeError``. Not twice differentiable.
 """
 
 import logging
