@@ -484,6 +484,9 @@ def test_add_bias_channel_in_place_and_gradient():
     w = torch.randn(2 * H * Dp + C, 7, dtype=F64, requires_grad=True)
     x = torch.randn(B, T, 7, dtype=F64)
     c = torch.randn(H, T, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="q_channel=False means the folded bias already holds kappa = 1"):
+        fold.add_bias_channel(torch.zeros(B * T, 2 * H * Dp + C, dtype=F64), c, H, Dp, scale=0.5, kappa=2.0,
+                              q_channel=False)
     with pytest.raises(ValueError, match="not a view"):
         fold.add_bias_channel(torch.nn.functional.linear(x, w), c, H, Dp, scale=0.5)  # 3-D linear: a view
     qkv = torch.nn.functional.linear(x.reshape(B * T, 7), w)

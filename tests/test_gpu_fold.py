@@ -268,8 +268,8 @@ def test_benchmark_printout(capsys):
     def gated():  # the module's path: signed gate sides formed in the kernels
         return kfold.fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
 
-    arms = [("fused fold (bf16 out)", fused, gwf, gbf), ("fused gated fold (module path)", gated, gwf, gbf), ("fold.fold_qkv_weight + cast", ref, gwf, gbf),
-            ("plain weight.to(bf16) cast", cast, gwc, gbc)]
+    arms = [("fused fold (bf16 out)", fused, gwf, gbf), ("fused gated fold (module path)", gated, gwf, gbf),
+            ("fold.fold_qkv_weight + cast", ref, gwf, gbf), ("plain weight.to(bf16) cast", cast, gwc, gbc)]
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
              f"C={C} H={H} R={R} same_flop, fp32 params, bias; us per call, median (min-max) of 7 x 50 calls"]
     lines.append(f"{'arm':32s} {'mode':6s} {'fwd (no_grad)':>24s} {'fwd+bwd':>24s}")

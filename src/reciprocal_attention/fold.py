@@ -207,6 +207,8 @@ def add_bias_channel(qkv: Tensor, col_bias: Tensor, n_head: int, width: int, sca
     (``fold_qkv_weight`` does when ``c_attn`` has a bias): one strided update fewer. Modifies ``qkv`` in place
     and returns it.
     """
+    if not q_channel and kappa != 1.0:
+        raise ValueError(f"q_channel=False means the folded bias already holds kappa = 1; got kappa={kappa}")
     if qkv.dim() != 2 or qkv._base is not None:
         raise ValueError(f"qkv must be the 2-D [B*T, N] GEMM output itself (not a view); got shape "
                          f"{list(qkv.shape)}{' (a view)' if qkv._base is not None else ''}")

@@ -45,10 +45,10 @@ backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
 ``torch.compile(fullgraph=True)``: the kernels are launched from ``torch.library.triton_op`` operators
 (``reciprocal_attention::flash_ra_fwd`` / ``flash_ra_bwd``) through ``torch.library.wrap_triton``, with
 ``register_autograd``; eager calls take a plain ``autograd.Function`` around the same launchers and launch the
-kernels directly (the custom-op dispatch and ``wrap_triton`` cost host time on every call). Under ``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same
-ops are opaque ``torch.library.custom_op`` s with explicit fake implementations. On a torch without
-``triton_op`` (< 2.6) a plain ``torch.autograd.Function`` is used (and the reason is logged); it works eagerly
-but graph-breaks under ``torch.compile``. ``OP_MODE`` says which.
+kernels directly (the custom-op dispatch and ``wrap_triton`` cost host time on every call). Under
+``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same ops are opaque
+``torch.library.custom_op`` s with explicit fake implementations. On a torch without ``triton_op`` (< 2.6)
+the ``autograd.Function`` is used throughout (and the reason is logged); it graph-breaks under ``torch.compile``. ``OP_MODE`` says which.
 
 Configs: :data:`AUTOTUNE` (default on; ``RA_FLASH_AUTOTUNE=0`` turns it off) autotunes each attention kernel
 over a few ``BLOCK_M/BLOCK_N/num_warps/num_stages`` configs keyed on ``T``, ``D``, the flags and the dtype;
@@ -145,6 +145,23 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _head_coeffs(A, BC, h, scale, HAS_A: tl.constexpr, RECIP: tl.constexpr):
+        """Per head: ``scale`` as fp32 (inductor passes Python floats as fp64 scalars), the coefficients ``a_h``
+        (1 without ``a``) and ``b_h`` (0 without the reciprocal term), and the exp2-domain logit factors
+        ``ca = a_h * scale * log2(e)``, ``cb = b_h * scale * log2(e)``."""
+        scale = tl.cast(scale, tl.float32)
+        qk_scale = scale * 1.4426950408889634
+        if HAS_A:
+            a_h = tl.load(A + h).to(tl.float32)
+        else:
+            a_h = scale * 0.0 + 1.0
+        if RECIP:
+            b_h = tl.load(BC + h).to(tl.float32)
+        else:
+            b_h = scale * 0.0
+        return scale, a_h, b_h, qk_scale * a_h, qk_scale * b_h
+
+    @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q, k_i, k_ptr, q_ptr, v_ptr, c_ptr,
         skt, sqt, svt, sct, ca, cb, offs_m, lo, hi, T,
@@ -207,18 +224,11 @@ if triton is not None:
         k_ptr = K + b * skb + h * skh
         v_ptr = V + b * svb + h * svh
         c_ptr = CB + b * scb + h * sch
-        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64 scalars: keep fp32 math
-        qk_scale = scale * 1.4426950408889634
-        if HAS_A:
-            ca = qk_scale * tl.load(A + h).to(tl.float32)
-        else:
-            ca = qk_scale
+        scale, a_h, b_h, ca, cb = _head_coeffs(A, BC, h, scale, HAS_A, RECIP)
         q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         if RECIP:
-            cb = qk_scale * tl.load(BC + h).to(tl.float32)
             k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         else:
-            cb = qk_scale * 0.0
             k_i = q
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -312,22 +322,13 @@ if triton is not None:
         k_ptr = K + b * skb + h * skh
         v_ptr = V + b * svb + h * svh
         do_ptr = DO + b * sdb + h * sdh
-        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64 scalars: keep fp32 math
-        qk_scale = scale * 1.4426950408889634
-        if HAS_A:
-            a_h = tl.load(A + h).to(tl.float32)
-        else:
-            a_h = scale * 0.0 + 1.0
-        ca = qk_scale * a_h
+        scale, a_h, b_h, ca, cb = _head_coeffs(A, BC, h, scale, HAS_A, RECIP)
         k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         if RECIP:
-            b_h = tl.load(BC + h).to(tl.float32)
             q_n = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         else:
-            b_h = scale * 0.0
             q_n = k
-        cb = qk_scale * b_h
         if HAS_BIAS:
             c = tl.load(CB + b * scb + h * sch + offs_n * sct, mask=mask_n, other=0.0).to(tl.float32)
             c = c * 1.4426950408889634
@@ -428,25 +429,16 @@ if triton is not None:
         k_ptr = K + b * skb + h * skh
         v_ptr = V + b * svb + h * svh
         c_ptr = CB + b * scb + h * sch
-        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64 scalars: keep fp32 math
-        qk_scale = scale * 1.4426950408889634
-        if HAS_A:
-            a_h = tl.load(A + h).to(tl.float32)
-        else:
-            a_h = scale * 0.0 + 1.0
-        ca = qk_scale * a_h
+        scale, a_h, b_h, ca, cb = _head_coeffs(A, BC, h, scale, HAS_A, RECIP)
         q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :],
                      mask=mask_m[:, None], other=0.0)
         lse = tl.load(LSE + row + offs_m, mask=mask_m, other=float("inf"))
         delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
         if RECIP:
-            b_h = tl.load(BC + h).to(tl.float32)
             k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         else:
-            b_h = scale * 0.0
             k_i = q
-        cb = qk_scale * b_h
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         dk_r = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         da = tl.zeros([BLOCK_M], dtype=tl.float32)
