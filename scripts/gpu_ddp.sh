@@ -2,7 +2,7 @@
 # Multi-GPU DDP on one host (issue 7), one call: GPT-2 small (124M) with the RA fast path under torchrun.
 #  scale_N*:  N = 1, 2, 4, 8 (up to the GPUs present), the same per-GPU batch (16 x 1024, grad_accum 2):
 #             tokens/s and scaling efficiency = tokens/s(N) / (N * tokens/s(1)).
-#  agree_*:   N GPUs (grad_accum 2) against 1 GPU with the same global batch (grad_accum 2N): the same samples
+#  agree_N1:  scale_N<N> (N GPUs, grad_accum 2) against 1 GPU with the same global batch (grad_accum 2N): the same samples
 #             per step, so the loss curves must agree to bf16 noise.
 #  resume_*:  the N-GPU run checkpointed half-way and resumed on 1 GPU (grad_accum 2N): continues agree_N.
 # Usage: bash scripts/gpu_ddp.sh OUT_DIR   (needs data/corpus; writes OUT_DIR/ddp.json and prints it)
@@ -25,7 +25,6 @@ for n in 1 2 4 8; do
 done
 if [ "$NG" -ge 2 ]; then
   half=$((STEPS / 2))
-  run "$NG" "agree_N$NG" --set budget.max_steps=$STEPS --set checkpoint.interval=0
   run 1 "agree_N1" --set budget.max_steps=$STEPS --set checkpoint.interval=0 --set data.grad_accum=$((2 * NG))
   run "$NG" "resume_N$NG" --set budget.max_steps=$half --set checkpoint.interval=$half
   timeout 240 python3 -m reciprocal_attention.train --resume "$OUT/resume_N$NG" --set budget.max_steps=$STEPS \
@@ -53,7 +52,7 @@ for n in (1, 2, 4, 8):
     tps = sum(steady) / len(steady)
     base = tps if n == 1 else base
     res["scaling"].append({"N": n, "tokens_per_s": tps, "efficiency": tps / (n * base) if base else None})
-a, b = train_recs(f"agree_N{ng}"), train_recs("agree_N1")
+a, b = train_recs(f"scale_N{ng}"), train_recs("agree_N1")  # scale_N{ng} is the N-GPU run of the same config
 if a and b:
     diffs = [abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(a, b)]
     res["agreement"] = {"steps": [x["step"] for x in a], "loss_N": [x["loss"] for x in a],
