@@ -1,7 +1,11 @@
-"""Host overhead of an eager fwd+bwd of the attention block (dev aid): wall ms per call, CUDA-synchronised.
+"""Host overhead of an eager attention block (dev aid): wall ms per call, CUDA-synchronised, one card, one process.
 
-Compares the baseline block, the RA fast path as shipped (kernels launched directly when eager), and the same with
-every launch routed through torch.library.wrap_triton (the behaviour before), on one card in one process.
+Rows, B=8 T=1024 C=768 bf16, cuDNN SDPA:
+- ``fwd+bwd``: repeated calls with unchanged parameters (the RA fold cache hits: no fold forward kernel);
+- ``step``: fwd+bwd + an SGD step each call (the fold is rebuilt every call, as in training);
+- the fused fold alone (``fused_fold_gated`` forward + backward; forward without grad), to split the RA overhead
+  into the fold's own calls and the rest.
+A torch.profiler table of the RA ``step`` call (host time by op) is written beside the JSON.
 Usage: python scripts/eager_overhead.py OUT_JSON
 """
 import json
@@ -10,36 +14,72 @@ import time
 
 import torch
 
-import reciprocal_attention.kernels.flash as kflash
 import reciprocal_attention.kernels.fold as kfold
 from reciprocal_attention import ReciprocalAttention
 from reciprocal_attention.bench import _versions, sdpa_context
 
 
-def per_call_ms(m, x, gy, n=30):
+def per_call_ms(fn, n=40):
     for _ in range(5):
-        m(x).backward(gy)
+        fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
-        m(x).backward(gy)
+        fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e3
 
 
-res = {"versions": _versions(), "unit": "ms per eager fwd+bwd (wall, synchronised), B=8 T=1024 C=768 bf16"}
-x = torch.randn(8, 1024, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-gy = torch.randn_like(x)
-with sdpa_context("cudnn"):
-    for name, preset, backend in (("baseline", "standard", "sdpa"), ("ra_fast", "ra", "sdpa"),
-                                  ("channel_bias", "ra_disc_channel", "sdpa"), ("triton_bias", "ra_disc", "triton")):
-        m = ReciprocalAttention.from_preset(preset, n_embd=768, n_head=12, backend=backend).cuda().bfloat16()
-        res[name] = per_call_ms(m, x, gy)
-        if name in ("ra_fast", "triton_bias"):
-            direct = (kfold.eager_launch, kflash.eager_launch)
-            kfold.eager_launch = kflash.eager_launch = lambda *t: False  # always wrap_triton (the old path)
-            res[name + " (wrap_triton)"] = per_call_ms(m, x, gy)
-            kfold.eager_launch, kflash.eager_launch = direct
-print(json.dumps(res, indent=1))
-with open(sys.argv[1], "w") as fh:
-    json.dump(res, fh, indent=1)
+def block_calls(m, x, gy):
+    opt = torch.optim.SGD(m.parameters(), lr=1e-6)
+
+    def fwd_bwd():
+        m(x).backward(gy)
+
+    def step():
+        m(x).backward(gy)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return fwd_bwd, step
+
+
+def main(out: str) -> None:
+    res = {"versions": _versions(), "unit": "ms per eager call (wall, synchronised), B=8 T=1024 C=768 bf16, cuDNN"}
+    x = torch.randn(8, 1024, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(x)
+    with sdpa_context("cudnn"):
+        for name, preset, backend in (("baseline", "standard", "sdpa"), ("ra_fast", "ra", "sdpa"),
+                                      ("channel_bias", "ra_disc_channel", "sdpa"),
+                                      ("triton_bias", "ra_disc", "triton")):
+            m = ReciprocalAttention.from_preset(preset, n_embd=768, n_head=12, backend=backend).cuda().bfloat16()
+            fwd_bwd, step = block_calls(m, x, gy)
+            res[name] = {"fwd+bwd": per_call_ms(fwd_bwd), "step": per_call_ms(step)}
+            if name == "ra_fast":
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                with prof:
+                    for _ in range(10):
+                        step()
+                    torch.cuda.synchronize()
+                with open(out.replace(".json", "") + "_profile.txt", "w") as fh:
+                    fh.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+                p = [m.c_attn.weight, m.W_recip, m.w_std, m.w_rec]
+
+                def fold():
+                    w, _ = kfold.fused_fold_gated(m.c_attn.weight, m.c_attn.bias, m.W_recip, m.w_std, m.w_rec, 12,
+                                                  "same_flop")
+                    w.backward(torch.ones_like(w))
+
+                res["fold fwd+bwd alone"] = per_call_ms(fold)
+                with torch.no_grad():
+                    res["fold fwd alone (no grad)"] = per_call_ms(
+                        lambda: kfold.fused_fold_gated(*p[:1], m.c_attn.bias, *p[1:], 12, "same_flop"))
+    for k, v in res.items():
+        print(k, v)
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

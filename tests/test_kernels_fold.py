@@ -518,3 +518,97 @@ def test_kernels_compile_for_sm90():
     if res.returncode == 0 and out.startswith("SKIP"):
         pytest.skip(f"cannot stand in for the CUDA driver on this Triton: {out}")
     assert res.returncode == 0 and out.endswith("OK 42"), res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def _fused_module(monkeypatch, preset="ra", seed=21):
+    from reciprocal_attention import attention
+    from reciprocal_attention.attention import ReciprocalAttention
+
+    monkeypatch.setattr(attention, "_fused_fold_usable", lambda w: True)
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(n_embd=32, n_head=2, block_size=16)
+    m = ReciprocalAttention.from_preset(preset, backend="sdpa", **kw).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    ref = ReciprocalAttention.from_preset(preset, backend="reference", **kw).double()
+    return m, ref, gen
+
+
+def _grads(mod, x, g):
+    mod.zero_grad(set_to_none=True)
+    (mod(x) * g).sum().backward()
+    return {n: p.grad.clone() for n, p in mod.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["ra", "ra_disc_channel"])
+def test_training_fold_cache_skips_forward_kernel_keeps_gradients(monkeypatch, preset):
+    """With autograd on, a second call with unchanged parameters reuses the fold (no forward kernel) and still
+    gives every gradient of the reference; gradient accumulation over two such calls sums them; an optimizer step
+    (fused or not) or an in-place write makes the next call fold again."""
+    m, ref, gen = _fused_module(monkeypatch, preset)
+    launches = []
+    real = kfold._fold_forward_impl
+    monkeypatch.setattr(kfold, "_fold_forward_impl", lambda *a, **k: launches.append(1) or real(*a, **k))
+    x = torch.randn(2, 7, 32, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 7, 32, generator=gen, dtype=torch.float64)
+
+    def check():
+        ref.load_state_dict(m.state_dict())
+        want = _grads(ref, x, g)
+        got = _grads(m, x, g)
+        for name, w in want.items():
+            torch.testing.assert_close(got.get(name, torch.zeros_like(w)), w, rtol=1e-10, atol=1e-12,
+                                       msg=lambda s, n=name: f"{n}: {s}")
+        return got
+
+    m.train()
+    first = check()
+    assert len(launches) == 1
+    again = check()
+    assert len(launches) == 1, "unchanged parameters: the fold forward must not run again"
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    m.zero_grad(set_to_none=True)  # two micro-batches, one fold
+    for _ in range(2):
+        (m(x) * g).sum().backward()
+    assert len(launches) == 1
+    for name, w in first.items():
+        torch.testing.assert_close(dict(m.named_parameters())[name].grad, 2 * w, rtol=1e-12, atol=1e-13)
+    torch.optim.AdamW(m.parameters(), lr=0.05, foreach=False).step()
+    check()
+    assert len(launches) == 2, "an optimizer step must rebuild the fold"
+    with torch.no_grad():
+        m.W_recip.mul_(1.5)  # bumps the version counter
+    check()
+    assert len(launches) == 3
+
+
+def test_training_fold_cache_not_used_while_capturing(monkeypatch):
+    """A CUDA graph captured with autograd must contain the fold (a replay after a step rebuilds it)."""
+    m, _, gen = _fused_module(monkeypatch)
+    launches = []
+    real = kfold._fold_forward_impl
+    monkeypatch.setattr(kfold, "_fold_forward_impl", lambda *a, **k: launches.append(1) or real(*a, **k))
+    x = torch.randn(1, 5, 32, generator=gen, dtype=torch.float64)
+    m(x).sum().backward()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    m(x).sum().backward()
+    assert len(launches) == 2
+
+
+def test_fold_reuse_is_checked():
+    from reciprocal_attention.kernels.fold import fused_fold_gated
+
+    H, D, R = 2, 8, 3
+    weight, b, W, gates, _ = make_inputs(H, D, R, True, "none", seed=4)
+    w, bb = fused_fold_gated(weight, b, W, gates[0], gates[2], H, "same_flop")
+    with pytest.raises(ValueError, match=r"reuse\[0\] must be a torch.float64 tensor of shape \[48, 16\]"):
+        fused_fold_gated(weight, b, W, gates[0], gates[2], H, "same_flop", reuse=(w[1:], bb))
+    with pytest.raises(ValueError, match=r"reuse\[1\] must be None when bias is None"):
+        fused_fold_gated(weight, None, W, gates[0], gates[2], H, "same_flop", reuse=(w, bb))
+    with pytest.raises(ValueError, match="reuse must be a tuple"):
+        fused_fold_gated(weight, b, W, gates[0], gates[2], H, "same_flop", reuse=w)
+    w2, b2 = fused_fold_gated(weight, b, W, gates[0], gates[2], H, "same_flop", reuse=(w.detach(), bb.detach()))
+    assert torch.equal(w2, w) and torch.equal(b2, bb)

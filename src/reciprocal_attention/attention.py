@@ -72,6 +72,16 @@ def _fused_fold_usable(weight: Tensor) -> bool:
     return weight.device.type == "cuda" and triton_installed() and weight.dtype != torch.float64
 
 
+def _fused_channel_usable(qkv: Tensor) -> bool:
+    """The fused bias-channel kernels run on eager (and CUDA-graph) CUDA calls; torch.compile keeps the PyTorch
+    ops, which inductor fuses."""
+    if not (qkv.is_cuda and triton_installed()):
+        return False
+    from .kernels.channel import fused_channel_usable
+
+    return fused_channel_usable(qkv)
+
+
 def fold_qkv(weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor, kr: Tensor,
              routed: Tensor | None, n_head: int, variant: str, out_dtype: torch.dtype | None = None,
              impl: str = "auto", bias_channel: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -385,28 +395,43 @@ class ReciprocalAttention(nn.Module):
         return qs, ks, qr, kr
 
     def folded_weight(self, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
-        """The folded ``c_attn`` weight/bias emitting ``[Q~ | K~ | V]``; cached when no autograd is needed."""
+        """The folded ``c_attn`` weight/bias emitting ``[Q~ | K~ | V]``, rebuilt only when a parameter changed.
+
+        The fold is cached under a key of every parameter's version counter, storage and dtype plus the global
+        optimizer-step count. Without autograd a hit returns the cached tensors (eval costs exactly the baseline).
+        With autograd on the fused path, a hit skips the fold's forward kernel and keeps its backward (gradient
+        accumulation over micro-batches, repeated calls between optimizer steps); that path neither reads nor
+        writes the cache while a CUDA graph is captured (a training replay must rebuild the fold from the
+        parameters). Nothing is cached while torch.compile traces.
+        """
         params = self._fold_params()
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        compiling = torch.compiler.is_compiling()
-        if not needs_grad and not compiling:
+        fused = _fused_fold_usable(self.c_attn.weight)
+        capturing = self.c_attn.weight.is_cuda and torch.cuda.is_current_stream_capturing()
+        cacheable = not torch.compiler.is_compiling() and (not needs_grad or (fused and not capturing))
+        reuse = None
+        if cacheable:
             key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (out_dtype,
                                                                                           _OPTIMIZER_STEPS[0])
             if self._fold_cache is not None and self._fold_cache[0] == key:
-                return self._fold_cache[1], self._fold_cache[2]
-        if _fused_fold_usable(self.c_attn.weight):  # gate sides and routing formed inside the fold kernels
+                if not needs_grad:
+                    return self._fold_cache[1], self._fold_cache[2]
+                reuse = (self._fold_cache[1], self._fold_cache[2])
+            else:
+                self._fold_cache = None  # stale: free it before the new fold is made (peak memory)
+        if fused:  # gate sides and routing formed inside the fold kernels
             from .kernels.fold import fused_fold_gated
 
             wf, bf = fused_fold_gated(self.c_attn.weight, self.c_attn.bias, self.W_recip, self.w_std, self.w_rec,
                                       self.n_head, self.variant, gates=self.gates,
                                       routing_threshold=self.routing_threshold, out_dtype=out_dtype,
-                                      bias_channel=self.bias_channel)
+                                      bias_channel=self.bias_channel, reuse=reuse)
         else:
             wf, bf = fold_qkv(self.c_attn.weight, self.c_attn.bias, self.W_recip, *self._gate_sides(),
                               self._routed(), self.n_head, self.variant, out_dtype=out_dtype, impl="torch",
                               bias_channel=self.bias_channel)
-        if not needs_grad and not compiling:
-            self._fold_cache = (key, wf, bf)
+        if cacheable and reuse is None:
+            self._fold_cache = (key, wf.detach(), bf.detach() if bf is not None else None)
         return wf, bf
 
     def train(self, mode: bool = True) -> "ReciprocalAttention":  # a mode switch never keeps a cached fold
@@ -454,6 +479,21 @@ class ReciprocalAttention(nn.Module):
             return discoverability_bias("positional", self.w_disc, d_bias=self.d_bias, T=T, center=self.center_bias)
         return discoverability_bias("content", self.w_disc, u=self.u, k=k)
 
+    def _add_bias_channel(self, qkv: Tensor, k_raw: Tensor | None, T: int, width: int, scale: float) -> Tensor:
+        """Write the column bias into the reserved Q/K feature of the 2-D folded GEMM output, in place: fused
+        kernels on eager/graph CUDA calls (the positional bias formed inside them), PyTorch ops otherwise."""
+        q_channel = self.c_attn.bias is None  # with a bias, the folded bias already holds kappa = 1
+        if _fused_channel_usable(qkv):
+            from .kernels import channel
+
+            if self.discoverability == "positional" and not self.center_bias:
+                return channel.add_positional_bias_channel_fused(qkv, self.w_disc, self.d_bias, T, self.n_head,
+                                                                 width, scale, q_channel=q_channel)
+            return channel.add_bias_channel_fused(qkv, self._column_bias(k_raw, T), self.n_head, width, scale,
+                                                  q_channel=q_channel)
+        return _fold.add_bias_channel(qkv, self._column_bias(k_raw, T), self.n_head, width, scale,
+                                      q_channel=q_channel)
+
     def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
         """``x [B, T, C] -> [B, T, C]``. With ``cache``, ``x`` is the next chunk and its keys are appended."""
         offset = cache.length if cache is not None else 0
@@ -474,11 +514,11 @@ class ReciprocalAttention(nn.Module):
             if self.discoverability == "content":  # the content bias needs the unfolded keys
                 bk = None if self.c_attn.bias is None else self.c_attn.bias[C:2 * C]
                 k_raw = self._split_heads(F.linear(x, self.c_attn.weight[C:2 * C], bk), B, T, D)
-            col_bias = self._column_bias(k_raw, offset + T)
             if self.bias_channel and cache is None and backend == "sdpa":  # the bias rides in the reserved feature
-                qkv = _fold.add_bias_channel(qkv, col_bias, self.n_head, Dp, scale,
-                                             q_channel=self.c_attn.bias is None)
+                qkv = self._add_bias_channel(qkv, k_raw, T, Dp, scale)
                 col_bias = None
+            else:
+                col_bias = self._column_bias(k_raw, offset + T)
             q, k, v = qkv.view(B, T, -1).split([self.n_head * Dp, self.n_head * Dp, C], dim=2)
             q, k, v = self._split_heads(q, B, T, Dp), self._split_heads(k, B, T, Dp), self._split_heads(v, B, T, D)
         else:

@@ -593,7 +593,7 @@ def _zero_grads(ctx, grad_w: Optional[Tensor], grad_b: Optional[Tensor], weight:
 def _input_grads(bias, g1, g3, grads) -> tuple:
     dw, db, dW, d0, d1, d2, d3 = grads
     return (dw, (db if bias is not None else None), dW, d0, (d1 if g1 is not None else None), d2,
-            (d3 if g3 is not None else None), None, None, None, None, None, None, None)
+            (d3 if g3 is not None else None), None, None, None, None, None, None, None, None)
 
 
 def _register_ops() -> None:
@@ -655,9 +655,12 @@ class _FoldFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold, bias_channel,
-                out_dtype):
-        out = _fold_forward_impl(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, out_dtype, gate_mode,
-                                 threshold, bias_channel, traceable=False)
+                out_dtype, reuse=None):
+        if reuse is not None:  # the fold of these exact parameter values, made earlier: no kernel forward
+            out = tuple(t.view_as(t) for t in reuse)
+        else:
+            out = _fold_forward_impl(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, out_dtype, gate_mode,
+                                     threshold, bias_channel, traceable=False)
         _setup_context(ctx, (weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
                              bias_channel, out_dtype), out)
         return out
@@ -746,17 +749,40 @@ def _need_triton() -> None:
 
 
 def _apply(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold, bias_channel,
-           out_dtype):
+           out_dtype, reuse=None):
     # The custom op only while tracing (torch.compile must see it); eagerly the same kernels behind a plain
     # autograd.Function: the custom-op dispatch costs host time on every call (measured on CPU with the launches
     # stubbed out: 2.1 ms vs 0.68 ms per fwd+bwd at GPT-2 small sizes).
-    if _fold_op is not None and not eager_launch(weight):
+    traced = _fold_op is not None and not eager_launch(weight)
+    if reuse is not None:
+        _check_reuse(reuse, weight, bias, W, n_head, variant, out_dtype, traced)
+        reuse = (reuse[0], reuse[1] if reuse[1] is not None else reuse[0].new_empty((0,)))
+    if traced:
         w, b = _fold_op(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
                         bias_channel, out_dtype)
     else:
         w, b = _FoldFunction.apply(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
-                                   bias_channel, out_dtype)
+                                   bias_channel, out_dtype, reuse)
     return w, (b if bias is not None else None)
+
+
+def _check_reuse(reuse, weight, bias, W, n_head, variant, out_dtype, traced) -> None:
+    if traced:
+        _fail("reuse is for eager calls (a traced graph recomputes the fold); pass reuse=None under torch.compile")
+    if not (isinstance(reuse, tuple) and len(reuse) == 2 and isinstance(reuse[0], Tensor)):
+        _fail(f"reuse must be a tuple (folded_weight, folded_bias or None); got {type(reuse).__name__}")
+    C, D = weight.shape[1], weight.shape[1] // n_head
+    rows = 2 * n_head * folded_width(variant, D, W.shape[1]) + C
+    for name, t, shape in (("reuse[0]", reuse[0], (rows, C)),
+                           ("reuse[1]", reuse[1], (rows,) if bias is not None else None)):
+        if shape is None:
+            if t is not None:
+                _fail("reuse[1] must be None when bias is None")
+            continue
+        if not (isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == out_dtype
+                and t.device == weight.device):
+            _fail(f"{name} must be a {out_dtype} tensor of shape {list(shape)} on {weight.device}; got "
+                  f"{_shape(t)}" + (f" {t.dtype} on {t.device}" if isinstance(t, Tensor) else ""))
 
 
 def fused_fold_qkv_weight(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs: Tensor, ks: Tensor, qr: Tensor,
@@ -784,12 +810,16 @@ def fused_fold_qkv_weight(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs:
 
 def fused_fold_gated(weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
                      n_head: int, variant: str, gates: str = "signed", routing_threshold: Optional[float] = None,
-                     out_dtype: Optional[torch.dtype] = None,
-                     bias_channel: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                     out_dtype: Optional[torch.dtype] = None, bias_channel: bool = False,
+                     reuse: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> tuple[Tensor, Optional[Tensor]]:
     """The fold from the raw gate parameters: ``fused_fold_qkv_weight(weight, bias, W, *gate_sides(w_std),
     *gate_sides(w_rec), routed_heads(w_rec, routing_threshold), ...)`` with the sides and the routing formed
     inside the kernels (``gates`` = ``"signed"`` or ``"seed"``), so no other kernel runs forward or backward.
     Gradients flow to ``weight, bias, W, w_std, w_rec``.
+
+    ``reuse``: ``(folded_weight, folded_bias)`` made earlier by this function from these exact parameter values
+    (the caller owns that promise, e.g. a cache keyed on version counters). The forward then returns views of them
+    and launches nothing; the backward still maps the gradient back. Eager calls only.
     """
     _need_triton()
     if gates not in ("signed", "seed"):
@@ -803,7 +833,7 @@ def fused_fold_gated(weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: T
                   bias_channel=bias_channel)
     thr = float(routing_threshold) if routing_threshold is not None else None
     return _apply(weight, bias, W, w_std.contiguous(), None, w_rec.contiguous(), None, None, n_head, variant,
-                  GATE_MODES[gates], thr, bias_channel, out_dtype)
+                  GATE_MODES[gates], thr, bias_channel, out_dtype, reuse)
 
 
 __all__ = ["fused_fold_qkv_weight", "fused_fold_gated", "triton_available", "GATE_MODES"]
