@@ -417,3 +417,49 @@ def test_channel_kernels_match_torch_form_and_are_deterministic(monkeypatch):
     names = ["output", "dx"] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, fused, torch_form):
         assert_rel(a.float(), b.double(), 2e-2, name)
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_direct_launch_matches_jit_launch(monkeypatch, offset):
+    """kernels.launch: the fold (3 kernels) and the bias channel (2 kernels) through the direct launcher give
+    bitwise the results of JITFunction.run; repeated calls skip Triton's launch path; a weight whose address is
+    not 16-byte aligned (storage offset) gets its own compiled variant, as under Triton's own key."""
+    from reciprocal_attention.kernels import channel, launch
+
+    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
+    C = H * D
+    gen = torch.Generator(device="cpu").manual_seed(17)
+    base = (torch.randn(3 * C * C + 8, generator=gen) * 0.02).to(DEV, torch.bfloat16)
+    weight = base[offset:offset + 3 * C * C].view(3 * C, C).requires_grad_()
+    assert (weight.data_ptr() % 16 == 0) == (offset == 0)
+    b = (torch.randn(3 * C, generator=gen) * 0.02).to(DEV, torch.bfloat16).requires_grad_()
+    W = (torch.randn(D, R, generator=gen) * 0.3).to(DEV, torch.bfloat16).requires_grad_()
+    ws = torch.rand(H, generator=gen).to(DEV, torch.bfloat16).requires_grad_()
+    wr = torch.rand(H, generator=gen).to(DEV, torch.bfloat16).requires_grad_()
+    wd = torch.randn(H, generator=gen).to(DEV, torch.bfloat16).requires_grad_()
+    db = torch.randn(H, 300, generator=gen).to(DEV, torch.bfloat16).requires_grad_()
+    x = torch.randn(4 * 250, C, generator=gen).to(DEV, torch.bfloat16)
+    g = torch.randn(4 * 250, 2 * H * D + C, generator=gen).to(DEV, torch.bfloat16)
+    leaves = [weight, b, W, ws, wr, wd, db]
+
+    def run():
+        wf, bf = kfold.fused_fold_gated(weight, b, W, ws, wr, H, "same_flop", bias_channel=True)
+        qkv = F.linear(x, wf, bf)
+        qkv = channel.add_positional_bias_channel_fused(qkv, wd, db, 250, H, D, 0.125, q_channel=False)
+        grads = torch.autograd.grad(qkv, leaves, g)
+        return [qkv.detach()] + list(grads)
+
+    jit_calls = []
+    real_jit = launch.DirectLauncher._jit
+    monkeypatch.setattr(launch.DirectLauncher, "_jit", lambda *a: jit_calls.append(1) or real_jit(*a))
+    monkeypatch.setattr(launch, "DIRECT", False)
+    want = run()
+    monkeypatch.setattr(launch, "DIRECT", True)
+    first = run()
+    n_first = len(jit_calls)
+    again = run()
+    assert len(jit_calls) == n_first, "repeated calls must take the direct path"
+    fwd_keys = launch.direct(kfold._fold_fwd_kernel).compiled
+    assert any(any(res for _, res in key[1]) for key in fwd_keys) == (offset == 1)
+    for a, b_, c in zip(want, first, again):
+        assert torch.equal(a, b_) and torch.equal(a, c)

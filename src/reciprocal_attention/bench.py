@@ -413,6 +413,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
     timer = Timer(device, cfg.warmup, cfg.repeats, cfg.inner)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     records: list[dict[str, Any]] = []
+    if cuda:
+        _warm_workspaces(device)
     try:
         from tqdm import tqdm
 
@@ -448,6 +450,21 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
     return records
 
 
+def _warm_workspaces(device: torch.device) -> None:
+    """cuBLAS and the SDPA backends allocate their workspaces on first use and keep them: do that before any arm's
+    memory baseline, or the first arm's peak carries them."""
+    x = torch.randn(256, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    torch.nn.functional.linear(x, x).sum().backward()
+    q = torch.randn(1, 2, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    for backend in ("flash", "cudnn", "efficient"):
+        try:
+            with sdpa_context(backend):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        except RuntimeError:  # a backend this card/build lacks: its arms record the error themselves
+            pass
+    torch.cuda.synchronize(device)
+
+
 def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
              device: torch.device, dtype: torch.dtype, timer: Timer) -> dict[str, Any]:
     torch.manual_seed(0)
@@ -460,20 +477,22 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
     target = torch.compile(module) if mode == "compile" else module
     with sdpa_context(arm.sdpa), amp:
         fn = _make_step(target, x, pass_)
+        peak = None
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
             base_mem = torch.cuda.memory_allocated(device)
         fn()  # first call: compiles, allocates grads/optimizer state
+        if device.type == "cuda":  # peak of a steady-state call over everything the arm holds (not the capture's)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated(device) - base_mem
         if mode == "graph":
             if arm.syncs_host:
                 raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
             fn = timer.graphed(fn)
         times = timer.measure(fn)
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated(device) - base_mem
     return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
             "peak_mem_bytes": peak, "n_timings": len(times), "calls_per_timing": timer.inner}
 

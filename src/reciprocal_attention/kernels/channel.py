@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import INTERPRET, eager_launch, triton_installed
+from .launch import direct
 
 __all__ = ["add_bias_channel_fused", "add_positional_bias_channel_fused", "fused_channel_usable"]
 
@@ -116,6 +117,10 @@ def fused_channel_usable(qkv: Tensor) -> bool:
     return triton_installed() and (qkv.is_cuda or INTERPRET) and eager_launch(qkv)
 
 
+def _launch(kernel):
+    return kernel if INTERPRET else direct(kernel)
+
+
 def _scalars(ref: Tensor, *xs: float) -> Tensor:
     """fp64 kernels take their float arguments from a tensor (else a dummy: no host-to-device copy)."""
     return torch.tensor(xs, dtype=torch.float64, device=ref.device) if ref.dtype == torch.float64 else ref
@@ -137,7 +142,7 @@ class _ChannelFunction(torch.autograd.Function):
         c_sb = 0 if (positional or c.dim() == 2) else c.stride(0)
         c_sh, c_st = c.stride(-2), c.stride(-1)
         fp64 = qkv.dtype == torch.float64
-        _channel_fwd_kernel[(triton.cdiv(T, block_t), B)](
+        _launch(_channel_fwd_kernel)[(triton.cdiv(T, block_t), B)](
             qkv, qkv.stride(0), qkv.stride(1), T, n_head, q0, n_head * width + q0, width, c, c_sb, c_sh, c_st,
             w if positional else c, 1.0 / (scale * kappa), float(kappa),
             _scalars(qkv, 1.0 / (scale * kappa), kappa), POSITIONAL=positional, Q_CHANNEL=q_channel, FP64=fp64, BLOCK_T=block_t, BLOCK_H=block_h,
@@ -168,7 +173,7 @@ class _ChannelFunction(torch.autograd.Function):
             pw = dc
             grid = (triton.cdiv(T, block_t), 1 if shared else B)
         dc_sb = 0 if shared else dc.stride(0)
-        _channel_bwd_kernel[grid](
+        _launch(_channel_bwd_kernel)[grid](
             g, g.stride(0), g.stride(1), B, T, H, k0, width, 1.0 / (scale * kappa), _scalars(g, 1.0 / (scale * kappa)),
             c, c.stride(-2), c.stride(-1),
             w if positional else c, dc, dc_sb, dc.stride(-2), dc.stride(-1), L, pw, n_tb,

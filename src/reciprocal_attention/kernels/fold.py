@@ -58,6 +58,7 @@ from torch import Tensor
 
 from ..fold import FOLDED_VARIANTS, folded_width, std_width
 from . import INTERPRET, eager_launch
+from .launch import direct
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +384,9 @@ def _kernels() -> dict:
 
 
 def _launcher(kernel, traceable: bool, *tensors):
-    """``wrap_triton(kernel)`` inside the triton_op while tracing (so torch.compile sees the kernel), the bare kernel
-    otherwise (eager calls: no per-launch higher-order-op overhead, see ``kernels.eager_launch``).
+    """``wrap_triton(kernel)`` inside the triton_op while tracing (so torch.compile sees the kernel), else a direct
+    launcher of the compiled kernel (eager calls: no per-launch higher-order-op overhead, see
+    ``kernels.eager_launch``, and no ``JITFunction.run``, see ``kernels.launch``).
 
     Under the interpreter (CPU tests) the op is an opaque ``custom_op`` whose fake implementation is this same
     body: the launch is skipped when the tensors are fake (shape propagation only needs the allocations).
@@ -393,7 +395,7 @@ def _launcher(kernel, traceable: bool, *tensors):
         return _InterpretedLaunch(kernel)
     if traceable and not eager_launch(*tensors):
         return torch.library.wrap_triton(kernel)
-    return kernel
+    return direct(kernel)
 
 
 class _InterpretedLaunch:
