@@ -1,37 +1,31 @@
-"""Host overhead of an eager attention block (dev aid): wall ms per call, CUDA-synchronised, one card, one process.
+"""Eager (host-bound) cost of the attention block (dev aid): wall ms per call, CUDA-synchronised, one card.
 
-Rows, B=8 T=1024 C=768 bf16, cuDNN SDPA:
+B=8 T=1024 C=768 bf16, cuDNN SDPA. Per arm two calls:
 - ``fwd+bwd``: repeated calls with unchanged parameters (the RA fold cache hits: no fold forward kernel);
-- ``step``: fwd+bwd + an SGD step each call (the fold is rebuilt every call, as in training);
-- the fused fold alone (``fused_fold_gated`` forward + backward; forward without grad), to split the RA overhead
-  into the fold's own calls and the rest.
-A torch.profiler table of the RA ``step`` call (host time by op) is written beside the JSON.
-Usage: python scripts/eager_overhead.py OUT_JSON
+- ``step``: fwd+bwd + an SGD step and zero_grad each call (the fold is rebuilt every call, as in training).
+Eager timings on the lent machine drift by tens of percent within minutes, so the arms are interleaved: every
+round times each (arm, call) for ``--inner`` calls, and the JSON gives the median and min over rounds and the
+median ratio to the baseline. RA arms are also timed with Triton's own launch path
+(``kernels.launch.DIRECT = False``) to show what the direct launches save.
+Usage: python scripts/eager_overhead.py OUT_JSON [--rounds 15] [--inner 20] [--cprofile]
 """
+import argparse
 import json
-import sys
+import statistics
 import time
 
 import torch
 
-import reciprocal_attention.kernels.fold as kfold
-from reciprocal_attention.kernels import launch
 from reciprocal_attention import ReciprocalAttention
 from reciprocal_attention.bench import _versions, sdpa_context
+from reciprocal_attention.kernels import launch
+
+ARMS = (("baseline", "standard", "sdpa", True), ("ra_fast", "ra", "sdpa", True),
+        ("ra_fast (JITFunction.run)", "ra", "sdpa", False), ("channel_bias", "ra_disc_channel", "sdpa", True),
+        ("channel_bias (JITFunction.run)", "ra_disc_channel", "sdpa", False), ("triton_bias", "ra_disc", "triton", True))
 
 
-def per_call_ms(fn, n=40):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
-
-
-def block_calls(m, x, gy):
+def calls(m, x, gy):
     opt = torch.optim.SGD(m.parameters(), lr=1e-6)
 
     def fwd_bwd():
@@ -42,73 +36,66 @@ def block_calls(m, x, gy):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return fwd_bwd, step
+    return {"fwd+bwd": fwd_bwd, "step": step}
 
 
-def cprofile_text(fn, n=50) -> str:
-    import cProfile
-    import io
-    import pstats
-
+def timed(fn, direct: bool, n: int) -> float:
+    launch.DIRECT = direct
     torch.cuda.synchronize()
-    pr = cProfile.Profile()
-    pr.enable()
+    t = time.perf_counter()
     for _ in range(n):
         fn()
     torch.cuda.synchronize()
-    pr.disable()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(35)
-    return buf.getvalue()
+    launch.DIRECT = True
+    return (time.perf_counter() - t) / n * 1e3
 
 
-def main(out: str) -> None:
-    res = {"versions": _versions(), "unit": "ms per eager call (wall, synchronised), B=8 T=1024 C=768 bf16, cuDNN",
-           "direct_launch": "RA rows with kernels.launch.DIRECT on (default) and off (JITFunction.run)"}
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--cprofile", action="store_true", help="also write a cProfile of 50 RA steps beside the JSON")
+    a = ap.parse_args()
     x = torch.randn(8, 1024, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
-    stem = out.replace(".json", "")
-    profiles = []
+    res = {"versions": _versions(), "unit": "ms per eager call (wall, synchronised), B=8 T=1024 C=768 bf16, cuDNN",
+           "rounds": a.rounds, "inner": a.inner, "arms": {}}
     with sdpa_context("cudnn"):
-        for name, preset, backend in (("baseline", "standard", "sdpa"), ("ra_fast", "ra", "sdpa"),
-                                      ("channel_bias", "ra_disc_channel", "sdpa"),
-                                      ("triton_bias", "ra_disc", "triton")):
+        fns = {}
+        for name, preset, backend, direct in ARMS:
             m = ReciprocalAttention.from_preset(preset, n_embd=768, n_head=12, backend=backend).cuda().bfloat16()
-            fwd_bwd, step = block_calls(m, x, gy)
-            res[name] = {"fwd+bwd": per_call_ms(fwd_bwd), "step": per_call_ms(step)}
-            if name in ("ra_fast", "channel_bias"):
-                launch.DIRECT = False
-                res[name + " (JITFunction.run)"] = {"fwd+bwd": per_call_ms(fwd_bwd), "step": per_call_ms(step)}
-                launch.DIRECT = True
-            if name in ("baseline", "ra_fast"):
-                profiles.append(f"===== {name} step, cProfile of 50 calls\n" + cprofile_text(step))
-            if name == "ra_fast":
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])
-                with prof:
-                    for _ in range(10):
-                        step()
-                    torch.cuda.synchronize()
-                with open(stem + "_profile.txt", "w") as fh:
-                    fh.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-                p = [m.c_attn.weight, m.W_recip, m.w_std, m.w_rec]
+            for call, fn in calls(m, x, gy).items():
+                for _ in range(5):  # warm-up: compiles, autotunes, allocates
+                    fn()
+                fns[(name, call)] = (fn, direct)
+        times = {k: [] for k in fns}
+        for _ in range(a.rounds):
+            for k, (fn, direct) in fns.items():
+                times[k].append(timed(fn, direct, a.inner))
+        for (name, call), ts in times.items():
+            base = times[("baseline", call)]
+            res["arms"].setdefault(name, {})[call] = {
+                "ms_median": statistics.median(ts), "ms_min": min(ts),
+                "ratio_median": statistics.median(t / b for t, b in zip(ts, base))}
+        if a.cprofile:
+            import cProfile
+            import pstats
 
-                def fold():
-                    w, _ = kfold.fused_fold_gated(m.c_attn.weight, m.c_attn.bias, m.W_recip, m.w_std, m.w_rec, 12,
-                                                  "same_flop")
-                    w.backward(torch.ones_like(w))
-
-                res["fold fwd+bwd alone"] = per_call_ms(fold)
-                with torch.no_grad():
-                    res["fold fwd alone (no grad)"] = per_call_ms(
-                        lambda: kfold.fused_fold_gated(*p[:1], m.c_attn.bias, *p[1:], 12, "same_flop"))
-    with open(stem + "_cprofile.txt", "w") as fh:
-        fh.write("\n".join(profiles))
-    for k, v in res.items():
-        print(k, v)
-    with open(out, "w") as fh:
+            fn, _ = fns[("ra_fast", "step")]
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            pr.disable()
+            pr.dump_stats(a.out.replace(".json", "") + ".prof")
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+    for name, v in res["arms"].items():
+        print(f"{name:32s}", "  ".join(f"{c}: {r['ms_median']:.3f} ms ({r['ratio_median']:.2f}x)" for c, r in v.items()))
+    with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

@@ -56,7 +56,7 @@ for s in $STAGES; do
              [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
     eager)   stage eager 150 $PY scripts/eager_overhead.py "$RES/eager_overhead.json"
-             cp "$RES"/eager_overhead*.json "$RES"/eager_overhead_*.txt "$OUT/" 2>/dev/null ;;
+             cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
     ddp)     stage ddp "${RA_DDP_TIMEOUT:-560}" bash scripts/gpu_ddp.sh "$RES/ddp" ;;
     train)   stage train "${RA_TRAIN_TIMEOUT:-300}" bash scripts/gpu_train.sh "$RES/train" ;;
     quality) stage quality "${RA_QUALITY_TIMEOUT:-420}" bash scripts/gpu_quality.sh "$RES/quality" ;;

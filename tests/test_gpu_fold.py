@@ -382,10 +382,13 @@ def test_module_bf16_matches_reference(preset):
             assert_rel(p.grad, pr.grad, 5e-2, f"d{name}")
 
 
-def test_channel_kernels_match_torch_form_and_are_deterministic(monkeypatch):
+def test_channel_kernels_match_torch_form(monkeypatch):
     """ra_disc_channel at GPT-2 small in bf16: the fused bias-channel kernels (eager CUDA path) against the
-    PyTorch form of the same channel (output within one bf16 rounding of the channel value, every gradient within
-    bf16 tolerance), and two runs give bitwise-equal gradients (no atomics)."""
+    PyTorch form of the same channel: the output within one bf16 rounding of the channel value, every gradient
+    within bf16 tolerance. (Bitwise run-to-run equality is checked on the kernels themselves, in
+    test_direct_launch_matches_jit_launch: SDPA's own backward, flash or cuDNN, is not bitwise reproducible, so
+    the module's dx and c_attn gradients vary between identical calls for the baseline too;
+    scripts/diag_determinism.py.)"""
     from reciprocal_attention import ReciprocalAttention, attention
 
     torch.manual_seed(5)
@@ -408,10 +411,8 @@ def test_channel_kernels_match_torch_form_and_are_deterministic(monkeypatch):
 
     real = channel._ChannelFunction.apply
     monkeypatch.setattr(channel._ChannelFunction, "apply", lambda *a: calls.append(1) or real(*a))
-    fused, again = run(), run()
+    fused = run()
     assert calls, "the fused channel kernels did not run"
-    for a, b in zip(fused, again):
-        assert torch.equal(a, b)
     monkeypatch.setattr(attention, "_fused_channel_usable", lambda q: False)
     torch_form = run()
     names = ["output", "dx"] + [n for n, _ in m.named_parameters()]
@@ -422,8 +423,9 @@ def test_channel_kernels_match_torch_form_and_are_deterministic(monkeypatch):
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_direct_launch_matches_jit_launch(monkeypatch, offset):
     """kernels.launch: the fold (3 kernels) and the bias channel (2 kernels) through the direct launcher give
-    bitwise the results of JITFunction.run; repeated calls skip Triton's launch path; a weight whose address is
-    not 16-byte aligned (storage offset) gets its own compiled variant, as under Triton's own key."""
+    bitwise the results of JITFunction.run, and three runs are bitwise equal (the kernels use no atomics);
+    repeated calls skip Triton's launch path; a weight whose address is not 16-byte aligned (storage offset) gets
+    its own compiled variant, as under Triton's own key."""
     from reciprocal_attention.kernels import channel, launch
 
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
