@@ -379,8 +379,16 @@ class ReciprocalAttention(nn.Module):
     # Folded weight and its cache
     # ---------------------------------------------------------------------------------------------------------
     def _fold_params(self) -> list[Tensor]:
-        ps = [self.c_attn.weight, self.W_recip, self.w_std, self.w_rec]
-        return ps + ([self.c_attn.bias] if self.c_attn.bias is not None else [])
+        """``[c_attn.weight, W_recip, w_std, w_rec (, c_attn.bias)]``, read from the parameter dicts (an eager call
+        pays ~1 us per ``nn.Module.__getattr__``); attribute lookup where a parametrization moved one."""
+        P, A = self._parameters, self.c_attn._parameters
+        try:
+            ps = [A["weight"], P["W_recip"], P["w_std"], P["w_rec"]]
+            bias = A.get("bias")
+        except KeyError:
+            ps = [self.c_attn.weight, self.W_recip, self.w_std, self.w_rec]
+            bias = self.c_attn.bias
+        return ps + ([bias] if bias is not None else [])
 
     def invalidate_cache(self) -> None:
         """Drop the cached folded weight (needed only after writes through ``param.data``)."""
@@ -405,9 +413,11 @@ class ReciprocalAttention(nn.Module):
         parameters). Nothing is cached while torch.compile traces.
         """
         params = self._fold_params()
+        weight, W, w_std, w_rec = params[:4]
+        bias = params[4] if len(params) == 5 else None
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        fused = _fused_fold_usable(self.c_attn.weight)
-        capturing = self.c_attn.weight.is_cuda and torch.cuda.is_current_stream_capturing()
+        fused = _fused_fold_usable(weight)
+        capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
         cacheable = not torch.compiler.is_compiling() and (not needs_grad or (fused and not capturing))
         reuse = None
         if cacheable:
@@ -418,11 +428,13 @@ class ReciprocalAttention(nn.Module):
                     return self._fold_cache[1], self._fold_cache[2]
                 reuse = (self._fold_cache[1], self._fold_cache[2])
             else:
-                self._fold_cache = None  # stale: free it before the new fold is made (peak memory)
+                # stale: free it before the new fold is made (peak memory). __dict__ skips nn.Module.__setattr__'s
+                # type checks (a few us per eager call)
+                self.__dict__["_fold_cache"] = None
         if fused:  # gate sides and routing formed inside the fold kernels
             from .kernels.fold import fused_fold_gated
 
-            wf, bf = fused_fold_gated(self.c_attn.weight, self.c_attn.bias, self.W_recip, self.w_std, self.w_rec,
+            wf, bf = fused_fold_gated(weight, bias, W, w_std, w_rec,
                                       self.n_head, self.variant, gates=self.gates,
                                       routing_threshold=self.routing_threshold, out_dtype=out_dtype,
                                       bias_channel=self.bias_channel, reuse=reuse)
@@ -431,7 +443,7 @@ class ReciprocalAttention(nn.Module):
                               self._routed(), self.n_head, self.variant, out_dtype=out_dtype, impl="torch",
                               bias_channel=self.bias_channel)
         if cacheable and reuse is None:
-            self._fold_cache = (key, wf.detach(), bf.detach() if bf is not None else None)
+            self.__dict__["_fold_cache"] = (key, wf.detach(), bf.detach() if bf is not None else None)
         return wf, bf
 
     def train(self, mode: bool = True) -> "ReciprocalAttention":  # a mode switch never keeps a cached fold

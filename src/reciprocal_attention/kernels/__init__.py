@@ -30,6 +30,12 @@ def eager_launch(*tensors) -> bool:
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # dynamo folds is_compiling()
         return False
-    from torch._subclasses.fake_tensor import is_fake
+    fake = _fake_tensor_type()
+    return not any(isinstance(t, fake) for t in tensors)
 
-    return not any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
+
+@functools.lru_cache(maxsize=None)
+def _fake_tensor_type() -> type:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor

@@ -545,8 +545,9 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
         IEEE=ieee, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
     dW = torch.empty_like(W, memory_format=torch.contiguous_format)
+    # absent gate sides (gated modes) get no gradient: None eagerly, an empty tensor for the op's schema
     dg = [torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None
-          else torch.empty((0,), dtype=acc, device=dev) for g in (g0, g1, g2, g3)]
+          else (torch.empty((0,), dtype=acc, device=dev) if traceable else None) for g in (g0, g1, g2, g3)]
     # One program per 32 entries of dW (each sums a [n_slots, 32] strip, one load round trip when n_slots <= 256)
     # and one for the gates.
     block_e = 32
