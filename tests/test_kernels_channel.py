@@ -5,6 +5,7 @@ the reference backend: output and every gradient, float64 and float32, T = 1, od
 import pytest
 import torch
 
+from module_check import assert_module_matches
 from reciprocal_attention import fold
 from reciprocal_attention.kernels import channel
 
@@ -106,18 +107,8 @@ def test_module_channel_kernels_match_reference(monkeypatch, disc, bias, T):
     ref.load_state_dict(m.state_dict())
     x = torch.randn(2, T, 24, generator=gen, dtype=F64)
     g = torch.randn(2, T, 24, generator=gen, dtype=F64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = m(x1), ref(x2)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
+    assert_module_matches(m, ref, x, g, grad_rtol=1e-9, grad_atol=1e-11)
     assert calls, "the fused channel did not run"
-    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
-    for (name, p1), (_, p2) in zip(m.named_parameters(), ref.named_parameters()):
-        if p2.grad is None:
-            assert p1.grad is None or p1.grad.abs().max() == 0, name
-        else:
-            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-11, msg=lambda s, n=name: f"{n}: {s}")
 
 
 CHANNEL_COMPILE_CHECK = """
