@@ -22,7 +22,8 @@ from reciprocal_attention.kernels import launch
 
 ARMS = (("baseline", "standard", "sdpa", True), ("ra_fast", "ra", "sdpa", True),
         ("ra_fast (JITFunction.run)", "ra", "sdpa", False), ("channel_bias", "ra_disc_channel", "sdpa", True),
-        ("channel_bias (JITFunction.run)", "ra_disc_channel", "sdpa", False), ("triton_bias", "ra_disc", "triton", True))
+        ("channel_bias (JITFunction.run)", "ra_disc_channel", "sdpa", False),
+        ("triton_bias", "ra_disc", "triton", True))
 
 
 def calls(m, x, gy):
@@ -92,7 +93,8 @@ def main() -> None:
             pr.dump_stats(a.out.replace(".json", "") + ".prof")
             pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     for name, v in res["arms"].items():
-        print(f"{name:32s}", "  ".join(f"{c}: {r['ms_median']:.3f} ms ({r['ratio_median']:.2f}x)" for c, r in v.items()))
+        print(f"{name:32s}", "  ".join(f"{c}: {r['ms_median']:.3f} ms ({r['ratio_median']:.2f}x)"
+                                       for c, r in v.items()))
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
 

@@ -25,6 +25,8 @@ def test_cpu_bench_writes_records_and_reports(tmp_path, capsys):
             assert r["ratio_vs_baseline"] == 1.0
         else:
             assert r["ratio_vs_baseline"] > 0
+            # eager rows are timed in alternating rounds with their baseline; the ratio is the paired one
+            assert r["mode"] != "eager" or r["ratio_vs_baseline"] == r["ratio_paired"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "Full Results" in md and "Performance Evolution" in md
     assert (tmp_path / "bench.png").stat().st_size > 1000
@@ -71,3 +73,25 @@ def test_arms_filter_keeps_baselines_and_cleans_partial(tmp_path):
     assert {r["impl"] for r in records} == {"baseline_flash", "ra_fast", "channel_bias"}
     assert not [r for r in records if r.get("error")], [r["error"] for r in records if r.get("error")]
     assert not (tmp_path / "bench.partial.json").exists()
+
+
+def test_paired_timing_alternates_and_enters_each_context():
+    """Timer.measure_paired: both callables timed every round, the order flipping, each block inside a fresh
+    context (SDPA backend contexts are single-use generators)."""
+    import contextlib
+
+    import torch
+
+    order, entered = [], []
+
+    @contextlib.contextmanager
+    def ctx(name):
+        entered.append(name)
+        yield
+
+    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=4, inner=2)
+    ta, tb = timer.measure_paired((lambda: order.append("a"), lambda: ctx("a")),
+                                  (lambda: order.append("b"), lambda: ctx("b")))
+    assert len(ta) == len(tb) == 4 and all(t > 0 for t in ta + tb)
+    assert order == ["a", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a"] * 2
+    assert entered == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]

@@ -3,9 +3,11 @@
 Every arm is the same module boundary, ``c_attn -> attention -> c_proj``, timed with CUDA events after warm-up,
 ``repeats`` (>= 7) timings of ``inner`` calls each, reporting median/min/max per call. Baseline and RA run in the
 same process on the same card; each RA arm's ratio is against the baseline on the same SDPA backend, pass, mode,
-shape and precision. Modes: ``eager`` (plain calls), ``graph`` (one CUDA graph captured, then replayed: pure GPU
-time) and ``compile`` (``torch.compile``). Passes: ``fwd`` (under ``no_grad``), ``fwd+bwd`` (parameter and input
-gradients), ``step`` (``fwd+bwd`` plus a fused AdamW step, so a folded weight is rebuilt every step).
+shape and precision. Modes: ``eager`` (plain calls; host-bound at these sizes, so each RA arm is timed in
+alternating rounds with its baseline and the ratio is the median of the per-round ratios), ``graph`` (one CUDA graph
+captured, then replayed: pure GPU time) and ``compile`` (``torch.compile``). Passes: ``fwd`` (under
+``no_grad``), ``fwd+bwd`` (parameter and input gradients), ``step`` (``fwd+bwd`` plus a fused AdamW step, so a
+folded weight is rebuilt every step).
 
 On a CPU the same code runs at small shapes, eager only, and says so: CPU numbers are not the protocol's numbers.
 """
@@ -55,7 +57,8 @@ class _WrappedBlock(nn.Module):
         """``q, k, v`` as ``[B, H, T, D]`` from ``c_attn`` (or from the weight-space folded ``c_attn``)."""
         B, T, C = x.shape
         w, b = self.ra.folded_weight(out_dtype=None) if folded else (self.ra.c_attn.weight, self.ra.c_attn.bias)
-        q, k, v = (t.view(B, T, self.ra.n_head, self.ra.head_dim).transpose(1, 2) for t in F.linear(x, w, b).split(C, 2))
+        q, k, v = (t.view(B, T, self.ra.n_head, self.ra.head_dim).transpose(1, 2)
+                   for t in F.linear(x, w, b).split(C, 2))
         return q, k, v
 
     def project(self, y: Tensor) -> Tensor:
@@ -282,28 +285,43 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def measure(self, fn: Callable[[], None]) -> list[float]:
-        cuda = self.device.type == "cuda"
         for _ in range(self.warmup):
             fn()
         self._sync()
-        times = []
-        for _ in range(self.repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(self.inner):
-                    fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / self.inner)
-            else:
-                import time
+        return [self._block(fn) for _ in range(self.repeats)]
 
-                t0 = time.perf_counter()
-                for _ in range(self.inner):
+    def _block(self, fn: Callable[[], None]) -> float:
+        """ms per call of ``inner`` back-to-back calls."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(self.inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / self.inner
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(self.inner):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / self.inner
+
+    def measure_paired(self, a: tuple[Callable[[], None], Callable[[], Any]],
+                       b: tuple[Callable[[], None], Callable[[], Any]]) -> tuple[list[float], list[float]]:
+        """Time two ``(fn, context factory)`` pairs in alternating rounds (the order flips every round); per-round
+        ms per call of each. A fresh context (e.g. an SDPA backend choice) is entered around each block."""
+        for fn, ctx in (a, b):
+            with ctx():
+                for _ in range(self.warmup):
                     fn()
-                times.append((time.perf_counter() - t0) * 1e3 / self.inner)
-        return times
+        self._sync()
+        ta, tb = [], []
+        for i in range(self.repeats):
+            for fn, ctx, out in ((a[0], a[1], ta), (b[0], b[1], tb))[:: 1 if i % 2 == 0 else -1]:
+                with ctx():
+                    out.append(self._block(fn))
+        return ta, tb
 
     def graphed(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Capture ``fn`` in one CUDA graph (after side-stream warm-up) and return its replay."""
@@ -409,6 +427,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
         arms = [a for a in arms if a.sdpa in ("flash", "any") and not a.impl.startswith(("triton", "full_triton",
                                                                                         "flex"))]
     jobs = _plan(cfg, arms)
+    baselines = {a.impl: a for a in arms if a.impl.startswith("baseline")}
     versions = _versions()
     timer = Timer(device, cfg.warmup, cfg.repeats, cfg.inner)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -429,7 +448,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
                                "baseline_impl": arm.baseline, "precision": cfg.precision, "bias": cfg.bias,
                                "note": arm.note, **versions}
         try:
-            rec.update(_run_one(arm, B, T, C, H, pass_, mode, cfg, device, dtype, timer))
+            base = baselines.get(arm.baseline) if not arm.impl.startswith("baseline") else None
+            rec.update(_run_one(arm, B, T, C, H, pass_, mode, cfg, device, dtype, timer, base))
         except Exception as exc:  # a failing arm is recorded, never silently dropped
             log.warning("arm %s (%s) %dx%d %s %s failed: %s", arm.impl, arm.sdpa, B, T, pass_, mode, exc)
             rec.update({"ms_median": None, "ms_min": None, "ms_max": None, "peak_mem_bytes": None,
@@ -465,15 +485,15 @@ def _warm_workspaces(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
-             device: torch.device, dtype: torch.dtype, timer: Timer) -> dict[str, Any]:
+def _prepare(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
+             device: torch.device, dtype: torch.dtype, amp) -> tuple[Callable[[], None], int | None]:
+    """Build ``arm``'s block and the timed callable, and make the first call (compiles, allocates grads/optimizer
+    state). On CUDA also returns the peak memory of a steady-state call over everything the arm holds (measured
+    before any graph capture, whose pool would count)."""
     torch.manual_seed(0)
     module = arm.build(C, H, max(T, 1024), cfg.bias).to(device=device, dtype=dtype)
     module.train()
     x = torch.randn(B, T, C, device=device, dtype=dtype)
-    # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
-           else contextlib.nullcontext())
     target = torch.compile(module) if mode == "compile" else module
     with sdpa_context(arm.sdpa), amp:
         fn = _make_step(target, x, pass_)
@@ -481,20 +501,43 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
         if device.type == "cuda":
             torch.cuda.synchronize()
             base_mem = torch.cuda.memory_allocated(device)
-        fn()  # first call: compiles, allocates grads/optimizer state
-        if device.type == "cuda":  # peak of a steady-state call over everything the arm holds (not the capture's)
+        fn()
+        if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             fn()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated(device) - base_mem
-        if mode == "graph":
-            if arm.syncs_host:
-                raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
-            fn = timer.graphed(fn)
-        times = timer.measure(fn)
-    return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
-            "peak_mem_bytes": peak, "n_timings": len(times), "calls_per_timing": timer.inner}
+    return fn, peak
+
+
+def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
+             device: torch.device, dtype: torch.dtype, timer: Timer, baseline: Arm | None = None) -> dict[str, Any]:
+    """Time one (arm, shape, pass, mode). Eager with a ``baseline``: the two are timed in alternating rounds and
+    ``ratio_paired`` is the median of the per-round ratios (eager calls are host-bound, and the host's speed drifts
+    by tens of percent within minutes on the lent machine: unpaired eager ratios swing 0.7x-4.8x)."""
+    # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
+           else contextlib.nullcontext())
+    fn, peak = _prepare(arm, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
+    out: dict[str, Any] = {"peak_mem_bytes": peak, "calls_per_timing": timer.inner}
+    if mode == "eager" and baseline is not None:
+        base_fn, _ = _prepare(baseline, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
+        with amp:
+            times, base_times = timer.measure_paired((fn, lambda: sdpa_context(arm.sdpa)),
+                                                     (base_fn, lambda: sdpa_context(baseline.sdpa)))
+        out.update({"ratio_paired": statistics.median(t / b for t, b in zip(times, base_times)),
+                    "paired_baseline_ms_median": statistics.median(base_times)})
+    else:
+        with sdpa_context(arm.sdpa), amp:
+            if mode == "graph":
+                if arm.syncs_host:
+                    raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
+                fn = timer.graphed(fn)
+            times = timer.measure(fn)
+    out.update({"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
+                "n_timings": len(times)})
+    return out
 
 
 def fill_ratios(records: list[dict[str, Any]]) -> None:
@@ -506,6 +549,9 @@ def fill_ratios(records: list[dict[str, Any]]) -> None:
         b = base.get((r["baseline_impl"],) + key(r))
         ok = b is not None and b.get("ms_median") and r.get("ms_median")
         r["ratio_vs_baseline"] = r["ms_median"] / b["ms_median"] if ok else None
+        if r.get("ratio_paired") is not None:  # eager: timed in alternating rounds with its baseline
+            r["ratio_unpaired"] = r["ratio_vs_baseline"]
+            r["ratio_vs_baseline"] = r["ratio_paired"]
         if ok and b.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
             r["mem_ratio_vs_baseline"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
 
@@ -568,7 +614,8 @@ def markdown_report(records: list[dict[str, Any]]) -> str:
     lines = ["# ra bench: RA vs the baseline attention block",
              "", f"Device: **{v['device']}**; torch {v['torch']}, triton {v['triton']}, CUDA {v.get('cuda')}; "
              f"precision {v['precision']}; GPT-2 biases: {v['bias']}. Median ms per call (min-max), ratio against "
-             "the baseline on the same SDPA backend, pass, mode and shape. Graph = CUDA-graph replay (pure GPU time).",
+             "the baseline on the same SDPA backend, pass, mode and shape; eager ratios are paired (timed in "
+             "alternating rounds with the baseline). Graph = CUDA-graph replay (pure GPU time).",
              ""]
     by = {}
     for r in records:

@@ -145,8 +145,8 @@ class _ChannelFunction(torch.autograd.Function):
         _launch(_channel_fwd_kernel)[(triton.cdiv(T, block_t), B)](
             qkv, qkv.stride(0), qkv.stride(1), T, n_head, q0, n_head * width + q0, width, c, c_sb, c_sh, c_st,
             w if positional else c, 1.0 / (scale * kappa), float(kappa),
-            _scalars(qkv, 1.0 / (scale * kappa), kappa), POSITIONAL=positional, Q_CHANNEL=q_channel, FP64=fp64, BLOCK_T=block_t, BLOCK_H=block_h,
-            num_warps=4)
+            _scalars(qkv, 1.0 / (scale * kappa), kappa), POSITIONAL=positional, Q_CHANNEL=q_channel, FP64=fp64,
+            BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(c, w)
         ctx.meta = (B, T, n_head, width, scale, kappa)

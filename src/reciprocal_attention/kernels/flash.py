@@ -48,7 +48,8 @@ backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
 kernels directly (the custom-op dispatch and ``wrap_triton`` cost host time on every call). Under
 ``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same ops are opaque
 ``torch.library.custom_op`` s with explicit fake implementations. On a torch without ``triton_op`` (< 2.6)
-the ``autograd.Function`` is used throughout (and the reason is logged); it graph-breaks under ``torch.compile``. ``OP_MODE`` says which.
+the ``autograd.Function`` is used throughout (and the reason is logged); it graph-breaks under ``torch.compile``.
+``OP_MODE`` says which.
 
 Configs: :data:`AUTOTUNE` (default on; ``RA_FLASH_AUTOTUNE=0`` turns it off) autotunes each attention kernel
 over a few ``BLOCK_M/BLOCK_N/num_warps/num_stages`` configs keyed on ``T``, ``D``, the flags and the dtype;

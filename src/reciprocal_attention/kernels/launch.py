@@ -9,9 +9,9 @@ calls its runner directly afterwards.
 
 The key is at least as fine as Triton's specialisation (so a kept kernel is never used where Triton would have
 compiled another): the argument types, per tensor its dtype and address modulo 16, every other argument by value,
-the launch options and the current device. Anything else goes through ``JITFunction.run``. ``DIRECT`` (env ``RA_DIRECT_LAUNCH``, default
-on) switches the direct path off; if Triton's internals do not match what this module expects, it logs why once
-and launches through ``JITFunction.run`` from then on.
+the launch options and the current device. Anything else goes through ``JITFunction.run``. ``DIRECT`` (env
+``RA_DIRECT_LAUNCH``, default on) switches the direct path off; if Triton's internals do not match what this
+module expects, it logs why once and launches through ``JITFunction.run`` from then on.
 """
 
 from __future__ import annotations
