@@ -66,6 +66,19 @@ def test_positional_fused_matches_torch_form(shape, dtype, tol):
     assert torch.count_nonzero(got[2][1][:, T:]) == 0
 
 
+def _channel_pair(gen, scale, **kw):
+    """A float64 ``ra_disc_channel`` module on the sdpa backend with random parameters, and its reference twin."""
+    from reciprocal_attention.attention import ReciprocalAttention
+
+    m = ReciprocalAttention.from_preset("ra_disc_channel", backend="sdpa", **kw).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * scale)
+    ref = ReciprocalAttention.from_preset("ra_disc_channel", backend="reference", **kw).double()
+    ref.load_state_dict(m.state_dict())
+    return m, ref
+
+
 def test_errors_name_the_parameter():
     qkv, col, w, d, _ = _case(2, 5, 2, 4, 8, F64, seed=0)
     with pytest.raises(ValueError, match="qkv must be the 2-D"):
@@ -92,7 +105,6 @@ def test_module_channel_kernels_match_reference(monkeypatch, disc, bias, T):
     """ra_disc_channel's eager CUDA path (fused fold + fused channel) through the interpreter, float64: output
     and every gradient equal the reference backend's."""
     from reciprocal_attention import attention
-    from reciprocal_attention.attention import ReciprocalAttention
 
     calls = []
     real = channel._ChannelFunction.apply
@@ -100,13 +112,7 @@ def test_module_channel_kernels_match_reference(monkeypatch, disc, bias, T):
     monkeypatch.setattr(attention, "_fused_fold_usable", lambda w: True)
     monkeypatch.setattr(attention, "_fused_channel_usable", lambda q: True)
     gen = torch.Generator().manual_seed(T)
-    kw = dict(n_embd=24, n_head=3, block_size=32, bias=bias, discoverability=disc, rank=4)
-    m = ReciprocalAttention.from_preset("ra_disc_channel", backend="sdpa", **kw).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.4)
-    ref = ReciprocalAttention.from_preset("ra_disc_channel", backend="reference", **kw).double()
-    ref.load_state_dict(m.state_dict())
+    m, ref = _channel_pair(gen, 0.4, n_embd=24, n_head=3, block_size=32, bias=bias, discoverability=disc, rank=4)
     x = torch.randn(2, T, 24, generator=gen, dtype=F64)
     g = torch.randn(2, T, 24, generator=gen, dtype=F64)
     assert_module_matches(m, ref, x, g, grad_rtol=1e-9, grad_atol=1e-11)
@@ -158,7 +164,6 @@ def test_property_eager_cuda_path_matches_reference(B, T, H, D, disc, bias, data
     on a second call) through the interpreter on random shapes: output and every gradient equal the reference
     backend's, on both calls (float64)."""
     from reciprocal_attention import attention
-    from reciprocal_attention.attention import ReciprocalAttention
 
     R = data.draw(st.integers(1, D - 2))
     mp = pytest.MonkeyPatch()
@@ -166,13 +171,8 @@ def test_property_eager_cuda_path_matches_reference(B, T, H, D, disc, bias, data
         mp.setattr(attention, "_fused_fold_usable", lambda w: True)
         mp.setattr(attention, "_fused_channel_usable", lambda q: True)
         gen = torch.Generator().manual_seed(seed)
-        kw = dict(n_embd=H * D, n_head=H, block_size=24, bias=bias, discoverability=disc, rank=R)
-        m = ReciprocalAttention.from_preset("ra_disc_channel", backend="sdpa", **kw).double()
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5)
-        ref = ReciprocalAttention.from_preset("ra_disc_channel", backend="reference", **kw).double()
-        ref.load_state_dict(m.state_dict())
+        m, ref = _channel_pair(gen, 0.5, n_embd=H * D, n_head=H, block_size=24, bias=bias, discoverability=disc,
+                               rank=R)
         x = torch.randn(B, T, H * D, generator=gen, dtype=F64)
         g = torch.randn(B, T, H * D, generator=gen, dtype=F64)
         for _ in range(2):  # the second call reuses the cached fold
