@@ -31,6 +31,8 @@ def main() -> None:
     kfold._launcher = lambda kernel, traceable, *t: _NoLaunch()
     att._fused_fold_usable = lambda w: True
     torch.set_num_threads(1)
+    # the stubbed kernels leave their outputs uninitialised; denormals in them would slow the CPU GEMMs ~5x
+    torch.set_flush_denormal(True)
     x = torch.randn(1, 4, 64, requires_grad=True)
     gy = torch.randn_like(x)
     steps = {}
