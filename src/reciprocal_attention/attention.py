@@ -410,7 +410,9 @@ class ReciprocalAttention(nn.Module):
         With autograd on the fused path, a hit skips the fold's forward kernel and keeps its backward (gradient
         accumulation over micro-batches, repeated calls between optimizer steps); that path neither reads nor
         writes the cache while a CUDA graph is captured (a training replay must rebuild the fold from the
-        parameters). Nothing is cached while torch.compile traces.
+        parameters). Nothing is cached while torch.compile traces. Writes through ``param.data`` (manual
+        ``p.data.sub_(...)`` updates, some EMA code) bypass version counters in training too: call
+        ``invalidate_cache()`` after them.
         """
         params = self._fold_params()
         weight, W, w_std, w_rec = params[:4]
