@@ -105,6 +105,7 @@ def test_ra_train_two_processes_equal_one_and_resume_on_another_n(tmp_path):
     the samples of a step depend only on the global batch, so the loss curves agree step for step (float32, up to
     reduction order). A 2-process checkpoint resumed by 1 process continues that same run. A resume that would
     change the global batch is refused with the numbers to fix."""
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -118,14 +119,23 @@ def test_ra_train_two_processes_equal_one_and_resume_on_another_n(tmp_path):
               "model.n_embd=32", "model.block_size=32", "model.attn=ra", "data.batch_size=2", "eval.interval=0",
               "system.log_interval=1", "checkpoint.interval=2", "checkpoint.keep_last=0",
               "schedule.warmup_steps=1", "schedule.decay_steps=6"]
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
 
     def torchrun(out: Path, steps: int) -> None:
         args = ["--preset", "tiny", "--out", str(out)] + [a for c in common + [f"budget.max_steps={steps}"]
                                                           for a in ("--set", c)]
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                              "2", "-m", "reciprocal_attention.train", *args], env=env, capture_output=True,
-                             text=True, timeout=300)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "reciprocal_attention.train", *args]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # Gloo's TCP transport can abort a rank while the pair connects ("terminate called without an active
+        # exception", SIGABRT in gloo::transport::tcp::Address::fromPeerName: pytorch/gloo#514); seen once in CI.
+        # Such a launch is retried once, from scratch; any other failure, or the same one twice, fails the test.
+        if res.returncode != 0 and "Signal 6 (SIGABRT)" in res.stderr:
+            print("torchrun: a rank aborted in the launch (gloo); retrying once. First stderr tail:\n"
+                  + res.stderr[-1500:])
+            shutil.rmtree(out, ignore_errors=True)
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
 
     def losses(out: Path) -> list[tuple[int, float, float]]:
