@@ -51,7 +51,7 @@ for s in $STAGES; do
     profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY scripts/profile_kernels.py "$RES/profile" ;;
     ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY scripts/ncu_fold.py ;;
     check)   stage check 240 $PY -m reciprocal_attention.cli check ;;
-    bench)   stage bench "${RA_BENCH_TIMEOUT:-420}" $PY -m reciprocal_attention.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
+    bench)   stage bench "${RA_BENCH_TIMEOUT:-480}" $PY -m reciprocal_attention.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)
              [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
