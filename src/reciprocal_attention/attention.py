@@ -436,14 +436,12 @@ class ReciprocalAttention(nn.Module):
         if fused:  # gate sides and routing formed inside the fold kernels
             from .kernels.fold import fused_fold_gated
 
-            wf, bf = fused_fold_gated(weight, bias, W, w_std, w_rec,
-                                      self.n_head, self.variant, gates=self.gates,
+            wf, bf = fused_fold_gated(weight, bias, W, w_std, w_rec, self.n_head, self.variant, gates=self.gates,
                                       routing_threshold=self.routing_threshold, out_dtype=out_dtype,
                                       bias_channel=self.bias_channel, reuse=reuse)
         else:
-            wf, bf = fold_qkv(self.c_attn.weight, self.c_attn.bias, self.W_recip, *self._gate_sides(),
-                              self._routed(), self.n_head, self.variant, out_dtype=out_dtype, impl="torch",
-                              bias_channel=self.bias_channel)
+            wf, bf = fold_qkv(weight, bias, W, *self._gate_sides(), self._routed(), self.n_head, self.variant,
+                              out_dtype=out_dtype, impl="torch", bias_channel=self.bias_channel)
         if cacheable and reuse is None:
             self.__dict__["_fold_cache"] = (key, wf.detach(), bf.detach() if bf is not None else None)
         return wf, bf

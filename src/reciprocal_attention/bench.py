@@ -428,6 +428,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
                                                                                         "flex"))]
     jobs = _plan(cfg, arms)
     baselines = {a.impl: a for a in arms if a.impl.startswith("baseline")}
+    paired_fns: dict[tuple, Callable[[], None]] = {}  # eager baselines, prepared once per (impl, shape, pass)
     versions = _versions()
     timer = Timer(device, cfg.warmup, cfg.repeats, cfg.inner)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -441,6 +442,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
     except ImportError:  # pragma: no cover
         it = jobs
     for arm, B, T, C, H, pass_, mode in it:
+        if any(k[1:5] != (B, T, C, H) for k in paired_fns):  # jobs come grouped by shape: free the last shape's
+            paired_fns.clear()
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(f"{arm.impl}/{arm.sdpa} {B}x{T} C={C} {pass_} {mode}")
         rec: dict[str, Any] = {"impl": arm.impl, "variant": arm.variant, "heads_pct": arm.heads_pct, "B": B, "T": T,
@@ -449,7 +452,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
                                "note": arm.note, **versions}
         try:
             base = baselines.get(arm.baseline) if not arm.impl.startswith("baseline") else None
-            rec.update(_run_one(arm, B, T, C, H, pass_, mode, cfg, device, dtype, timer, base))
+            rec.update(_run_one(arm, B, T, C, H, pass_, mode, cfg, device, dtype, timer, base, paired_fns))
         except Exception as exc:  # a failing arm is recorded, never silently dropped
             log.warning("arm %s (%s) %dx%d %s %s failed: %s", arm.impl, arm.sdpa, B, T, pass_, mode, exc)
             rec.update({"ms_median": None, "ms_min": None, "ms_max": None, "peak_mem_bytes": None,
@@ -512,17 +515,23 @@ def _prepare(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
 
 
 def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
-             device: torch.device, dtype: torch.dtype, timer: Timer, baseline: Arm | None = None) -> dict[str, Any]:
+             device: torch.device, dtype: torch.dtype, timer: Timer, baseline: Arm | None = None,
+             paired_fns: dict[tuple, Callable[[], None]] | None = None) -> dict[str, Any]:
     """Time one (arm, shape, pass, mode). Eager with a ``baseline``: the two are timed in alternating rounds and
     ``ratio_paired`` is the median of the per-round ratios (eager calls are host-bound, and the host's speed drifts
-    by tens of percent within minutes on the lent machine: unpaired eager ratios swing 0.7x-4.8x)."""
+    by tens of percent within minutes on the lent machine: unpaired eager ratios swing 0.7x-4.8x). The baseline's
+    prepared callable is kept in ``paired_fns`` for the next arm of the same shape and pass."""
     # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
            else contextlib.nullcontext())
     fn, peak = _prepare(arm, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
     out: dict[str, Any] = {"peak_mem_bytes": peak, "calls_per_timing": timer.inner}
     if mode == "eager" and baseline is not None:
-        base_fn, _ = _prepare(baseline, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
+        paired_fns = {} if paired_fns is None else paired_fns
+        key = (baseline.impl, B, T, C, H, pass_)
+        if key not in paired_fns:
+            paired_fns[key] = _prepare(baseline, B, T, C, H, pass_, mode, cfg, device, dtype, amp)[0]
+        base_fn = paired_fns[key]
         with amp:
             times, base_times = timer.measure_paired((fn, lambda: sdpa_context(arm.sdpa)),
                                                      (base_fn, lambda: sdpa_context(baseline.sdpa)))

@@ -39,12 +39,7 @@ if triton_installed():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _acc(x, FP64: tl.constexpr):
-        if FP64:
-            return x.to(tl.float64)
-        else:
-            return x.to(tl.float32)
+    from .fold import _acc  # fp32 (fp64 for fp64 kernels) accumulation type, shared with the fold kernels
 
     @triton.jit
     def _scalar(x, ptr, FP64: tl.constexpr):
