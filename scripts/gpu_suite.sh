@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
-#   stages: tests flashtests foldtests foldsweep check bench bench_amp flashab profile ncu eager ddp train quality (default: tests check bench
+#   stages: tests flashtests foldtests foldsweep check bench bench_amp profile ncu eager ddp train quality (default: tests check bench
 #   train quality)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
@@ -48,7 +48,6 @@ for s in $STAGES; do
                 pick_tiles ;;
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
-    flashab) stage flashab "${RA_FLASHAB_TIMEOUT:-240}" $PY scripts/flash_bwd_ab.py "$RES/flash_ab.json" ${RA_FLASHAB_ARGS:-} ;;
     profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY scripts/profile_kernels.py "$RES/profile" ;;
     ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY scripts/ncu_fold.py ;;
     check)   stage check 240 $PY -m reciprocal_attention.cli check ;;

@@ -102,15 +102,6 @@ def test_matches_float64_reference(dtype, T, mode, bias):
     check_low_precision(make_inputs(B, T, dtype, mode=mode, bias=bias, seed=T))
 
 
-@pytest.mark.parametrize("bwd", [m for m in flash.BWD_MODES if m != flash.BWD_MODE])
-@pytest.mark.parametrize("T", [100, 4096 + 7])
-@pytest.mark.parametrize("mode,bias", [("plain", None), ("recip", "ht"), ("a_only", "bht")])
-def test_other_backward_designs_match_reference(monkeypatch, bwd, T, mode, bias):
-    """The backward designs other than the default (flash.BWD_MODES) stay correct."""
-    monkeypatch.setattr(flash, "BWD_MODE", bwd)
-    check_low_precision(make_inputs(1 if T > 2048 else 2, T, torch.bfloat16, mode=mode, bias=bias, seed=T + 1))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_a_only_with_batch_bias(dtype):
     check_low_precision(make_inputs(2, 100, dtype, mode="a_only", bias="bht", seed=7))

@@ -147,45 +147,6 @@ def test_deterministic_gpt2():
         assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("case", ["fp32_sides", "bf16_signed", "bf16_seed", "fp32_sides_R16_nobias", "fp64_H25"])
-def test_fused_reduction_matches_two_launch(case):
-    """The backward's reduction fused into the tile kernel (tickets; the last program of a head, then the last head,
-    sums) against the two-launch path: bitwise-equal gradients, and the fused path bitwise equal to itself over 20
-    runs (the programs finish in varying orders on the GPU). Both tile configurations (fp32 operands: 4 warps;
-    all 16-bit: 2 warps, 4 d-blocks)."""
-    H, D, R, dtype, gates, bias = {"fp32_sides": (12, 64, 8, torch.float32, "sides", True),
-                                   "bf16_signed": (12, 64, 8, torch.bfloat16, "signed", True),
-                                   "bf16_seed": (12, 64, 16, torch.bfloat16, "seed", True),
-                                   "fp32_sides_R16_nobias": (12, 64, 16, torch.float32, "sides", False),
-                                   "fp64_H25": (25, 64, 8, torch.float64, "sides", True)}[case]
-    g = torch.Generator(device="cpu").manual_seed(17)
-    C = H * D
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
-
-    rows = 2 * H * D + C
-    gw, gb = rnd(rows, C), (rnd(rows) if bias else None)
-    weight, b, W = rnd(3 * C, C, scale=0.02), (rnd(3 * C, scale=0.02) if bias else None), rnd(D, R, scale=0.3)
-    w = [rnd(H) for _ in range(4)]
-    if gates == "sides":
-        args = (gw, gb, weight, b, W, w[0], w[1], w[2], w[3], (torch.arange(H) % 3 == 1).to(DEV), H, "same_flop",
-                kfold.GATE_MODES["sides"], None, False)
-    else:
-        args = (gw, gb, weight, b, W, w[0].abs(), None, w[2].abs(), None, None, H, "same_flop",
-                kfold.GATE_MODES[gates], 0.01, False)
-
-    def bits(out):
-        return [t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]).clone() for t in out
-                if t is not None]
-
-    two = bits(kfold._fold_backward_impl(*args, traceable=False, fused_reduce=False))
-    for i in range(20):
-        got = bits(kfold._fold_backward_impl(*args, traceable=False, fused_reduce=True))
-        for k, (x, y) in enumerate(zip(got, two)):
-            assert torch.equal(x, y), f"run {i}: output {k} differs from the two-launch path"
-
-
 def test_torch_compile_fullgraph():
     """Inductor, fullgraph: the triton_op and its backward compile with no graph break; same values as eager."""
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
@@ -330,38 +291,6 @@ def test_benchmark_printout(capsys):
             lines.append(f"{name:32s} {mode:6s} {f[0]:9.2f} ({f[1]:6.2f}-{f[2]:6.2f}) "
                          f"{fb[0]:9.2f} ({fb[1]:6.2f}-{fb[2]:6.2f})")
             record["arms"].append({"arm": name, "mode": mode, "fwd": f, "fwd_bwd": fb})
-    # The backward's reduction fused into the tile kernel (FUSED_REDUCE) or a second launch, at the default tiles:
-    # the raw backward (graph replay) and the fwd+bwd of the module's path, eager and graph.
-    w16_ = [t.detach().to(torch.bfloat16) for t in (weight, b, W, gates[0], gates[2])]
-    raw = (("bwd fp32 params", (weight.detach(), b.detach(), W.detach(), *(g.detach() for g in gates), routed, H,
-                                 "same_flop"), {}),
-           ("bwd bf16 params (gated)", (w16_[0], w16_[1], w16_[2], w16_[3], None, w16_[4], None, None, H,
-                                        "same_flop"), {"gate_mode": kfold.GATE_MODES["signed"]}))
-    lines.append("backward reduction, fused (one launch) vs two launches, us, median (min-max):")
-    record["fused_reduce_ab"] = []
-    for name, a, kw in raw:
-        for fused_ in (True, False):
-            tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *a, traceable=False, fused_reduce=fused_,
-                                                            **kw), graph=True)
-            lines.append(f"  {name:26s} {'fused' if fused_ else 'two-launch':10s} graph {tb[0]:7.2f} "
-                         f"({tb[1]:6.2f}-{tb[2]:6.2f})")
-            record["fused_reduce_ab"].append({"arm": name, "fused": fused_, "mode": "graph", "us": tb})
-    saved = kfold.FUSED_REDUCE
-    try:
-        for fused_ in (True, False):
-            kfold.FUSED_REDUCE = fused_
-
-            def gated_fwd_bwd():
-                w_, bb_ = gated()
-                torch.autograd.grad([w_, bb_], ins_gated, [gwf, gbf], allow_unused=True)
-
-            for mode in ("eager", "graph"):
-                fb = _time_us(gated_fwd_bwd, graph=mode == "graph")
-                lines.append(f"  {'gated fold fwd+bwd':26s} {'fused' if fused_ else 'two-launch':10s} {mode:5s} "
-                             f"{fb[0]:7.2f} ({fb[1]:6.2f}-{fb[2]:6.2f})")
-                record["fused_reduce_ab"].append({"arm": "gated fwd+bwd", "fused": fused_, "mode": mode, "us": fb})
-    finally:
-        kfold.FUSED_REDUCE = saved
     # Tile sweep of the raw kernels (graph replay), to pick the defaults on this card.
     w_ = weight.detach()
     args = (w_, b.detach(), W.detach(), *(g.detach() for g in gates), routed, H, "same_flop")

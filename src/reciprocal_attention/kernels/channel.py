@@ -174,7 +174,8 @@ class _ChannelFunction(torch.autograd.Function):
             w if positional else c, dc, dc_sb, dc.stride(-2), dc.stride(-1), L, pw, n_tb,
             POSITIONAL=positional, SHARED=shared, FP64=fp64, BLOCK_B=min(8, triton.next_power_of_2(B)),
             BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
-        dw = pw.sum(1).to(w.dtype) if positional else None
+        # w_disc's gradient: one reduction kernel, summed in pw's dtype and rounded once into w's (no cast kernel)
+        dw = torch.sum(pw, 1, out=torch.empty((H,), dtype=w.dtype, device=w.device)) if positional else None
         return g, dc, dw, None, None, None, None, None, None
 
 

@@ -39,6 +39,13 @@ only with the reciprocal term, two fp32 ``[B, H, T, D]`` partial-gradient buffer
   ``dq``, ``dk``. It runs after the column kernel on the same stream.
 * outputs follow the input layout: ``o``, ``dq`` like ``q``, ``dk`` like ``k``, ``dv`` like ``v`` (no copies after).
 
+Why two backward kernels and not FlashAttention-2's one (which adds each key block's ``dS K`` to ``dQ`` with
+float atomics): measured on an H100 (session 4, ``benchmarks/results/h100/flash_bwd_ab.json``, commit 757e0b5),
+a one-pass kernel was slower here both with fp32 atomics (0.81 vs 0.70 ms core fwd+bwd at T=4096) and with a
+deterministic hand-over of ``dQ`` between key blocks in a fixed order (1.03 ms): the extra ``[BLOCK_M, D]`` product
+and accumulator push the column kernel to 255 registers, and the ordered hand-over puts an L2 round trip on
+every iteration. Recomputing ``P`` and ``dP`` in a row kernel costs less.
+
 Here ``dS = P * (dP - delta)`` is the gradient of the logits ``l``. Without the reciprocal term the two
 backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
 
@@ -99,15 +106,6 @@ _INTERPRET = INTERPRET
 #: tests may flip it. Under TRITON_INTERPRET both are one 16 x 16 config.
 AUTOTUNE = os.environ.get("RA_FLASH_AUTOTUNE", "1") not in ("", "0")
 
-#: Backward design: "onepass" (one kernel per key block; dQ handed between key blocks in a fixed order) or
-#: "twopass" (a column kernel and a row kernel that recomputes P and dP; no inter-program waits). Both are
-#: deterministic. Read at launch time; env RA_FLASH_BWD at import.
-BWD_MODES = ("twopass", "onepass", "atomic")
-BWD_MODE = os.environ.get("RA_FLASH_BWD", "twopass")
-if BWD_MODE not in BWD_MODES:
-    raise ValueError(f"RA_FLASH_BWD must be one of {BWD_MODES}; got {BWD_MODE!r}")
-_MIN_BLOCK_M = 16  # the smallest BLOCK_M of any config (sizes the one-pass backward's lock buffer)
-
 
 def triton_available() -> bool:
     """True when Triton imported (the kernels exist)."""
@@ -140,18 +138,10 @@ if triton is not None:
         (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
         (64, 32, 8, 2), (32, 64, 4, 2),
     ]
-    # one-pass backward: a program owns BLOCK_N key columns, steps over BLOCK_M query rows
-    # (BLOCK_M = 128 spills for every flag set; with the reciprocal term only the 32 x 64, 8-warp config and
-    # smaller are spill-free, per ptxas -v for sm_90, bf16, D = 64)
-    _BWD_ONE_CONFIGS = [
-        (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 8, 2), (32, 64, 4, 3),
-        (16, 64, 4, 2), (32, 32, 4, 2),
-    ]
-    _BWD_ONE_FIXED = (32, 64, 8, 2)
     # with AUTOTUNE off: one config per kernel, checked with ptxas -v for sm_90 (bf16, D = 64 and 128, every
     # flag set): no register spills
     _FWD_FIXED, _BWD_COL_FIXED, _BWD_ROW_FIXED = (64, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)
-    _AUTOTUNE_KEY = ["T", "D", "HAS_A", "RECIP", "HAS_BIAS", "ATOMIC"]  # dtypes are added by the autotuner itself
+    _AUTOTUNE_KEY = ["T", "D", "HAS_A", "RECIP", "HAS_BIAS"]  # dtypes are added by the autotuner itself
 
     @triton.jit
     def _dot(x, y, IEEE: tl.constexpr):
@@ -483,211 +473,15 @@ if triton is not None:
             tl.store(DK + dk_off, dk_r.to(DK.dtype.element_ty), mask=mask_m[:, None])
         tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
-    @triton.jit
-    def _ordered_rows_add(lock, rank, last, dqa, dq, dq_c, off_qa, off_q, dka, dk_c, off_ka, mask, a_s,
-                          RECIP: tl.constexpr, ATOMIC: tl.constexpr):
-        """Add this key block's ``dQ_I`` (and reciprocal ``dK_I``) contribution to query block ``I`` in a fixed
-        order: wait until ``rank`` earlier key blocks have added (``lock`` counts them), add, hand over.
 
-        ``rank`` 0 stores without loading (no zero-initialised buffer); the last contributor (``last``, key
-        block 0) writes the final ``dq = a scale sum`` in ``dq``'s dtype when there is no reciprocal term (with
-        it the epilogue kernel completes ``dq, dk``) and resets ``lock`` to 0, so a finished launch leaves the
-        locks as it found them. Stores are visible to the next contributor through the barrier and the release
-        of the lock; its loads bypass L1 (``.cg``)."""
-        if ATOMIC:  # "atomic" mode: fp32 atomic adds into zeroed buffers, any order (not bitwise reproducible)
-            tl.atomic_add(dqa + off_qa, dq_c, mask=mask, sem="relaxed")
-            if RECIP:
-                tl.atomic_add(dka + off_ka, dk_c, mask=mask, sem="relaxed")
-            return
-        while tl.atomic_add(lock, 0, sem="acquire") != rank:
-            pass
-        dq_c += tl.load(dqa + off_qa, mask=mask & (rank > 0), other=0.0, cache_modifier=".cg")
-        if RECIP:
-            dk_c += tl.load(dka + off_ka, mask=mask & (rank > 0), other=0.0, cache_modifier=".cg")
-            tl.store(dka + off_ka, dk_c, mask=mask)
-            tl.store(dqa + off_qa, dq_c, mask=mask)
-        else:
-            tl.store(dq + off_q, (dq_c * a_s).to(dq.dtype.element_ty), mask=mask & last)
-            tl.store(dqa + off_qa, dq_c, mask=mask & (last == 0))
-        tl.debug_barrier()
-        tl.atomic_xchg(lock, tl.where(last, 0, rank + 1), sem="release")
-
-    @triton.jit
-    def _bwd_onepass_inner(
-        dk, dv, dq_r, dc, da, db, k, v, q_n, c,
-        q_ptr, k_ptr, do_ptr, lse_ptr, delta_ptr, sqt, skt, sdt,
-        dqa_ptr, dq_ptr, dka_ptr, sdqt, sdkt, lock_ptr, pid_n, a_s,
-        ca, cb, offs_n, lo, hi, T,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-        HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        ATOMIC: tl.constexpr,
-    ):
-        # the column kernel's loop (tiles [BLOCK_N (key j), BLOCK_M (query i)]) plus the row kernel's products:
-        # dQ_I += dS K_J (and dK_I += dS Q_J) handed to query block I in key-block order, and the per-column
-        # sums of dS * S (and dS * S') for da (db)
-        offs_d = tl.arange(0, D)
-        last = pid_n == 0
-        for start_m in range(lo, hi, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mm = offs_m < T
-            q_i = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=mm[:, None], other=0.0)
-            do = tl.load(do_ptr + offs_m[:, None] * sdt + offs_d[None, :], mask=mm[:, None], other=0.0)
-            lse = tl.load(lse_ptr + offs_m, mask=mm, other=float("inf"))
-            delta = tl.load(delta_ptr + offs_m, mask=mm, other=0.0)
-            s_t = _dot(k, tl.trans(q_i), IEEE)  # [j, i]: S_ij
-            qk_t = s_t * ca
-            if RECIP:
-                k_i = tl.load(k_ptr + offs_m[:, None] * skt + offs_d[None, :], mask=mm[:, None], other=0.0)
-                s2_t = _dot(q_n, tl.trans(k_i), IEEE)  # [j, i]: S'_ij = q_j.k_i
-                qk_t += s2_t * cb
-            else:
-                k_i = q_i
-                s2_t = s_t
-            if HAS_BIAS:
-                qk_t += c[:, None]
-            p_t = tl.math.exp2(qk_t - lse[None, :])
-            if MASK:
-                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-            dv += _dot(p_t.to(do.dtype), do, IEEE)
-            dp_t = _dot(v, tl.trans(do), IEEE)
-            ds_t = p_t * (dp_t - delta[None, :])
-            ds_c = ds_t.to(q_i.dtype)
-            dk += _dot(ds_c, q_i, IEEE)
-            if RECIP:
-                dq_r += _dot(ds_c, k_i, IEEE)
-                db += tl.sum(ds_t * s2_t, 1)
-            if HAS_BIAS:
-                dc += tl.sum(ds_t, 1)
-            if HAS_A:
-                da += tl.sum(ds_t * s_t, 1)
-            ds_r = tl.trans(ds_c)  # [i, j]
-            dq_c = _dot(ds_r, k, IEEE)  # dS K_J for rows I
-            if RECIP:
-                dk_c = _dot(ds_r, q_n, IEEE)  # dS Q_J for rows I (the reciprocal part of dk)
-            else:
-                dk_c = dq_c
-            # key blocks 0 .. jmax touch query block I; they add in descending order, this one is jmax - pid_n
-            rank = (tl.minimum(start_m + BLOCK_M, T) - 1) // BLOCK_N - pid_n
-            _ordered_rows_add(lock_ptr + start_m // BLOCK_M, rank, last, dqa_ptr, dq_ptr, dq_c,
-                              offs_m[:, None] * sdqt + offs_d[None, :], offs_m[:, None] * sdqt + offs_d[None, :],
-                              dka_ptr, dk_c, offs_m[:, None] * sdkt + offs_d[None, :], mm[:, None], a_s, RECIP,
-                              ATOMIC)
-        return dk, dv, dq_r, dc, da, db
-
-    @triton.jit(do_not_specialize=["T"])  # one binary for every T (no T == 1 / T % 16 variants)
-    def _ra_bwd_onepass_kernel(
-        Q, K, V, DO, LSE, DELTA, CB, A, BC,
-        DQ, DK, DV, DQA, DKA, DQR, DKL, DC, DA, DB, LOCK,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, scb, sch, sct,
-        sdqb, sdqh, sdqt, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-        H, T, scale,
-        D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        # Ordered hand-over: the last key blocks launch first; a key block waits only on higher ones of its
-        # (b, h), which were dispatched before it, so it cannot deadlock (blocks dispatch in launch order).
-        # Atomic adds wait on nothing: the heaviest key block (0) launches first.
-        if ATOMIC:
-            pid_n = tl.program_id(0)
-        else:
-            pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        row = bh.to(tl.int64) * T  # [B*H, T] buffers (LSE, DELTA, DC, DA, DB)
-        start_n = pid_n * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        mask_n = offs_n < T
-        q_ptr = Q + b * sqb + h * sqh
-        k_ptr = K + b * skb + h * skh
-        v_ptr = V + b * svb + h * svh
-        do_ptr = DO + b * sdb + h * sdh
-        scale, a_h, b_h, ca, cb = _head_coeffs(A, BC, h, scale, HAS_A, RECIP)
-        k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        if RECIP:
-            q_n = tl.load(q_ptr + offs_n[:, None] * sqt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        else:
-            q_n = k
-        if HAS_BIAS:
-            c = tl.load(CB + b * scb + h * sch + offs_n * sct, mask=mask_n, other=0.0).to(tl.float32)
-            c = c * 1.4426950408889634
-        else:
-            c = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        dq_r = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        dc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        da = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        a_s = a_h * scale
-        dq_off = b * sdqb + h * sdqh
-        dk_off = b * sdkb + h * sdkh
-        lock_ptr = LOCK + bh.to(tl.int64) * tl.cdiv(T, BLOCK_M)
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - lo, BLOCK_M) * BLOCK_M, T)
-        dk, dv, dq_r, dc, da, db = _bwd_onepass_inner(
-            dk, dv, dq_r, dc, da, db, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row, sqt, skt, sdt,
-            DQA + dq_off, DQ + dq_off, DKA + dk_off, sdqt, sdkt, lock_ptr, pid_n, a_s,
-            ca, cb, offs_n, lo, mid, T, D, BLOCK_M, BLOCK_N, True, HAS_A, RECIP, HAS_BIAS, IEEE, ATOMIC)
-        dk, dv, dq_r, dc, da, db = _bwd_onepass_inner(
-            dk, dv, dq_r, dc, da, db, k, v, q_n, c, q_ptr, k_ptr, do_ptr, LSE + row, DELTA + row, sqt, skt, sdt,
-            DQA + dq_off, DQ + dq_off, DKA + dk_off, sdqt, sdkt, lock_ptr, pid_n, a_s,
-            ca, cb, offs_n, mid, T, T, D, BLOCK_M, BLOCK_N, False, HAS_A, RECIP, HAS_BIAS, IEEE, ATOMIC)
-        dv_off = b * sdvb + h * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
-        tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
-        dkn_off = dk_off + offs_n[:, None] * sdkt + offs_d[None, :]
-        if RECIP:  # fp32 partials in dk's / dq's layout; the epilogue adds the ordered sums of the other part
-            tl.store(DKL + dkn_off, dk * a_s, mask=mask_n[:, None])
-            tl.store(DQR + dq_off + offs_n[:, None] * sdqt + offs_d[None, :], dq_r * (b_h * scale),
-                     mask=mask_n[:, None])
-        else:
-            tl.store(DK + dkn_off, (dk * a_s).to(DK.dtype.element_ty), mask=mask_n[:, None])
-        if HAS_BIAS:
-            tl.store(DC + row + offs_n, dc, mask=mask_n)
-        if HAS_A:  # per-column partials of da_h = scale * sum_ij dS_ij S_ij (and db_h with S')
-            tl.store(DA + row + offs_n, da * scale, mask=mask_n)
-        if RECIP:
-            tl.store(DB + row + offs_n, db * scale, mask=mask_n)
-
-    @triton.jit(do_not_specialize=["T"])
-    def _bwd_epilogue_kernel(
-        DQA, DQR, DKA, DKL, DQ, DK, A, BC,
-        sdqb, sdqh, sdqt, sdkb, sdkh, sdkt, H, T, scale,
-        D: tl.constexpr, HAS_A: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # one-pass backward, where the hand-over does not write dq itself (reciprocal term, or atomic adds):
-        # dq = a scale (sum of dS K) [+ the column part], and with the reciprocal term dk = the column part +
-        # b scale (sum of dS Q); fp32 buffers in dq's / dk's layout
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        scale, a_h, b_h, ca, cb = _head_coeffs(A, BC, h, scale, HAS_A, RECIP)
-        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, D)
-        mask = (offs_m < T)[:, None]
-        qo = b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
-        dq = tl.load(DQA + qo, mask=mask, other=0.0) * (a_h * scale)
-        if RECIP:
-            dq += tl.load(DQR + qo, mask=mask, other=0.0)
-            ko = b * sdkb + h * sdkh + offs_m[:, None] * sdkt + offs_d[None, :]
-            dk = tl.load(DKL + ko, mask=mask, other=0.0) + tl.load(DKA + ko, mask=mask, other=0.0) * (b_h * scale)
-            tl.store(DK + ko, dk.to(DK.dtype.element_ty), mask=mask)
-        tl.store(DQ + qo, dq.to(DQ.dtype.element_ty), mask=mask)
-
-
-    def _tuners(fn, pairs, fixed, reset_to_zero=None):
-        """(autotuned over ``pairs``, single ``fixed`` config) wrappers of one jitted kernel. ``reset_to_zero``:
-        buffers the kernel accumulates into, zeroed before each of the autotuner's trial launches."""
-        return (triton.autotune(configs=_configs(pairs), key=_AUTOTUNE_KEY, reset_to_zero=reset_to_zero)(fn),
+    def _tuners(fn, pairs, fixed):
+        """(autotuned over ``pairs``, single ``fixed`` config) wrappers of one jitted kernel."""
+        return (triton.autotune(configs=_configs(pairs), key=_AUTOTUNE_KEY)(fn),
                 triton.autotune(configs=_configs([fixed]), key=_AUTOTUNE_KEY)(fn))
 
     _FWD = _tuners(_ra_fwd_kernel, _FWD_CONFIGS, _FWD_FIXED)
     _BWD_COL = _tuners(_ra_bwd_col_kernel, _BWD_COL_CONFIGS, _BWD_COL_FIXED)
     _BWD_ROW = _tuners(_ra_bwd_row_kernel, _BWD_ROW_CONFIGS, _BWD_ROW_FIXED)
-    _BWD_ONE = _tuners(_ra_bwd_onepass_kernel, _BWD_ONE_CONFIGS, _BWD_ONE_FIXED, reset_to_zero=["DQA", "DKA"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -810,35 +604,14 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    if BWD_MODE in ("onepass", "atomic"):
-        atomic = BWD_MODE == "atomic"
-        # query-block locks of the ordered dQ hand-over, sized for the smallest BLOCK_M of any config; the
-        # kernel leaves them zero again
-        lock = torch.zeros((B * H * triton.cdiv(T, _MIN_BLOCK_M),), dtype=torch.int32, device=dev)
-        # fp32 sums of dS K per query row (q's layout = dq's strides) and of dS Q (the reciprocal part of dk);
-        # atomic adds need them zeroed, the ordered hand-over stores its first contribution
-        buf = (lambda x: torch.zeros_like(_empty_like_layout(x, f32))) if atomic else \
-            (lambda x: _empty_like_layout(x, f32))
-        dqa = buf(q)
-        dka = buf(k) if recip else dqa
-        dkl = dkp if recip else dqa  # the column part of dk (fp32), completed by the epilogue
-        _wrap(_BWD_ONE[0 if AUTOTUNE else 1], q)[grid_n](
-            q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
-            dq, dk, dv, dqa, dka, dqr if recip else dqa, dkl, dc_part, da_part, db_part, lock,
-            *strides, H, T, scale, **flags, ATOMIC=atomic)
-        if recip or atomic:
-            _wrap(_bwd_epilogue_kernel, q)[(triton.cdiv(T, delta_block), B * H)](
-                dqa, dqr if recip else dqa, dka, dkl, dq, dk, a_arg, b_arg, *_strides3(dq), *_strides3(dk), H, T,
-                scale, D=D, HAS_A=a is not None, RECIP=recip, BLOCK=delta_block)
-    else:
-        _wrap(_BWD_COL[0 if AUTOTUNE else 1], q)[grid_n](
-            q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
-            dkp, dv, dqr, dc_part,
-            *strides, H, T, scale, **flags)
-        _wrap(_BWD_ROW[0 if AUTOTUNE else 1], q)[grid_m](
-            q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
-            dq, dk, dqr, dkp, da_part, db_part,
-            *strides, H, T, scale, **flags)
+    _wrap(_BWD_COL[0 if AUTOTUNE else 1], q)[grid_n](
+        q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
+        dkp, dv, dqr, dc_part,
+        *strides, H, T, scale, **flags)
+    _wrap(_BWD_ROW[0 if AUTOTUNE else 1], q)[grid_m](
+        q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
+        dq, dk, dqr, dkp, da_part, db_part,
+        *strides, H, T, scale, **flags)
 
     # O(B H T) reductions of the per-column partials (deterministic)
     if col_bias is None:

@@ -1,4 +1,4 @@
-"""Fused weight-space fold (RA-SPEC 3.2, GitHub issue 3): one kernel builds the folded ``c_attn`` weight, one maps
+"""Fused weight-space fold (RA-SPEC 3.2, GitHub issue 3): one kernel builds the folded ``c_attn`` weight, two map
 its gradient back.
 
 :func:`fused_fold_qkv_weight` has the semantics and output layout of
@@ -28,33 +28,17 @@ Kernels
 * ``_fold_bwd_kernel``, grid ``(H, n_cb + has_bias, 2 * n_db)``: programs ``(h, j, db < n_db)`` own ``BLOCK_D``
   rows of head ``h``'s Q and K weights and one column block: they write ``dWq^h``, ``dWk^h`` there
   (``qs dQ~[:Ds] + kr W dK~[Ds:]`` etc.; the Q side, then the K side, to keep half the tiles live) and store fp32
-  partials: ``qr Wk^h dQ~[Ds:]^T + kr Wq^h dK~[Ds:]^T`` (``[BLOCK_D, R]``, for ``dW``; slot ``(h, j)``) and the
-  four gate sums (``sum Wq*dQ~`` over the std rows, ``sum Wk*dK~``, ``sum W * (Wk dQ~[Ds:]^T)``,
-  ``sum W * (Wq dK~[Ds:]^T)``; one row per program); programs ``(h, j, db >= n_db)`` copy the gradient of the V
-  rows. With ``FUSED_REDUCE`` (the default) the Q/K programs then reduce the partials themselves:
-* The fused reduction: two levels of tickets on int32 counters (zeroed per call; no float atomics). Each Q/K
-  program of head ``h``, once its partials are stored, takes a ticket on counter ``h``: ``tl.debug_barrier`` (all
-  its threads' stores come first), then one ``atomic_add`` with ``sem="acq_rel"`` at GPU scope. The program that
-  draws head ``h``'s last ticket sees every partial of the head (acquire; its loads also skip L1, ``.cg``): it
-  writes the head's gate gradients, which are final as gates are per head (the four sides', or ``dw_std, dw_rec``
-  through the chain rule of the gate form), and ``dW^h``, the sum of the head's ``[D, R]`` slot partials, to a
-  per-head buffer. It then takes a ticket on counter ``H``; the program that draws the last one sums the ``H``
-  rows ``dW^h`` into ``dW``. No program waits for another (no spinning, no co-residency assumed).
-
-  Deterministic: which program draws a last ticket decides who adds, never what is added in which order. Every
-  sum is elementwise over its lanes (``_sum_rows``: rows added one by one in index order, from ``+0.0``): a
-  head's gate rows in program order, its dW slots in column-block order, then the heads in order. So the bits
-  depend neither on the finishing order nor on how the reduction spreads its lanes over threads.
-* ``_fold_bwd_reduce_kernel`` (``FUSED_REDUCE = False``, env ``RA_FOLD_FUSED_REDUCE=0``): the same reduction as a
-  second launch, kept for A/B timing. Same helpers, so the same sums in the same order and bitwise the same
-  gradients (the tests check it, also with the interpreter running the programs in shuffled orders); spread over
-  ``D R / 32 + 1`` programs (32 entries of ``dW`` each: every head's ``dW^h``, then their total; or the gates).
+  partials: ``qr Wk^h dQ~[Ds:]^T + kr Wq^h dK~[Ds:]^T`` (``[BLOCK_D, R]``, for ``dW``) and the four gate sums
+  (``sum Wq*dQ~`` over the std rows, ``sum Wk*dK~``, ``sum W * (Wk dQ~[Ds:]^T)``, ``sum W * (Wq dK~[Ds:]^T)``);
+  programs ``(h, j, db >= n_db)`` copy the gradient of the V rows.
+* ``_fold_bwd_reduce_kernel``: sums the partials in a fixed order (no atomics anywhere, so two runs give
+  bitwise-equal gradients) and writes ``dW`` and the gate gradients (the four sides', or ``dw_std, dw_rec``
+  through the chain rule of the gate form) in their parameters' dtypes.
 
 Precision: arithmetic in fp32 (fp64 for fp64 weights). ``tl.dot`` runs on tf32 tensor cores: one product when
 every operand is bf16/fp16 (tf32 holds those exactly, so the result is the IEEE one), ``tf32x3`` (three
 products, fp32-level accuracy) when an operand is fp32. On an H100 at GPT-2 small: forward 3.9 us, backward
-8.4 us + 2.3 us for the reduction kernel (before ``FUSED_REDUCE``) with bf16 parameters
-(``benchmarks/results/h100/profile``).
+8.5 us with bf16 parameters (``benchmarks/results/h100/profile``).
 
 Registered as the custom ops ``reciprocal_attention::fold_qkv`` and ``reciprocal_attention::fold_qkv_backward``
 (``torch.library.triton_op``, torch >= 2.6) so the fold works under ``torch.compile(fullgraph=True)``; eager calls
@@ -305,112 +289,15 @@ if triton is not None:
         tl.store(ps_ptr + ps_slot * 4 + 2, p_qr.to(ps_ty))
         tl.store(ps_ptr + ps_slot * 4 + 3, p_kr.to(ps_ty))
 
-    @triton.jit
-    def _sum_rows(src, lane, lane_mask, row0, n_rows, row_stride, UNROLL: tl.constexpr):
-        """``sum_k src[(row0 + k) * row_stride + lane]`` over ``k < n_rows``: one add per row, in increasing ``k``,
-        starting from ``+0.0``; elementwise in ``lane`` (any shape), so the bits do not depend on how the lanes are
-        spread over threads (tile shape, ``num_warps``, kernel). ``UNROLL`` rows are loaded before they are added
-        (one memory round trip per ``UNROLL`` rows); rows past ``n_rows`` load ``0.0``, which leaves the sum
-        unchanged (it is never ``-0.0``). The loads bypass L1 (``.cg``): other programs of the same launch may
-        have written the rows (see _fold_bwd_kernel)."""
-        acc = tl.zeros(lane.shape, dtype=src.dtype.element_ty)
-        base = src + row0 * row_stride + lane
-        for k0 in range(0, n_rows, UNROLL):
-            for u in tl.static_range(UNROLL):
-                k = k0 + u
-                acc += tl.load(base + k * row_stride, mask=lane_mask & (k < n_rows), other=0.0,
-                               cache_modifier=".cg")
-        return acc
-
-    @triton.jit
-    def _column(a, col, c):
-        # column c of a [N, 4] tile: a sum with one nonzero term, exact
-        return tl.sum(tl.where(col[None, :] == c, a, 0.0), axis=1)
-
-    @triton.jit
-    def _gate_grads(ps_ptr, hh, hm, n_progs, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr, GATES: tl.constexpr,
-                    UNROLL: tl.constexpr):
-        """Gate gradients of heads ``hh`` (masked by ``hm``): the four gate sums of each head over its ``n_progs``
-        Q/K programs (rows ``h * n_progs ...`` of ``ps [*, 4]``, in program order), then the four sides'
-        gradients (GATES 0) or ``dw_std, dw_rec`` through the chain rule of the gate form."""
-        col = tl.arange(0, 4)
-        a = _sum_rows(ps_ptr, (hh * n_progs * 4)[:, None] + col[None, :], hm[:, None] & (col < 4)[None, :], 0,
-                      n_progs, 4, UNROLL)
-        a_qs = _column(a, col, 0)  # sum Wq * dQ~ over the std rows   (d qs)
-        a_ks = _column(a, col, 1)  # sum Wk * dK~ over the std rows   (d ks)
-        a_qr = _column(a, col, 2)  # sum W * (Wk dQ~[Ds:]^T)           (d qr)
-        a_kr = _column(a, col, 3)  # sum W * (Wq dK~[Ds:]^T)           (d kr)
-        if GATES == 0:  # the four sides' gradients
-            tl.store(d0_ptr + hh, a_qs.to(d0_ptr.dtype.element_ty), mask=hm)
-            tl.store(d1_ptr + hh, a_ks.to(d1_ptr.dtype.element_ty), mask=hm)
-            tl.store(d2_ptr + hh, a_qr.to(d2_ptr.dtype.element_ty), mask=hm)
-            tl.store(d3_ptr + hh, a_kr.to(d3_ptr.dtype.element_ty), mask=hm)
-        elif GATES == 1:  # signed: qs = w_std, qr = w_rec (the K sides are constants)
-            tl.store(d0_ptr + hh, a_qs.to(d0_ptr.dtype.element_ty), mask=hm)
-            tl.store(d2_ptr + hh, a_qr.to(d2_ptr.dtype.element_ty), mask=hm)
-        else:  # seed: both sides s = sqrt(max(w, 1e-8)): dw = (dqs + dks) / (2 s) where w >= 1e-8, else 0
-            w_std = tl.load(g0 + hh, mask=hm, other=1.0).to(a.dtype)
-            w_rec = tl.load(g2 + hh, mask=hm, other=1.0).to(a.dtype)
-            s_std = tl.sqrt(tl.maximum(w_std, 1e-8))
-            s_rec = tl.sqrt(tl.maximum(w_rec, 1e-8))
-            dw_std = tl.where(w_std >= 1e-8, (a_qs + a_ks) * 0.5 / s_std, 0.0)
-            dw_rec = tl.where(w_rec >= 1e-8, (a_qr + a_kr) * 0.5 / s_rec, 0.0)
-            tl.store(d0_ptr + hh, dw_std.to(d0_ptr.dtype.element_ty), mask=hm)
-            tl.store(d2_ptr + hh, dw_rec.to(d2_ptr.dtype.element_ty), mask=hm)
-
-    @triton.jit
-    def _head_dW(pw_ptr, pwh_ptr, hh, hm, e, em, n_per_head, DR, UNROLL: tl.constexpr):
-        # Entries e of dW^h for the heads hh: the sum of head h's slot partials (its column blocks, in order), into
-        # rows hh of pwh [H, D*R] (the accumulation dtype: no rounding between the two levels)
-        m = hm[:, None] & em[None, :]
-        dW_h = _sum_rows(pw_ptr, (hh * n_per_head * DR)[:, None] + e[None, :], m, 0, n_per_head, DR, UNROLL)
-        tl.store(pwh_ptr + (hh * DR)[:, None] + e[None, :], dW_h, mask=m)
-
-    @triton.jit
-    def _total_dW(pwh_ptr, dW_ptr, e, em, H, DR, UNROLL: tl.constexpr):
-        # Entries e of dW = sum of the H rows of pwh, in head order
-        dW = _sum_rows(pwh_ptr, e, em, 0, H, DR, UNROLL)
-        tl.store(dW_ptr + e, dW.to(dW_ptr.dtype.element_ty), mask=em)
-
-    @triton.jit
-    def _take_ticket(tickets_ptr, i):
-        """Ticket ``0, 1, ...`` of counter ``i``, taken after every store this program made so far.
-
-        The barrier orders the stores of all of the program's threads before the atomic (which one thread
-        issues); ``acq_rel`` at GPU scope releases them to, and acquires the earlier ticket holders' stores for,
-        whoever reads the counter next. The program that draws the last ticket therefore sees every other
-        holder's stores (its loads use ``.cg``, L2, besides)."""
-        tl.debug_barrier()
-        return tl.atomic_add(tickets_ptr + i, 1, sem="acq_rel", scope="gpu")
-
-    @triton.jit
-    def _reduce_when_last(pw_ptr, ps_ptr, pwh_ptr, tickets_ptr, dW_ptr, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr,
-                          h, H, n_per_head, n_progs, DR, GATES: tl.constexpr, BLOCK_E: tl.constexpr,
-                          UNROLL_J: tl.constexpr, UNROLL_G: tl.constexpr):
-        # The fused reduction (two levels of tickets). The last Q/K program of head h to finish sums head h's
-        # partials: its gate gradients (final: gates are per head) and dW^h; the last head to finish sums dW.
-        if _take_ticket(tickets_ptr, h) == n_progs - 1:
-            hh = h + tl.arange(0, 1)
-            _gate_grads(ps_ptr, hh, hh < H, n_progs, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr, GATES, UNROLL_G)
-            for e0 in range(0, DR, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                _head_dW(pw_ptr, pwh_ptr, hh, hh < H, e, e < DR, n_per_head, DR, UNROLL_J)
-            if _take_ticket(tickets_ptr, H) == H - 1:
-                for e0 in range(0, DR, BLOCK_E):
-                    e = e0 + tl.arange(0, BLOCK_E)
-                    _total_dW(pwh_ptr, dW_ptr, e, e < DR, H, DR, UNROLL_J)
-
     @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP", "thr"])
     def _fold_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, W_ptr, g0, g1, g2, g3, routed_ptr, thr,
-                         dw_ptr, db_ptr, pw_ptr, ps_ptr, pwh_ptr, tickets_ptr, dW_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr,
+                         dw_ptr, db_ptr, pw_ptr, ps_ptr,
                          C, H, D, R, DS, DP,
                          HAS_BIAS: tl.constexpr, GATES: tl.constexpr, ROUTE: tl.constexpr, FP64: tl.constexpr,
-                         IEEE: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CB: tl.constexpr,
-                         BLOCK_E: tl.constexpr, UNROLL_J: tl.constexpr, UNROLL_G: tl.constexpr):
+                         IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_CB: tl.constexpr):
         # grid (H, n_cb + HAS_BIAS, 2 * n_db): axis 2 < n_db works on d-block db of the Q/K rows, the rest copy
-        # the V rows' gradient (d-block db - n_db). FUSED_REDUCE: the Q/K programs also reduce the partials
-        # (_reduce_when_last; pwh_ptr, tickets_ptr, dW_ptr, d*_ptr are used only then).
+        # the V rows' gradient (d-block db - n_db)
         h = tl.program_id(0)
         j = tl.program_id(1)
         n_db = tl.num_programs(2) // 2
@@ -427,9 +314,8 @@ if triton is not None:
                     _copy_rows(gb_ptr, db_ptr, 2 * H * DP + h * D + d0, 2 * C + h * D + d0, n_rows, 1, 1, 0, 0,
                                BLOCK_D, BLOCK_CB)
         else:
-            n_per_head = tl.num_programs(1)
-            slot = h * n_per_head + j  # dW partials: rows of one slot are split over the d-blocks
-            ps_slot = slot * n_db + db  # gate partials: one per program, head h's in rows h * n_per_head * n_db ...
+            slot = h * tl.num_programs(1) + j  # dW partials: rows of one slot are split over the d-blocks
+            ps_slot = slot * n_db + db  # gate partials: one per program
             d0 = db * BLOCK_D
             qs, ks, qr, kr, rt = _head_gates(g0, g1, g2, g3, routed_ptr, thr, h, GATES, ROUTE, FP64)
             if j < n_cb:
@@ -439,30 +325,56 @@ if triton is not None:
                 if HAS_BIAS:
                     _bwd_tile(gb_ptr, b_ptr, db_ptr, W_ptr, pw_ptr, ps_ptr, slot, ps_slot, d0, 1, 1, 0, h, rt,
                               qs, ks, qr, kr, C, H, D, R, DS, DP, 0, FP64, IEEE, BLOCK_D, BLOCK_R, BLOCK_CB)
-            if FUSED_REDUCE:
-                _reduce_when_last(pw_ptr, ps_ptr, pwh_ptr, tickets_ptr, dW_ptr, g0, g2, d0_ptr, d1_ptr, d2_ptr,
-                                  d3_ptr, h, H, n_per_head, n_per_head * n_db, D * R, GATES, BLOCK_E, UNROLL_J,
-                                  UNROLL_G)
 
-    @triton.jit(do_not_specialize=["n_per_head", "n_progs", "H", "DR"])
-    def _fold_bwd_reduce_kernel(pw_ptr, ps_ptr, pwh_ptr, dW_ptr, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr,
-                                n_per_head, n_progs, H, DR,
-                                GATES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                                UNROLL_J: tl.constexpr, UNROLL_G: tl.constexpr):
-        # The two-launch path's reduction: the fused reduction's helpers (so the same sums in the same order, the
-        # same bits), in parallel. Programs 0 .. n_e-1: BLOCK_E entries of dW each, every head's dW^h first;
-        # program n_e: the gate gradients of every head.
+    @triton.jit(do_not_specialize=["n_slots", "n_per_head", "H", "DR"])
+    def _fold_bwd_reduce_kernel(pw_ptr, ps_ptr, dW_ptr, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr,
+                                n_slots, n_per_head, H, DR,
+                                GATES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr):
         pid = tl.program_id(0)
-        hh = tl.arange(0, BLOCK_H)
-        hm = hh < H
-        if pid < tl.cdiv(DR, BLOCK_E):
+        n_e = tl.cdiv(DR, BLOCK_E)
+        if pid < n_e:  # dW[e] = sum over slots (all heads, all column blocks) of the partials, fixed order
             e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
             em = e < DR
-            _head_dW(pw_ptr, pwh_ptr, hh, hm, e, em, n_per_head, DR, UNROLL_J)
-            tl.debug_barrier()  # this program's own pwh stores, before its threads read them back (CTA scope)
-            _total_dW(pwh_ptr, dW_ptr, e, em, H, DR, UNROLL_J)
-        else:
-            _gate_grads(ps_ptr, hh, hm, n_progs, g0, g2, d0_ptr, d1_ptr, d2_ptr, d3_ptr, GATES, UNROLL_G)
+            acc = tl.zeros([BLOCK_E], dtype=pw_ptr.dtype.element_ty)
+            for s0 in range(0, n_slots, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                p = tl.load(pw_ptr + s[:, None] * DR + e[None, :], mask=(s < n_slots)[:, None] & em[None, :],
+                            other=0.0)
+                acc += tl.sum(p, axis=0)
+            tl.store(dW_ptr + e, acc.to(dW_ptr.dtype.element_ty), mask=em)
+        else:  # gate gradients: per head, sum over its column blocks
+            hh = tl.arange(0, BLOCK_H)
+            hm = hh < H
+            a0 = tl.zeros([BLOCK_H], dtype=ps_ptr.dtype.element_ty)
+            a1 = tl.zeros([BLOCK_H], dtype=ps_ptr.dtype.element_ty)
+            a2 = tl.zeros([BLOCK_H], dtype=ps_ptr.dtype.element_ty)
+            a3 = tl.zeros([BLOCK_H], dtype=ps_ptr.dtype.element_ty)
+            for j0 in range(0, n_per_head, BLOCK_J):
+                jj = j0 + tl.arange(0, BLOCK_J)
+                mm = hm[:, None] & (jj < n_per_head)[None, :]
+                base = ps_ptr + (hh[:, None] * n_per_head + jj[None, :]) * 4
+                a0 += tl.sum(tl.load(base + 0, mask=mm, other=0.0), axis=1)
+                a1 += tl.sum(tl.load(base + 1, mask=mm, other=0.0), axis=1)
+                a2 += tl.sum(tl.load(base + 2, mask=mm, other=0.0), axis=1)
+                a3 += tl.sum(tl.load(base + 3, mask=mm, other=0.0), axis=1)
+            if GATES == 0:  # the four sides' gradients
+                tl.store(d0_ptr + hh, a0.to(d0_ptr.dtype.element_ty), mask=hm)
+                tl.store(d1_ptr + hh, a1.to(d1_ptr.dtype.element_ty), mask=hm)
+                tl.store(d2_ptr + hh, a2.to(d2_ptr.dtype.element_ty), mask=hm)
+                tl.store(d3_ptr + hh, a3.to(d3_ptr.dtype.element_ty), mask=hm)
+            elif GATES == 1:  # signed: qs = w_std, qr = w_rec (the K sides are constants)
+                tl.store(d0_ptr + hh, a0.to(d0_ptr.dtype.element_ty), mask=hm)
+                tl.store(d2_ptr + hh, a2.to(d2_ptr.dtype.element_ty), mask=hm)
+            else:  # seed: both sides s = sqrt(max(w, 1e-8)): dw = (dqs + dks) / (2 s) where w >= 1e-8, else 0
+                w0 = tl.load(g0 + hh, mask=hm, other=1.0).to(a0.dtype)
+                w2 = tl.load(g2 + hh, mask=hm, other=1.0).to(a0.dtype)
+                side0 = tl.sqrt(tl.maximum(w0, 1e-8))  # (names distinct from the loop variables above: Triton
+                side2 = tl.sqrt(tl.maximum(w2, 1e-8))  # types a name once across both branches)
+                dw0 = tl.where(w0 >= 1e-8, (a0 + a1) * 0.5 / side0, 0.0)
+                dw2 = tl.where(w2 >= 1e-8, (a2 + a3) * 0.5 / side2, 0.0)
+                tl.store(d0_ptr + hh, dw0.to(d0_ptr.dtype.element_ty), mask=hm)
+                tl.store(d2_ptr + hh, dw2.to(d2_ptr.dtype.element_ty), mask=hm)
 
 
 def _kernels() -> dict:
@@ -537,41 +449,8 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
             "n_cb": -(-C // bc), "n_db": -(-D // bd)}
 
 
-def _env_switch(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1 (unset: {int(default)}); got {value!r}")
-    return default if value == "" else value == "1"
-
-
-#: The backward reduces its partial sums inside ``_fold_bwd_kernel`` (the last program of each head, then the last
-#: head; one launch) when True, else in ``_fold_bwd_reduce_kernel`` (a second launch). Same sums in the same order,
-#: so the same bits either way. Env ``RA_FOLD_FUSED_REDUCE`` (``1`` default, ``0`` for the two-launch path; any
-#: other value raises), read at import; set this attribute (or pass ``fused_reduce=`` to ``_fold_backward_impl``)
-#: to switch in-process. Read when the backward runs: a CUDA graph or a compiled graph keeps the path it was
-#: captured/traced with.
-FUSED_REDUCE = _env_switch("RA_FOLD_FUSED_REDUCE", True)
-if not FUSED_REDUCE:
-    log.info("fused fold: backward reduction in a second launch (RA_FOLD_FUSED_REDUCE=0)")
-
-# Rows of partials loaded per memory round trip by the reduction (_sum_rows' UNROLL): dW slots / heads, and gate
-# rows. A test lowers them to run the loops.
-_REDUCE_MAX_J = 16
-_REDUCE_MAX_G = 64
-
-
-def _reduce_config(H: int, cfg: dict, has_bias: bool) -> dict:
-    """Reduction constants for the backward tiles ``cfg`` (``_config(..., bwd=True)``): ``n_per_head`` dW slots per
-    head (column blocks, + the bias), ``n_progs`` gate rows per head (one per Q/K program), the rows each sum loads
-    per round trip (``UNROLL_J``: dW slots or heads, ``UNROLL_G``: gate rows; all of them at GPT-2 small) and
-    ``BLOCK_E``, the dW entries a fused reduction sums per step (4 a thread, so the ``UNROLL_J`` loads in flight
-    take 64 registers: the tile code needs more)."""
-    n_per_head = cfg["n_cb"] + (1 if has_bias else 0)
-    n_progs = n_per_head * cfg["n_db"]
-    return {"n_per_head": n_per_head, "n_progs": n_progs,
-            "UNROLL_J": min(_REDUCE_MAX_J, _next_pow2(max(n_per_head, H))),
-            "UNROLL_G": min(_REDUCE_MAX_G, _next_pow2(n_progs)),
-            "BLOCK_E": 128 * cfg["num_warps"]}
+_REDUCE_MAX_S = 256  # slots summed per loop iteration of the reduction (a test lowers these to run the loops)
+_REDUCE_MAX_J = 64
 
 #: Gate forms the kernels understand: the four sides given as tensors, or computed in the kernel from the raw
 #: gate parameters ``w_std, w_rec`` (``reference.gate_sides``), which saves the small elementwise kernels (and
@@ -632,12 +511,9 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
                         threshold: Optional[float] = None, bias_channel: bool = False, traceable: bool = True,
                         block_c: Optional[int] = None,
                         num_warps: Optional[int] = None,
-                        block_d: Optional[int] = None,
-                        fused_reduce: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                      Tensor, Tensor]:
-    """Gradients ``(d_weight, d_bias, dW, dg0, dg1, dg2, dg3)``; ``dg1``/``dg3`` are empty in the gated modes.
-
-    ``fused_reduce``: one launch (True) or two (False); default ``FUSED_REDUCE``. Bitwise the same results."""
+                        block_d: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                   Tensor, Tensor]:
+    """Gradients ``(d_weight, d_bias, dW, dg0, dg1, dg2, dg3)``; ``dg1``/``dg3`` are empty in the gated modes."""
     C = weight.shape[1]
     H = n_head
     D = C // H
@@ -647,26 +523,15 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     acc = torch.float64 if fp64 else torch.float32
     has_bias = bias is not None
     ieee = _ieee(grad_w, weight, W)
-    fused = FUSED_REDUCE if fused_reduce is None else bool(fused_reduce)
     cfg = _config(D, R, C, block_c, num_warps, bwd=True, block_d=block_d, wide=ieee)
-    red = _reduce_config(H, cfg, has_bias)
-    n_per_head, n_progs = red["n_per_head"], red["n_progs"]
+    n_per_head = cfg["n_cb"] + (1 if has_bias else 0)
+    n_slots = H * n_per_head
     n_db = cfg["n_db"]
     dev = weight.device
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     d_bias = torch.empty((3 * C if has_bias else 0,), dtype=bias.dtype if has_bias else weight.dtype, device=dev)
-    pw = torch.empty((H * n_per_head, D, R), dtype=acc, device=dev)  # dW partials, one [D, R] per slot
-    ps = torch.empty((H * n_progs, 4), dtype=acc, device=dev)  # gate partials, one row per Q/K program
-    dW = torch.empty_like(W, memory_format=torch.contiguous_format)
-    # absent gate sides (gated modes) get no gradient: None eagerly, an empty tensor for the op's schema
-    dg = [torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None
-          else (torch.empty((0,), dtype=acc, device=dev) if traceable else None) for g in (g0, g1, g2, g3)]
-    dg_ = (dg[0], dg[1] if g1 is not None else dg[0], dg[2], dg[3] if g3 is not None else dg[2])
-    pwh = torch.empty((H, D * R), dtype=acc, device=dev)  # dW^h, the per-head sums of the dW partials
-    if fused:  # the ticket counters: one per head, one for all heads (zeroed per call)
-        fused_args = (pwh, torch.zeros((H + 1,), dtype=torch.int32, device=dev), dW, *dg_)
-    else:
-        fused_args = (pwh, _dummy(pwh), dW, *dg_)  # unused (FUSED_REDUCE=False)
+    pw = torch.empty((n_slots, D, R), dtype=acc, device=dev)
+    ps = torch.empty((n_slots * n_db, 4), dtype=acc, device=dev)
     g1_ = g1 if g1 is not None else g0
     g3_ = g3 if g3 is not None else g2
     ks_ = _kernels()
@@ -674,21 +539,25 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
         grad_w, grad_b if (has_bias and grad_b is not None) else _dummy(grad_w), weight,
         bias if has_bias else _dummy(weight), W, g0, g1_, g2, g3_,
         routed if routed is not None else _dummy(g0), float(threshold) if threshold is not None else 0.0,
-        d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps, *fused_args,
+        d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
         C, H, D, R, ds, dp,
         HAS_BIAS=has_bias, GATES=gate_mode, ROUTE=_route(routed, threshold), FP64=fp64,
-        IEEE=ieee, FUSED_REDUCE=fused, BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, BLOCK_E=red["BLOCK_E"],
-        UNROLL_J=red["UNROLL_J"], UNROLL_G=red["UNROLL_G"], num_warps=cfg["num_warps"])
-    if not fused:
-        # One program per 32 entries of dW (two round trips when n_per_head, H <= UNROLL_J: the heads' sums, then
-        # their total) and one for the gates.
-        block_e = 32
-        n_e = -(-(D * R) // block_e)
-        _launcher(ks_["reduce"], traceable, pw)[(n_e + 1,)](
-            pw, ps, pwh, dW, g0, g2, *dg_, n_per_head, n_progs, H, D * R, GATES=gate_mode,
-            BLOCK_E=block_e, BLOCK_H=max(16, _next_pow2(H)), UNROLL_J=red["UNROLL_J"], UNROLL_G=red["UNROLL_G"],
-            num_warps=1 if _interpreting() else 4)
+        IEEE=ieee, BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
+    dW = torch.empty_like(W, memory_format=torch.contiguous_format)
+    # absent gate sides (gated modes) get no gradient: None eagerly, an empty tensor for the op's schema
+    dg = [torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None
+          else (torch.empty((0,), dtype=acc, device=dev) if traceable else None) for g in (g0, g1, g2, g3)]
+    # One program per 32 entries of dW (each sums a [n_slots, 32] strip, one load round trip when n_slots <= 256)
+    # and one for the gates.
+    block_e = 32
+    n_e = -(-(D * R) // block_e)
+    _launcher(ks_["reduce"], traceable, pw)[(n_e + 1,)](
+        pw, ps, dW, g0, g2, dg[0], dg[1] if g1 is not None else dg[0], dg[2], dg[3] if g3 is not None else dg[2],
+        n_slots, n_per_head * n_db, H, D * R, GATES=gate_mode,
+        BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
+        BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head * n_db))),
+        num_warps=1 if _interpreting() else 4)
     return d_weight, d_bias, dW, dg[0], dg[1], dg[2], dg[3]
 
 
@@ -925,10 +794,9 @@ def fused_fold_qkv_weight(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs:
                           bias_channel: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """Fused :func:`reciprocal_attention.fold.fold_qkv_weight`: ``[3C, C]`` (+ ``[3C]``) -> ``[2 H D' + C, C]``.
 
-    One Triton kernel forward, one backward (two with ``FUSED_REDUCE`` off; deterministic either way).
-    Differentiable in ``weight, bias, W, qs, ks, qr, kr`` (not ``routed``). ``out_dtype`` (default
-    ``weight.dtype``) is the dtype of the folded weight and bias; arithmetic is fp32 (fp64 for fp64 weights).
-    Gradients come back in each parameter's own dtype.
+    One Triton kernel forward, two backward (deterministic). Differentiable in ``weight, bias, W, qs, ks, qr,
+    kr`` (not ``routed``). ``out_dtype`` (default ``weight.dtype``) is the dtype of the folded weight and bias;
+    arithmetic is fp32 (fp64 for fp64 weights). Gradients come back in each parameter's own dtype.
     ``bias_channel``: reserve each head's last Q/K feature (zero rows) for the column bias, as the oracle does.
     Raises ``RuntimeError`` without Triton and ``ValueError`` on bad inputs.
     """
