@@ -402,20 +402,22 @@ def test_gated_errors():
 
 @pytest.mark.parametrize("preset", ["ra", "seed", "low_rank", "ra_disc_channel"])
 def test_module_fast_path_uses_gated_fold(monkeypatch, preset):
-    """The module's fast path (what runs on CUDA) through the interpreter: fused_fold_gated with the module's gate
-    form and routing gives the reference backend's output and every gradient (float64)."""
+    """The module's fast path (what runs on CUDA) through the interpreter: the folded linear (GEMM + fused fold as
+    one node) with the module's gate form and routing gives the reference backend's output and every gradient
+    (float64)."""
     from reciprocal_attention import attention
     from reciprocal_attention.attention import ReciprocalAttention
+    from reciprocal_attention.kernels import folded_linear as kfl
 
     calls = []
-    real = kfold.fused_fold_gated
+    real = kfl.fused_folded_linear
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("gates"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "_fused_fold_usable", lambda w: True)
-    monkeypatch.setattr(kfold, "fused_fold_gated", spy)
+    monkeypatch.setattr(kfl, "fused_folded_linear", spy)
     gen = torch.Generator().manual_seed(3)
     kw = dict(n_embd=32, n_head=2, block_size=16)
     m = ReciprocalAttention.from_preset(preset, backend="sdpa", **kw).double()
@@ -487,7 +489,7 @@ for dtype, ieee in ((torch.bfloat16, False), (torch.float32, True)):
                                       IEEE=ieee, BLOCK_D=fcfg["BLOCK_D"], BLOCK_R=fcfg["BLOCK_R"],
                                       BLOCK_C=fcfg["BLOCK_C"], BLOCK_CB=16, num_warps=fcfg["num_warps"], grid=(1,))
             K._fold_bwd_kernel.warmup(out, ob, w, b, W, g, g, g, g, routed, 0.5, w, b, pw, ps, C, H, D, R, D - R, D,
-                                      HAS_BIAS=True, GATES=gates, ROUTE=route, FP64=False, IEEE=ieee,
+                                      12, HAS_BIAS=True, GATES=gates, ROUTE=route, FP64=False, IEEE=ieee,
                                       BLOCK_D=bcfg["BLOCK_D"], BLOCK_R=bcfg["BLOCK_R"], BLOCK_C=bcfg["BLOCK_C"],
                                       BLOCK_CB=16, num_warps=bcfg["num_warps"], grid=(1,))
             n += 2
@@ -585,6 +587,9 @@ def test_training_fold_cache_not_used_while_capturing(monkeypatch):
     m(x).sum().backward()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    from reciprocal_attention.kernels import folded_linear as kfl
+
+    monkeypatch.setattr(kfl, "OVERLAP", "never")  # the fake "CUDA" tensors have no streams
     m(x).sum().backward()
     assert len(launches) == 2
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import fold as _fold
-from .kernels import INTERPRET, triton_installed
+from .kernels import INTERPRET, eager_launch, triton_installed
 from .reference import GATES, VARIANTS, check_choice, discoverability_bias, gate_sides, ra_attention, routed_heads
 
 log = logging.getLogger(__name__)
@@ -419,32 +419,74 @@ class ReciprocalAttention(nn.Module):
         bias = params[4] if len(params) == 5 else None
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         fused = _fused_fold_usable(weight)
-        capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
-        cacheable = not torch.compiler.is_compiling() and (not needs_grad or (fused and not capturing))
-        reuse = None
-        if cacheable:
-            key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (out_dtype,
-                                                                                          _OPTIMIZER_STEPS[0])
-            if self._fold_cache is not None and self._fold_cache[0] == key:
-                if not needs_grad:
-                    return self._fold_cache[1], self._fold_cache[2]
-                reuse = (self._fold_cache[1], self._fold_cache[2])
-            else:
-                # stale: free it before the new fold is made (peak memory). __dict__ skips nn.Module.__setattr__'s
-                # type checks (a few us per eager call)
-                self.__dict__["_fold_cache"] = None
+        key = self._fold_key(params, out_dtype, needs_grad, fused)
+        hit = self._cached_fold(key)
+        if hit is not None and not needs_grad:
+            return hit
         if fused:  # gate sides and routing formed inside the fold kernels
             from .kernels.fold import fused_fold_gated
 
             wf, bf = fused_fold_gated(weight, bias, W, w_std, w_rec, self.n_head, self.variant, gates=self.gates,
                                       routing_threshold=self.routing_threshold, out_dtype=out_dtype,
-                                      bias_channel=self.bias_channel, reuse=reuse)
+                                      bias_channel=self.bias_channel, reuse=hit)
         else:
             wf, bf = fold_qkv(weight, bias, W, *self._gate_sides(), self._routed(), self.n_head, self.variant,
                               out_dtype=out_dtype, impl="torch", bias_channel=self.bias_channel)
-        if cacheable and reuse is None:
+        if key is not None and hit is None:
             self.__dict__["_fold_cache"] = (key, wf.detach(), bf.detach() if bf is not None else None)
         return wf, bf
+
+    def _fold_key(self, params: list[Tensor], out_dtype: torch.dtype | None, needs_grad: bool,
+                  fused: bool) -> tuple | None:
+        """The cache key of the fold of ``params``, or None where no cache may be read or written: while
+        torch.compile traces, and with autograd on unless the fused fold runs outside a CUDA graph capture (a
+        replay must rebuild the fold; the PyTorch fold's backward needs its own graph)."""
+        if torch.compiler.is_compiling():
+            return None
+        if needs_grad and not (fused and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        # id(p): the cache holds no reference to the parameters, but a parameter replaced by another one of the
+        # same storage address and version would otherwise match
+        return tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (
+            out_dtype, _OPTIMIZER_STEPS[0])
+
+    def _cached_fold(self, key: tuple | None) -> tuple[Tensor, Tensor | None] | None:
+        """The cached fold under ``key``; a stale entry is dropped first (peak memory: freed before the new fold is
+        made). ``__dict__`` skips ``nn.Module.__setattr__``'s type checks (a few us per eager call)."""
+        if key is None:
+            return None
+        cache = self._fold_cache
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        self.__dict__["_fold_cache"] = None
+        return None
+
+    def _qkv(self, x2d: Tensor, out_dtype: torch.dtype | None) -> Tensor:
+        """``[Q~ | K~ | V]`` of every token of ``x2d [N, C]``: one GEMM on the folded weight. Eager training calls
+        on CUDA go through one autograd node (GEMM + the fold's backward, ``kernels.folded_linear``) with the
+        fold from the cache when the parameters are unchanged; everything else through :meth:`folded_weight`."""
+        params = self._fold_params()
+        weight = params[0]
+        if (torch.is_grad_enabled() and _fused_fold_usable(weight) and any(p.requires_grad for p in params)
+                and eager_launch(weight)):
+            from .kernels.fold import GATE_MODES
+            from .kernels.folded_linear import folded_linear, fused_folded_linear
+
+            key = self._fold_key(params, out_dtype, True, True)
+            hit = self._cached_fold(key)
+            bias = params[4] if len(params) == 5 else None
+            if hit is None:  # checks the parameters once per fold; a hit is the fold of checked parameters
+                y, made = fused_folded_linear(x2d, weight, bias, *params[1:4], self.n_head, self.variant,
+                                              gates=self.gates, routing_threshold=self.routing_threshold,
+                                              out_dtype=out_dtype, bias_channel=self.bias_channel)
+                if key is not None:
+                    self.__dict__["_fold_cache"] = (key, made[0], made[1])
+                return y
+            thr = float(self.routing_threshold) if self.routing_threshold is not None else None
+            return folded_linear(x2d, weight, bias, *params[1:4], self.n_head, self.variant, GATE_MODES[self.gates],
+                                 thr, self.bias_channel, hit[0].dtype, hit)[0]
+        wf, bf = self.folded_weight(out_dtype=out_dtype)
+        return F.linear(x2d, wf, bf)
 
     def train(self, mode: bool = True) -> "ReciprocalAttention":  # a mode switch never keeps a cached fold
         self.invalidate_cache()
@@ -519,9 +561,8 @@ class ReciprocalAttention(nn.Module):
         folded = self.variant in _fold.FOLDED_VARIANTS
         if folded and backend != "reference":  # weight-space fold: one GEMM emits [Q~ | K~ | V]
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            wf, bf = self.folded_weight(out_dtype=dtype)
             Dp = _fold.folded_width(self.variant, D, self.rank)
-            qkv = F.linear(x.reshape(B * T, C), wf, bf)  # 2-D: a base tensor, which add_bias_channel updates
+            qkv = self._qkv(x.reshape(B * T, C), dtype)  # 2-D: a base tensor, which add_bias_channel updates
             k_raw = None
             if self.discoverability == "content":  # the content bias needs the unfolded keys
                 bk = None if self.c_attn.bias is None else self.c_attn.bias[C:2 * C]

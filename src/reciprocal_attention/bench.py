@@ -334,7 +334,10 @@ class Timer:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
-        return g.replay
+
+        def replay(fn: Callable[[], None] = fn) -> None:  # holds fn (its module and inputs: the graph's memory)
+            g.replay()
+        return replay
 
 
 def _versions() -> dict[str, str]:

@@ -25,7 +25,8 @@ Kernels
   forms ``W^T Wk^h`` and ``W^T Wq^h`` with two ``tl.dot`` (``R`` padded to 16) and writes the ``D'`` rows of
   ``Q~^h`` and ``K~^h``; program ``(h, j, 1)`` copies (casts) the ``D`` rows of ``V^h``. Every output element is
   written once.
-* ``_fold_bwd_kernel``, grid ``(H, n_cb + has_bias, 2 * n_db)``: programs ``(h, j, db < n_db)`` own ``BLOCK_D``
+* ``_fold_bwd_kernel``, grid ``(H, n_cb + has_bias, 2 * n_db)`` (or the weight's column blocks and the bias column
+  in two launches, ``J0`` the first column block of a launch): programs ``(h, j, db < n_db)`` own ``BLOCK_D``
   rows of head ``h``'s Q and K weights and one column block: they write ``dWq^h``, ``dWk^h`` there
   (``qs dQ~[:Ds] + kr W dK~[Ds:]`` etc.; the Q side, then the K side, to keep half the tiles live) and store fp32
   partials: ``qr Wk^h dQ~[Ds:]^T + kr Wq^h dK~[Ds:]^T`` (``[BLOCK_D, R]``, for ``dW``) and the four gate sums
@@ -51,7 +52,7 @@ fold without Triton raises ``RuntimeError``. Not twice differentiable.
 
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -289,17 +290,18 @@ if triton is not None:
         tl.store(ps_ptr + ps_slot * 4 + 2, p_qr.to(ps_ty))
         tl.store(ps_ptr + ps_slot * 4 + 3, p_kr.to(ps_ty))
 
-    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP", "thr"])
+    @triton.jit(do_not_specialize=["H", "D", "R", "DS", "DP", "thr", "J0"])
     def _fold_bwd_kernel(gw_ptr, gb_ptr, w_ptr, b_ptr, W_ptr, g0, g1, g2, g3, routed_ptr, thr,
                          dw_ptr, db_ptr, pw_ptr, ps_ptr,
-                         C, H, D, R, DS, DP,
+                         C, H, D, R, DS, DP, J0,
                          HAS_BIAS: tl.constexpr, GATES: tl.constexpr, ROUTE: tl.constexpr, FP64: tl.constexpr,
                          IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_CB: tl.constexpr):
-        # grid (H, n_cb + HAS_BIAS, 2 * n_db): axis 2 < n_db works on d-block db of the Q/K rows, the rest copy
-        # the V rows' gradient (d-block db - n_db)
+        # grid (H, n_cb + HAS_BIAS, 2 * n_db), or a part of axis 1 starting at column block J0 (the weight's
+        # columns and the bias column in two launches): axis 2 < n_db works on d-block db of the Q/K rows, the rest
+        # copy the V rows' gradient (d-block db - n_db)
         h = tl.program_id(0)
-        j = tl.program_id(1)
+        j = tl.program_id(1) + J0
         n_db = tl.num_programs(2) // 2
         db = tl.program_id(2)
         n_cb = tl.cdiv(C, BLOCK_C)
@@ -314,7 +316,7 @@ if triton is not None:
                     _copy_rows(gb_ptr, db_ptr, 2 * H * DP + h * D + d0, 2 * C + h * D + d0, n_rows, 1, 1, 0, 0,
                                BLOCK_D, BLOCK_CB)
         else:
-            slot = h * tl.num_programs(1) + j  # dW partials: rows of one slot are split over the d-blocks
+            slot = h * (n_cb + HAS_BIAS) + j  # dW partials: rows of one slot are split over the d-blocks
             ps_slot = slot * n_db + db  # gate partials: one per program
             d0 = db * BLOCK_D
             qs, ks, qr, kr, rt = _head_gates(g0, g1, g2, g3, routed_ptr, thr, h, GATES, ROUTE, FP64)
@@ -511,9 +513,18 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
                         threshold: Optional[float] = None, bias_channel: bool = False, traceable: bool = True,
                         block_c: Optional[int] = None,
                         num_warps: Optional[int] = None,
-                        block_d: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                   Tensor, Tensor]:
-    """Gradients ``(d_weight, d_bias, dW, dg0, dg1, dg2, dg3)``; ``dg1``/``dg3`` are empty in the gated modes."""
+                        block_d: Optional[int] = None, stream=None,
+                        between: Optional[Callable[[], Optional[Tensor]]] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(d_weight, d_bias, dW, dg0, dg1, dg2, dg3)``; ``dg1``/``dg3`` are empty in the gated modes.
+
+    ``stream`` and/or ``between``: launch the kernels on ``stream`` (None: the current one) in two parts. The
+    programs of the weight's columns go first and read only ``grad_w``; then ``between()`` runs on the current
+    stream and returns ``grad_b`` (it computes it and makes ``stream`` wait for it); then the bias column's
+    programs and the reduction. Everything is allocated on the current stream before the first launch; the caller
+    makes the current stream wait for ``stream`` before it uses the results and before it allocates anything more
+    on the current stream (the temporaries are freed on return while ``stream`` may still use them).
+    ``kernels.folded_linear`` overlaps the fold backward with the GEMM's own backward this way."""
     C = weight.shape[1]
     H = n_head
     D = C // H
@@ -532,32 +543,50 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     d_bias = torch.empty((3 * C if has_bias else 0,), dtype=bias.dtype if has_bias else weight.dtype, device=dev)
     pw = torch.empty((n_slots, D, R), dtype=acc, device=dev)
     ps = torch.empty((n_slots * n_db, 4), dtype=acc, device=dev)
-    g1_ = g1 if g1 is not None else g0
-    g3_ = g3 if g3 is not None else g2
-    ks_ = _kernels()
-    _launcher(ks_["bwd"], traceable, grad_w)[(H, n_per_head, 2 * n_db)](
-        grad_w, grad_b if (has_bias and grad_b is not None) else _dummy(grad_w), weight,
-        bias if has_bias else _dummy(weight), W, g0, g1_, g2, g3_,
-        routed if routed is not None else _dummy(g0), float(threshold) if threshold is not None else 0.0,
-        d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
-        C, H, D, R, ds, dp,
-        HAS_BIAS=has_bias, GATES=gate_mode, ROUTE=_route(routed, threshold), FP64=fp64,
-        IEEE=ieee, BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
     dW = torch.empty_like(W, memory_format=torch.contiguous_format)
     # absent gate sides (gated modes) get no gradient: None eagerly, an empty tensor for the op's schema
     dg = [torch.empty_like(g, memory_format=torch.contiguous_format) if g is not None
           else (torch.empty((0,), dtype=acc, device=dev) if traceable else None) for g in (g0, g1, g2, g3)]
-    # One program per 32 entries of dW (each sums a [n_slots, 32] strip, one load round trip when n_slots <= 256)
-    # and one for the gates.
+    g1_ = g1 if g1 is not None else g0
+    g3_ = g3 if g3 is not None else g2
+    ks_ = _kernels()
+    # One reduction program per 32 entries of dW (each sums a [n_slots, 32] strip, one load round trip when
+    # n_slots <= 256) and one for the gates.
     block_e = 32
     n_e = -(-(D * R) // block_e)
-    _launcher(ks_["reduce"], traceable, pw)[(n_e + 1,)](
-        pw, ps, dW, g0, g2, dg[0], dg[1] if g1 is not None else dg[0], dg[2], dg[3] if g3 is not None else dg[2],
-        n_slots, n_per_head * n_db, H, D * R, GATES=gate_mode,
-        BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
-        BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head * n_db))),
-        num_warps=1 if _interpreting() else 4)
+
+    def tiles(j0: int, n_j: int, grad_b: Optional[Tensor]) -> None:
+        _launcher(ks_["bwd"], traceable, grad_w)[(H, n_j, 2 * n_db)](
+            grad_w, grad_b if (has_bias and grad_b is not None) else _dummy(grad_w), weight,
+            bias if has_bias else _dummy(weight), W, g0, g1_, g2, g3_,
+            routed if routed is not None else _dummy(g0), float(threshold) if threshold is not None else 0.0,
+            d_weight, d_bias if has_bias else _dummy(d_weight), pw, ps,
+            C, H, D, R, ds, dp, j0,
+            HAS_BIAS=has_bias, GATES=gate_mode, ROUTE=_route(routed, threshold), FP64=fp64,
+            IEEE=ieee, BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_CB=16, num_warps=cfg["num_warps"])
+
+    def reduce() -> None:
+        _launcher(ks_["reduce"], traceable, pw)[(n_e + 1,)](
+            pw, ps, dW, g0, g2, dg[0], dg[1] if g1 is not None else dg[0], dg[2],
+            dg[3] if g3 is not None else dg[2],
+            n_slots, n_per_head * n_db, H, D * R, GATES=gate_mode,
+            BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
+            BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head * n_db))),
+            num_warps=1 if _interpreting() else 4)
+
+    if between is None and stream is None:
+        tiles(0, n_per_head, grad_b)
+        reduce()
+    else:  # torch.cuda.stream(None) is a no-op (the interpreter tests run this split on CPU)
+        n_cb = cfg["n_cb"]
+        with torch.cuda.stream(stream):
+            tiles(0, n_cb, None)
+        grad_b = between() if between is not None else grad_b
+        with torch.cuda.stream(stream):
+            if has_bias:
+                tiles(n_cb, 1, grad_b)
+            reduce()
     return d_weight, d_bias, dW, dg[0], dg[1], dg[2], dg[3]
 
 
@@ -758,7 +787,7 @@ def _apply(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, 
     # stubbed out: 2.1 ms vs 0.68 ms per fwd+bwd at GPT-2 small sizes).
     traced = _fold_op is not None and not eager_launch(weight)
     if reuse is not None:
-        _check_reuse(reuse, weight, bias, W, n_head, variant, out_dtype, traced)
+        _check_reuse(reuse, weight, bias, W, n_head, variant, out_dtype, traced, "reuse")
         reuse = (reuse[0], reuse[1] if reuse[1] is not None else reuse[0].new_empty((0,)))
     if traced:
         w, b = _fold_op(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, threshold,
@@ -769,18 +798,19 @@ def _apply(weight, bias, W, g0, g1, g2, g3, routed, n_head, variant, gate_mode, 
     return w, (b if bias is not None else None)
 
 
-def _check_reuse(reuse, weight, bias, W, n_head, variant, out_dtype, traced) -> None:
+def _check_reuse(reuse, weight, bias, W, n_head, variant, out_dtype, traced, arg: str) -> None:
+    """``reuse`` (called ``arg`` by the caller) must be a fold these parameters could have made."""
     if traced:
-        _fail("reuse is for eager calls (a traced graph recomputes the fold); pass reuse=None under torch.compile")
+        _fail(f"{arg} is for eager calls (a traced graph recomputes the fold); pass {arg}=None under torch.compile")
     if not (isinstance(reuse, tuple) and len(reuse) == 2 and isinstance(reuse[0], Tensor)):
-        _fail(f"reuse must be a tuple (folded_weight, folded_bias or None); got {type(reuse).__name__}")
+        _fail(f"{arg} must be a tuple (folded_weight, folded_bias or None); got {type(reuse).__name__}")
     C, D = weight.shape[1], weight.shape[1] // n_head
     rows = 2 * n_head * folded_width(variant, D, W.shape[1]) + C
-    for name, t, shape in (("reuse[0]", reuse[0], (rows, C)),
-                           ("reuse[1]", reuse[1], (rows,) if bias is not None else None)):
+    for name, t, shape in ((f"{arg}[0]", reuse[0], (rows, C)),
+                           (f"{arg}[1]", reuse[1], (rows,) if bias is not None else None)):
         if shape is None:
             if t is not None:
-                _fail("reuse[1] must be None when bias is None")
+                _fail(f"{arg}[1] must be None when bias is None")
             continue
         if not (isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == out_dtype
                 and t.device == weight.device):

@@ -1,0 +1,151 @@
+"""The ``c_attn`` projection through the fused fold as one autograd node: ``y = x W~^T + b~`` (GitHub issue 3).
+
+``W~, b~`` is the folded ``c_attn`` weight and bias of :mod:`reciprocal_attention.kernels.fold`, and
+``F.linear(x, *fused_fold_gated(...))`` is the same function with two autograd nodes: the GEMM's backward, then the
+fold's. One node doing both can order the backward for overlap: the fold's backward (two kernels mapping ``dW~``
+back to ``c_attn``, ``W_recip`` and the gates) needs ``dW~ = dy^T x`` and ``db~ = sum(dy)``, not ``dx = dy W~``,
+and all but one column block of it needs only ``dW~``, so::
+
+    main:  dW~ = dy^T x  -- fork --  db~ = sum(dy)      -- fork --  dx = dy W~                     -- join
+    side:                            fold bwd, weight columns       fold bwd, bias column, reduction /
+
+In a CUDA graph the branches are graph nodes without a dependency between them, so the fold's backward runs beside
+the bias-gradient reduction (a memory-bound kernel at ~40% of the H100's bandwidth) and the input-gradient GEMM
+instead of after them (``RA_FOLD_OVERLAP``: ``capture``, the default, forks only while
+a CUDA graph is captured; ``always``; ``never``). Eager calls are bound by host time, where the stream switches
+would cost more than they hide, so by default they run both on the current stream.
+
+The fold's forward is not part of the node: :func:`fused_folded_linear` takes the fold made earlier (the module's
+cache) or makes one and returns it, detached, for the caller to cache. Eager calls only: under torch.compile the
+module keeps ``F.linear`` on the fold's custom op, which the compiler sees through.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import fold as _kfold
+
+#: When the fold's backward forks onto a side stream: "capture" (while a CUDA graph is captured), "always", "never".
+OVERLAP = os.environ.get("RA_FOLD_OVERLAP", "capture")
+if OVERLAP not in ("capture", "always", "never"):
+    raise ValueError(f"RA_FOLD_OVERLAP must be 'capture', 'always' or 'never'; got {OVERLAP!r}")
+#: Priority of the side stream (lower is higher; -1 is the highest on current GPUs): its kernels are dispatched
+#: ahead of the GEMM's remaining tiles instead of after them.
+_PRIORITY = int(os.environ.get("RA_FOLD_OVERLAP_PRIORITY", "-1"))
+_SIDE: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(t: Tensor) -> Optional["torch.cuda.Stream"]:
+    """The side stream for the fold's backward on ``t``'s device, or None to stay on the current stream."""
+    if not t.is_cuda or OVERLAP == "never" or (OVERLAP == "capture" and not torch.cuda.is_current_stream_capturing()):
+        return None
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    s = _SIDE.get(idx)
+    if s is None:
+        s = _SIDE[idx] = torch.cuda.Stream(device=idx, priority=_PRIORITY)
+    return s
+
+
+class _FoldedLinear(torch.autograd.Function):
+    """``y = x2d @ wf^T + bf`` with ``(wf, bf)`` the fold of ``(weight, bias, W, w_std, w_rec)``; gradients to
+    ``x2d`` and the parameters (``wf, bf`` are inputs without gradient: the fold of these exact parameters)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, W, w_std, w_rec, wf, bf, cfg):
+        xc = x2d if x2d.dtype == wf.dtype else x2d.to(wf.dtype)  # autocast: the cast F.linear would make
+        y = torch.addmm(bf, xc, wf.t()) if bf is not None else torch.mm(xc, wf.t())
+        ctx.save_for_backward(xc, wf, weight, bias, W, w_std, w_rec)
+        ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, wf, weight, bias, W, w_std, w_rec = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not any(need[1:6]):
+            return gy.mm(wf), None, None, None, None, None, None, None, None
+        n_head, variant, gate_mode, threshold, bias_channel = ctx.cfg
+        gwf = gy.t().mm(xc)
+        side = _side_stream(gy)
+        if side is None:
+            gbf = gy.sum(0) if bias is not None else None
+            grads = _kfold._fold_backward_impl(gwf, gbf, weight, bias, W, w_std, None, w_rec, None, None, n_head,
+                                               variant, gate_mode, threshold, bias_channel, traceable=False)
+            dx = gy.mm(wf) if need[0] else None
+        else:
+            main = torch.cuda.current_stream(gy.device)
+            side.wait_stream(main)  # fork: the weight's column blocks of the fold backward need only dW~
+            dx = None
+
+            def between() -> Optional[Tensor]:  # on the main stream, while the side stream maps dW~ back
+                nonlocal dx
+                gbf = gy.sum(0) if bias is not None else None
+                side.wait_stream(main)  # the bias column and the reduction need db~
+                dx = gy.mm(wf) if need[0] else None
+                return gbf
+
+            # The fold backward frees its temporaries (allocated on the main stream) when it returns: nothing may
+            # be allocated on the main stream between that and the join (it could reuse them while the side stream
+            # still writes them), so everything the main stream computes is enqueued in between().
+            grads = _kfold._fold_backward_impl(gwf, None, weight, bias, W, w_std, None, w_rec, None, None, n_head,
+                                               variant, gate_mode, threshold, bias_channel, traceable=False,
+                                               stream=side, between=between)
+            main.wait_stream(side)  # join: the gradients are used on the main stream
+        d_weight, d_bias, dW, d_std, _, d_rec, _ = grads
+        return dx, d_weight, (d_bias if bias is not None else None), dW, d_std, d_rec, None, None, None
+
+
+def folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
+                  n_head: int, variant: str, gate_mode: int, threshold: Optional[float], bias_channel: bool,
+                  out_dtype: torch.dtype,
+                  folded: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> tuple[Tensor, tuple[Tensor, Optional[Tensor]]]:
+    """:func:`fused_folded_linear` without its input checks (the module calls this with parameters it checked
+    when it made ``folded``)."""
+    if folded is None:
+        folded = _kfold._fold_forward_impl(weight, bias, W, w_std, None, w_rec, None, None, n_head, variant, out_dtype,
+                                           gate_mode, threshold, bias_channel, traceable=False)
+        if bias is None:
+            folded = (folded[0], None)
+    cfg = (n_head, variant, gate_mode, threshold, bias_channel)
+    return _FoldedLinear.apply(x2d, weight, bias, W, w_std, w_rec, folded[0], folded[1], cfg), folded
+
+
+def fused_folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor,
+                        w_rec: Tensor, n_head: int, variant: str, gates: str = "signed",
+                        routing_threshold: Optional[float] = None, out_dtype: Optional[torch.dtype] = None,
+                        bias_channel: bool = False,
+                        folded: Optional[tuple[Tensor, Optional[Tensor]]] = None
+                        ) -> tuple[Tensor, tuple[Tensor, Optional[Tensor]]]:
+    """``F.linear(x2d, *fused_fold_gated(weight, bias, W, w_std, w_rec, ...))`` as one autograd node.
+
+    ``x2d``: ``[N, C]`` (cast to ``out_dtype``, default ``weight.dtype``, as autocast would). Returns ``(y, (wf,
+    bf))``: ``y [N, 2 H D' + C]`` and the fold it used, without autograd history, which may be passed back as
+    ``folded`` while the parameters are unchanged (the caller owns that promise; the forward then launches only
+    the GEMM). Gradients flow to ``x2d, weight, bias, W, w_std, w_rec``. Eager calls on CUDA (or the interpreter).
+    """
+    _kfold._need_triton()
+    if gates not in _kfold.GATE_MODES or gates == "sides":
+        _kfold._fail(f"gates must be 'signed' or 'seed'; got {gates!r}")
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    if routing_threshold is not None and (bias_channel or not isinstance(routing_threshold, (int, float))):
+        _kfold._fail("routing_threshold must be a float or None, and does not combine with bias_channel")
+    _kfold._check_inputs(weight, bias, W, (w_std, w_rec), None, n_head, variant, out_dtype,
+                         gate_names=("w_std", "w_rec"), bias_channel=bias_channel)
+    C = weight.shape[1]
+    if not (isinstance(x2d, Tensor) and x2d.dim() == 2 and x2d.shape[1] == C and x2d.is_floating_point()
+            and x2d.device == weight.device):
+        _kfold._fail(f"x2d must be a floating-point [N, C] = [N, {C}] tensor on {weight.device}; got "
+                     f"{_kfold._shape(x2d)}" + (f" {x2d.dtype} on {x2d.device}" if isinstance(x2d, Tensor) else ""))
+    if folded is not None:
+        _kfold._check_reuse(folded, weight, bias, W, n_head, variant, out_dtype, False, "folded")
+    thr = float(routing_threshold) if routing_threshold is not None else None
+    return folded_linear(x2d, weight, bias, W, w_std.contiguous(), w_rec.contiguous(), n_head, variant,
+                         _kfold.GATE_MODES[gates], thr, bias_channel, out_dtype, folded)
+
+
+__all__ = ["fused_folded_linear", "folded_linear", "OVERLAP"]
