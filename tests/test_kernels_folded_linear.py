@@ -92,10 +92,14 @@ def test_float32_params_bf16_fold_like_autocast():
     y, (wf, _) = kfl.fused_folded_linear(x, weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
     assert y.dtype == wf.dtype == torch.bfloat16
     ins = (x, weight, b, W, w_std, w_rec)
-    ref = oracle(*[t.detach().double().requires_grad_() for t in ins], H, "same_flop", "signed", None)
+    leaves = [t.detach().double().requires_grad_() for t in ins]
+    ref = oracle(*leaves, H, "same_flop", "signed", None)
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
-    for t, gr in zip(ins, grads_of(y, ins)):
-        assert gr.dtype == torch.float32 and gr.shape == t.shape and torch.isfinite(gr).all()
+    names = ("x", "weight", "bias", "W", "w_std", "w_rec")
+    for name, t, gr, want in zip(names, ins, grads_of(y, ins), grads_of(ref, leaves)):
+        assert gr.dtype == torch.float32 and gr.shape == t.shape, name
+        err = (gr.double() - want).abs().max().item()  # bf16 GEMM operands: ~2^-8 of the largest term
+        assert err <= 2e-2 * want.abs().max().item() + 1e-3, f"d{name}: {err:.3g} vs max {want.abs().max():.3g}"
 
 
 def test_partial_requires_grad():

@@ -445,8 +445,8 @@ class ReciprocalAttention(nn.Module):
             return None
         if needs_grad and not (fused and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing())):
             return None
-        # id(p): the cache holds no reference to the parameters, but a parameter replaced by another one of the
-        # same storage address and version would otherwise match
+        # id(p) as well: the cache holds no reference to the parameters, and a parameter replaced by a new one
+        # can get the old one's storage address and version; a match then also needs the old object's id
         return tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (
             out_dtype, _OPTIMIZER_STEPS[0])
 
