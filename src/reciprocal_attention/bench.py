@@ -431,7 +431,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
                                                                                         "flex"))]
     jobs = _plan(cfg, arms)
     baselines = {a.impl: a for a in arms if a.impl.startswith("baseline")}
-    paired_fns: dict[tuple, Callable[[], None]] = {}  # eager baselines, prepared once per (impl, shape, pass)
+    paired_fns: dict[tuple, Callable[[], None]] = {}  # baselines, prepared once per (impl, shape, pass, mode)
     versions = _versions()
     timer = Timer(device, cfg.warmup, cfg.repeats, cfg.inner)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -520,21 +520,31 @@ def _prepare(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
 def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
              device: torch.device, dtype: torch.dtype, timer: Timer, baseline: Arm | None = None,
              paired_fns: dict[tuple, Callable[[], None]] | None = None) -> dict[str, Any]:
-    """Time one (arm, shape, pass, mode). Eager with a ``baseline``: the two are timed in alternating rounds and
-    ``ratio_paired`` is the median of the per-round ratios (eager calls are host-bound, and the host's speed drifts
-    by tens of percent within minutes on the lent machine: unpaired eager ratios swing 0.7x-4.8x). The baseline's
-    prepared callable is kept in ``paired_fns`` for the next arm of the same shape and pass."""
+    """Time one (arm, shape, pass, mode). Eager and graph with a ``baseline``: the two are timed in alternating
+    rounds and ``ratio_paired`` is the median of the per-round ratios (eager calls are host-bound, and the host's
+    speed drifts by tens of percent within minutes on the lent machine: unpaired eager ratios swing 0.7x-4.8x;
+    graph replays drift by ~1%, the size of the effects measured at T=1024). The baseline's prepared callable (its
+    captured graph in graph mode) is kept in ``paired_fns`` for the next arm of the same shape, pass and mode."""
     # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
            else contextlib.nullcontext())
     fn, peak = _prepare(arm, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
     out: dict[str, Any] = {"peak_mem_bytes": peak, "calls_per_timing": timer.inner}
-    if mode == "eager" and baseline is not None:
+    if mode in ("eager", "graph") and baseline is not None:
+        if mode == "graph" and arm.syncs_host:
+            raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
         paired_fns = {} if paired_fns is None else paired_fns
-        key = (baseline.impl, B, T, C, H, pass_)
+        key = (baseline.impl, B, T, C, H, pass_, mode)
         if key not in paired_fns:
-            paired_fns[key] = _prepare(baseline, B, T, C, H, pass_, mode, cfg, device, dtype, amp)[0]
+            base_fn = _prepare(baseline, B, T, C, H, pass_, mode, cfg, device, dtype, amp)[0]
+            if mode == "graph":
+                with sdpa_context(baseline.sdpa), amp:
+                    base_fn = timer.graphed(base_fn)
+            paired_fns[key] = base_fn
         base_fn = paired_fns[key]
+        if mode == "graph":
+            with sdpa_context(arm.sdpa), amp:
+                fn = timer.graphed(fn)
         with amp:
             times, base_times = timer.measure_paired((fn, lambda: sdpa_context(arm.sdpa)),
                                                      (base_fn, lambda: sdpa_context(baseline.sdpa)))
@@ -561,7 +571,7 @@ def fill_ratios(records: list[dict[str, Any]]) -> None:
         b = base.get((r["baseline_impl"],) + key(r))
         ok = b is not None and b.get("ms_median") and r.get("ms_median")
         r["ratio_vs_baseline"] = r["ms_median"] / b["ms_median"] if ok else None
-        if r.get("ratio_paired") is not None:  # eager: timed in alternating rounds with its baseline
+        if r.get("ratio_paired") is not None:  # timed in alternating rounds with its baseline
             r["ratio_unpaired"] = r["ratio_vs_baseline"]
             r["ratio_vs_baseline"] = r["ratio_paired"]
         if ok and b.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
@@ -623,11 +633,13 @@ def markdown_report(records: list[dict[str, Any]]) -> str:
     if not records:
         return "# ra bench\n\nno records\n"
     v = records[0]
+    paired = sorted({r["mode"] for r in records if r.get("ratio_paired") is not None})
     lines = ["# ra bench: RA vs the baseline attention block",
              "", f"Device: **{v['device']}**; torch {v['torch']}, triton {v['triton']}, CUDA {v.get('cuda')}; "
              f"precision {v['precision']}; GPT-2 biases: {v['bias']}. Median ms per call (min-max), ratio against "
-             "the baseline on the same SDPA backend, pass, mode and shape; eager ratios are paired (timed in "
-             "alternating rounds with the baseline). Graph = CUDA-graph replay (pure GPU time).",
+             "the baseline on the same SDPA backend, pass, mode and shape"
+             + (f"; {' and '.join(paired)} ratios are paired (timed in alternating rounds with the baseline)"
+                if paired else "") + ". Graph = CUDA-graph replay (pure GPU time).",
              ""]
     by = {}
     for r in records:
