@@ -238,6 +238,25 @@ def test_cached_generation_equals_full_forward(preset):
     assert rel_err(torch.cat(chunks, dim=1), m(x)) <= 1e-12
 
 
+def test_fold_cache_can_be_switched_off():
+    """cache_fold=False: every call folds (nothing kept between calls), with the same outputs."""
+    gen = torch.Generator().manual_seed(9)
+    m = ReciprocalAttention.from_preset("ra", n_embd=32, n_head=2, block_size=16).eval()
+    randomize(m, gen, positive_gates=True)
+    x = torch.randn(1, 5, 32, generator=gen)
+    with torch.no_grad():
+        y_cached = m(x)
+        assert m._fold_cache is not None
+        m.cache_fold = False
+        w0 = m.folded_weight()[0]
+        assert m.folded_weight()[0] is not w0 and torch.equal(m.folded_weight()[0], w0)
+        m.invalidate_cache()
+        y = m(x)
+        assert m._fold_cache is None
+    torch.testing.assert_close(y, y_cached, rtol=0, atol=0)
+    assert ReciprocalAttention.cache_fold  # the class default is untouched
+
+
 def test_fold_cache_is_used_and_invalidated():
     gen = torch.Generator().manual_seed(8)
     m = ReciprocalAttention.from_preset("ra", n_embd=32, n_head=2, block_size=16)
