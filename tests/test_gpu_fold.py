@@ -246,7 +246,7 @@ def test_folded_linear_overlap_in_cuda_graph(params_dtype):
     qs, ks = gate_sides(leaves[4], "signed")
     qr, kr = gate_sides(leaves[5], "signed")
     wf, bf = fold.fold_qkv_weight(leaves[1], leaves[2], leaves[3], qs, ks, qr, kr, None, H, "same_flop")
-    y64 = F.linear(leaves[0].to(torch.bfloat16).double(), wf.to(torch.bfloat16).double(), bf.to(torch.bfloat16).double())
+    y64 = F.linear(*(t.to(torch.bfloat16).double() for t in (leaves[0], wf, bf)))  # the GEMM's bf16 operands
     ref = (y64, *torch.autograd.grad(F.linear(leaves[0], wf, bf), leaves, gy.double()))
     for name, a, e in zip(names, expect, ref):
         err = (a.double() - e).abs().max().item()

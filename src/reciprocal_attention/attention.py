@@ -446,8 +446,8 @@ class ReciprocalAttention(nn.Module):
     def _fold_key(self, params: list[Tensor], out_dtype: torch.dtype | None, needs_grad: bool,
                   fused: bool) -> tuple | None:
         """The cache key of the fold of ``params``, or None where no cache may be read or written: with
-        ``cache_fold`` off, while torch.compile traces, and with autograd on unless the fused fold runs outside a CUDA graph capture (a
-        replay must rebuild the fold; the PyTorch fold's backward needs its own graph)."""
+        ``cache_fold`` off, while torch.compile traces, and with autograd on unless the fused fold runs outside a
+        CUDA graph capture (a replay must rebuild the fold; the PyTorch fold's backward needs its own graph)."""
         if not self.cache_fold or torch.compiler.is_compiling():
             return None
         if needs_grad and not (fused and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing())):

@@ -34,9 +34,13 @@ from . import fold as _kfold
 OVERLAP = os.environ.get("RA_FOLD_OVERLAP", "capture")
 if OVERLAP not in ("capture", "always", "never"):
     raise ValueError(f"RA_FOLD_OVERLAP must be 'capture', 'always' or 'never'; got {OVERLAP!r}")
-#: Priority of the side stream (lower is higher; -1 is the highest on current GPUs): its kernels are dispatched
-#: ahead of the GEMM's remaining tiles instead of after them.
-_PRIORITY = int(os.environ.get("RA_FOLD_OVERLAP_PRIORITY", "-1"))
+#: Priority of the side stream (lower is higher; -1 is the highest on current GPUs). Measured on an H100
+#: (overlap_ab.json): -1 and 0 within run-to-run noise of each other; -1 lets the fold's programs take SMs first.
+try:
+    _PRIORITY = int(os.environ.get("RA_FOLD_OVERLAP_PRIORITY", "-1"))
+except ValueError:
+    raise ValueError("RA_FOLD_OVERLAP_PRIORITY must be an integer stream priority (e.g. -1 or 0); got "
+                     f"{os.environ['RA_FOLD_OVERLAP_PRIORITY']!r}") from None
 _SIDE: dict[int, "torch.cuda.Stream"] = {}
 
 
@@ -102,8 +106,8 @@ class _FoldedLinear(torch.autograd.Function):
 
 def folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
                   n_head: int, variant: str, gate_mode: int, threshold: Optional[float], bias_channel: bool,
-                  out_dtype: torch.dtype,
-                  folded: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> tuple[Tensor, tuple[Tensor, Optional[Tensor]]]:
+                  out_dtype: torch.dtype, folded: Optional[tuple[Tensor, Optional[Tensor]]] = None
+                  ) -> tuple[Tensor, tuple[Tensor, Optional[Tensor]]]:
     """:func:`fused_folded_linear` without its input checks (the module calls this with parameters it checked
     when it made ``folded``)."""
     if folded is None:
