@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
-#   stages: tests flashtests foldtests foldsweep check bench bench_amp profile ncu eager ddp train quality (default: tests check bench
+#   stages: tests flashtests foldtests foldsweep check bench bench_amp profile ncu overlap eager ddp train quality (default: tests check bench
 #   train quality)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
@@ -55,6 +55,7 @@ for s in $STAGES; do
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)
              [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
+    overlap) stage overlap 200 $PY scripts/overlap_ab.py "$RES/overlap_ab.json" --trace --rounds 15 --memory ;;
     eager)   stage eager 150 $PY scripts/eager_overhead.py "$RES/eager_overhead.json"
              cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
     ddp)     stage ddp "${RA_DDP_TIMEOUT:-560}" bash scripts/gpu_ddp.sh "$RES/ddp" ;;
