@@ -205,3 +205,23 @@ def test_module_compiles_without_graph_breaks_on_the_fused_path(monkeypatch):
     for n, p in m.named_parameters():
         if n in g:
             torch.testing.assert_close(g[n], p.grad, rtol=1e-10, atol=1e-12, msg=lambda s, n=n: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("gates,thr", [("signed", None), ("seed", 0.3)])
+def test_double_backward_matches_oracle(gates, thr):
+    """create_graph=True (Hessian-vector products, gradient penalties): the node's backward is then the PyTorch fold
+    differentiated by autograd, so second derivatives match F.linear on the oracle fold (the Triton kernels have no
+    backward of their own)."""
+    H, D, R, N = 2, 8, 3, 5
+    x, weight, b, W, w_std, w_rec = make(H, D, R, N, True, seed=12)
+    ins = (x, weight, b, W, w_std, w_rec)
+
+    def second_order(fn):
+        y = fn()
+        gx, gw = torch.autograd.grad(y.pow(2).sum(), [x, weight], create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gw.sum(), ins)
+
+    got = second_order(lambda: kfl.fused_folded_linear(*ins, H, "same_flop", gates=gates, routing_threshold=thr)[0])
+    want = second_order(lambda: oracle(*ins, H, "same_flop", gates, thr))
+    for name, a, e in zip(("x", "weight", "bias", "W", "w_std", "w_rec"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"d2 {n}: {m}")

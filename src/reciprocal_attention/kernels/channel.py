@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import INTERPRET, eager_launch, triton_installed
 from .launch import direct
@@ -148,6 +149,7 @@ class _ChannelFunction(torch.autograd.Function):
         return qkv
 
     @staticmethod
+    @once_differentiable  # Triton kernels have no backward: a double backward raises instead of misleading
     def backward(ctx, g: Tensor):
         c, w = ctx.saved_tensors
         B, T, H, width, scale, kappa = ctx.meta

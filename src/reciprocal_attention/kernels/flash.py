@@ -77,6 +77,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import INTERPRET, eager_launch
 
@@ -652,6 +653,7 @@ class _FlashRAFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # Triton kernels have no backward: a double backward raises instead of misleading
     def backward(ctx, do):
         q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
         dq, dk, dv, dc, da, db = _bwd_impl(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)

@@ -56,6 +56,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..fold import FOLDED_VARIANTS, folded_width, std_width
 from . import INTERPRET, eager_launch
@@ -698,6 +699,7 @@ class _FoldFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # Triton kernels have no backward: a double backward raises instead of misleading
     def backward(ctx, grad_w, grad_b):
         weight, bias, W, g0, g1, g2, g3, routed = ctx.saved_tensors
         grad_w, grad_b = _zero_grads(ctx, grad_w, grad_b, weight, bias, W)

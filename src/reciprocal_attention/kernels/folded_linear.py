@@ -61,16 +61,20 @@ class _FoldedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, W, w_std, w_rec, wf, bf, cfg):
-        xc = x2d if x2d.dtype == wf.dtype else x2d.to(wf.dtype)  # autocast: the cast F.linear would make
+        cast = x2d.dtype != wf.dtype
+        xc = x2d.to(wf.dtype) if cast else x2d  # autocast: the cast F.linear would make
         y = torch.addmm(bf, xc, wf.t()) if bf is not None else torch.mm(xc, wf.t())
-        ctx.save_for_backward(xc, wf, weight, bias, W, w_std, w_rec)
+        ctx.save_for_backward(xc, wf, weight, bias, W, w_std, w_rec, x2d if cast else None)
         ctx.cfg = cfg
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xc, wf, weight, bias, W, w_std, w_rec = ctx.saved_tensors
+        xc, wf, weight, bias, W, w_std, w_rec, x2d = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
+            return _differentiable_backward(ctx, gy, x2d if x2d is not None else xc, weight, bias, W, w_std, w_rec,
+                                            wf.dtype)
         if not any(need[1:6]):
             return gy.mm(wf), None, None, None, None, None, None, None, None
         n_head, variant, gate_mode, threshold, bias_channel = ctx.cfg
@@ -102,6 +106,30 @@ class _FoldedLinear(torch.autograd.Function):
             main.wait_stream(side)  # join: the gradients are used on the main stream
         d_weight, d_bias, dW, d_std, _, d_rec, _ = grads
         return dx, d_weight, (d_bias if bias is not None else None), dW, d_std, d_rec, None, None, None
+
+
+def _differentiable_backward(ctx, gy: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor,
+                             w_std: Tensor, w_rec: Tensor, out_dtype: torch.dtype) -> tuple:
+    """The gradients as a differentiable function of the inputs (double backward: Hessian-vector products, gradient
+    penalties): the readable PyTorch fold (``fold.fold_qkv_weight``) and ``F.linear`` differentiated by autograd.
+    Only used when the backward itself records a graph; the Triton kernels have no backward of their own."""
+    from ..fold import fold_qkv_weight
+    from ..reference import gate_sides, routed_heads
+
+    n_head, variant, gate_mode, threshold, bias_channel = ctx.cfg
+    gates = {v: k for k, v in _kfold.GATE_MODES.items()}[gate_mode]
+    qs, ks = gate_sides(w_std, gates)
+    qr, kr = gate_sides(w_rec, gates)
+    wf, bf = fold_qkv_weight(weight, bias, W, qs, ks, qr, kr, routed_heads(w_rec, threshold), n_head, variant,
+                             bias_channel)
+    y = torch.nn.functional.linear(x2d.to(out_dtype), wf.to(out_dtype), bf.to(out_dtype) if bf is not None else None)
+    ins = (x2d, weight, bias, W, w_std, w_rec)
+    idx = [i for i, t in enumerate(ins) if ctx.needs_input_grad[i] and t is not None]
+    grads = torch.autograd.grad(y, [ins[i] for i in idx], gy, create_graph=True, allow_unused=True)
+    out = [None] * 9
+    for i, g in zip(idx, grads):
+        out[i] = g
+    return tuple(out)
 
 
 def folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
