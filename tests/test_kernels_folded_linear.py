@@ -139,7 +139,7 @@ def test_errors():
         kfl.fused_folded_linear(x, weight, b, W, w_std, w_rec, H, "same_flop", gates="sides")
     with pytest.raises(ValueError, match=r"w_std must have shape \[n_head\]"):
         kfl.fused_folded_linear(x, weight, b, W, w_std[:1], w_rec, H, "same_flop")
-    with pytest.raises(ValueError, match="does not combine with bias_channel"):
+    with pytest.raises(ValueError, match="bias_channel does not combine with routing"):
         kfl.fused_folded_linear(x, weight, b, W, w_std, w_rec, H, "same_flop", routing_threshold=0.1,
                                 bias_channel=True)
     _, folded = kfl.fused_folded_linear(x, weight, b, W, w_std, w_rec, H, "same_flop")

@@ -528,34 +528,30 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
     # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
            else contextlib.nullcontext())
-    fn, peak = _prepare(arm, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
+    if mode == "graph" and arm.syncs_host:
+        raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
+
+    def prepared(a: Arm) -> tuple[Callable[[], None], int | None]:  # graph mode: captured under a's SDPA backend
+        f, peak = _prepare(a, B, T, C, H, pass_, mode, cfg, device, dtype, amp)
+        if mode == "graph":
+            with sdpa_context(a.sdpa), amp:
+                f = timer.graphed(f)
+        return f, peak
+
+    fn, peak = prepared(arm)
     out: dict[str, Any] = {"peak_mem_bytes": peak, "calls_per_timing": timer.inner}
     if mode in ("eager", "graph") and baseline is not None:
-        if mode == "graph" and arm.syncs_host:
-            raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
         paired_fns = {} if paired_fns is None else paired_fns
         key = (baseline.impl, B, T, C, H, pass_, mode)
         if key not in paired_fns:
-            base_fn = _prepare(baseline, B, T, C, H, pass_, mode, cfg, device, dtype, amp)[0]
-            if mode == "graph":
-                with sdpa_context(baseline.sdpa), amp:
-                    base_fn = timer.graphed(base_fn)
-            paired_fns[key] = base_fn
-        base_fn = paired_fns[key]
-        if mode == "graph":
-            with sdpa_context(arm.sdpa), amp:
-                fn = timer.graphed(fn)
+            paired_fns[key] = prepared(baseline)[0]
         with amp:
             times, base_times = timer.measure_paired((fn, lambda: sdpa_context(arm.sdpa)),
-                                                     (base_fn, lambda: sdpa_context(baseline.sdpa)))
+                                                     (paired_fns[key], lambda: sdpa_context(baseline.sdpa)))
         out.update({"ratio_paired": statistics.median(t / b for t, b in zip(times, base_times)),
                     "paired_baseline_ms_median": statistics.median(base_times)})
     else:
         with sdpa_context(arm.sdpa), amp:
-            if mode == "graph":
-                if arm.syncs_host:
-                    raise RuntimeError("this arm synchronises the host (.item()/nonzero): it cannot be captured")
-                fn = timer.graphed(fn)
             times = timer.measure(fn)
     out.update({"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times),
                 "n_timings": len(times)})

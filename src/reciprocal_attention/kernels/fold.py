@@ -843,6 +843,23 @@ def fused_fold_qkv_weight(weight: Tensor, bias: Optional[Tensor], W: Tensor, qs:
                   bias_channel, out_dtype)
 
 
+def _check_gated(weight, bias, W, w_std, w_rec, n_head, variant, gates, routing_threshold, out_dtype,
+                 bias_channel) -> tuple[torch.dtype, Optional[float]]:
+    """The checks of the raw-gate entry points (:func:`fused_fold_gated`, ``folded_linear.fused_folded_linear``);
+    returns ``(out_dtype, threshold)`` resolved."""
+    _need_triton()
+    if gates not in ("signed", "seed"):
+        _fail(f"gates must be 'signed' or 'seed'; got {gates!r}")
+    if routing_threshold is not None and not isinstance(routing_threshold, (int, float)):
+        _fail(f"routing_threshold must be a float or None; got {type(routing_threshold).__name__}")
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    if bias_channel and routing_threshold is not None:
+        _fail("bias_channel does not combine with routing (a routed head would use every feature)")
+    _check_inputs(weight, bias, W, (w_std, w_rec), None, n_head, variant, out_dtype, gate_names=("w_std", "w_rec"),
+                  bias_channel=bias_channel)
+    return out_dtype, (float(routing_threshold) if routing_threshold is not None else None)
+
+
 def fused_fold_gated(weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
                      n_head: int, variant: str, gates: str = "signed", routing_threshold: Optional[float] = None,
                      out_dtype: Optional[torch.dtype] = None, bias_channel: bool = False,
@@ -856,17 +873,8 @@ def fused_fold_gated(weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: T
     (the caller owns that promise, e.g. a cache keyed on version counters). The forward then returns views of them
     and launches nothing; the backward still maps the gradient back. Eager calls only.
     """
-    _need_triton()
-    if gates not in ("signed", "seed"):
-        _fail(f"gates must be 'signed' or 'seed'; got {gates!r}")
-    if routing_threshold is not None and not isinstance(routing_threshold, (int, float)):
-        _fail(f"routing_threshold must be a float or None; got {type(routing_threshold).__name__}")
-    out_dtype = weight.dtype if out_dtype is None else out_dtype
-    if bias_channel and routing_threshold is not None:
-        _fail("bias_channel does not combine with routing (a routed head would use every feature)")
-    _check_inputs(weight, bias, W, (w_std, w_rec), None, n_head, variant, out_dtype, gate_names=("w_std", "w_rec"),
-                  bias_channel=bias_channel)
-    thr = float(routing_threshold) if routing_threshold is not None else None
+    out_dtype, thr = _check_gated(weight, bias, W, w_std, w_rec, n_head, variant, gates, routing_threshold,
+                                  out_dtype, bias_channel)
     return _apply(weight, bias, W, w_std.contiguous(), None, w_rec.contiguous(), None, None, n_head, variant,
                   GATE_MODES[gates], thr, bias_channel, out_dtype, reuse)
 

@@ -160,14 +160,8 @@ def fused_folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: 
     ``folded`` while the parameters are unchanged (the caller owns that promise; the forward then launches only
     the GEMM). Gradients flow to ``x2d, weight, bias, W, w_std, w_rec``. Eager calls on CUDA (or the interpreter).
     """
-    _kfold._need_triton()
-    if gates not in _kfold.GATE_MODES or gates == "sides":
-        _kfold._fail(f"gates must be 'signed' or 'seed'; got {gates!r}")
-    out_dtype = weight.dtype if out_dtype is None else out_dtype
-    if routing_threshold is not None and (bias_channel or not isinstance(routing_threshold, (int, float))):
-        _kfold._fail("routing_threshold must be a float or None, and does not combine with bias_channel")
-    _kfold._check_inputs(weight, bias, W, (w_std, w_rec), None, n_head, variant, out_dtype,
-                         gate_names=("w_std", "w_rec"), bias_channel=bias_channel)
+    out_dtype, thr = _kfold._check_gated(weight, bias, W, w_std, w_rec, n_head, variant, gates, routing_threshold,
+                                         out_dtype, bias_channel)
     C = weight.shape[1]
     if not (isinstance(x2d, Tensor) and x2d.dim() == 2 and x2d.shape[1] == C and x2d.is_floating_point()
             and x2d.device == weight.device):
@@ -175,7 +169,6 @@ def fused_folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: 
                      f"{_kfold._shape(x2d)}" + (f" {x2d.dtype} on {x2d.device}" if isinstance(x2d, Tensor) else ""))
     if folded is not None:
         _kfold._check_reuse(folded, weight, bias, W, n_head, variant, out_dtype, False, "folded")
-    thr = float(routing_threshold) if routing_threshold is not None else None
     return folded_linear(x2d, weight, bias, W, w_std.contiguous(), w_rec.contiguous(), n_head, variant,
                          _kfold.GATE_MODES[gates], thr, bias_channel, out_dtype, folded)
 
