@@ -2,8 +2,8 @@
 import torch
 
 from reciprocal_attention import ReciprocalAttention, attention
-from reciprocal_attention.bench import sdpa_context
-from reciprocal_attention.kernels import launch
+from reciprocal_attention.lab.bench import sdpa_context
+from reciprocal_attention.ops import launch
 
 
 def make(preset):

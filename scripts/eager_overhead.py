@@ -17,8 +17,8 @@ import time
 import torch
 
 from reciprocal_attention import ReciprocalAttention
-from reciprocal_attention.bench import _versions, sdpa_context
-from reciprocal_attention.kernels import launch
+from reciprocal_attention.lab.bench import _versions, sdpa_context
+from reciprocal_attention.ops import launch
 
 ARMS = (("baseline", "standard", "sdpa", True), ("ra_fast", "ra", "sdpa", True),
         ("ra_fast (JITFunction.run)", "ra", "sdpa", False), ("channel_bias", "ra_disc_channel", "sdpa", True),

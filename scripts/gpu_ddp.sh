@@ -16,7 +16,7 @@ COMMON=(--preset gpt2 --set model.attn=ra --set budget.max_tokens=0 --set eval.i
         --set schedule.decay_steps=$STEPS --set checkpoint.keep_last=0)
 run() {  # run NPROC OUT_SUBDIR extra --set args...
   local n=$1 d=$2; shift 2
-  timeout "${RA_DDP_RUN_TIMEOUT:-240}" torchrun --standalone --nproc_per_node "$n" -m reciprocal_attention.train \
+  timeout "${RA_DDP_RUN_TIMEOUT:-240}" torchrun --standalone --nproc_per_node "$n" -m reciprocal_attention.lab.train \
     "${COMMON[@]}" --out "$OUT/$d" "$@" 2>&1 | grep -v "^\s*$" | tail -n 4
 }
 for n in 1 2 4 8; do
@@ -27,7 +27,7 @@ if [ "$NG" -ge 2 ]; then
   half=$((STEPS / 2))
   run 1 "agree_N1" --set budget.max_steps=$STEPS --set checkpoint.interval=0 --set data.grad_accum=$((2 * NG))
   run "$NG" "resume_N$NG" --set budget.max_steps=$half --set checkpoint.interval=$half
-  timeout 240 python3 -m reciprocal_attention.train --resume "$OUT/resume_N$NG" --set budget.max_steps=$STEPS \
+  timeout 240 python3 -m reciprocal_attention.lab.train --resume "$OUT/resume_N$NG" --set budget.max_steps=$STEPS \
     --set data.grad_accum=$((2 * NG)) 2>&1 | tail -n 4
 fi
 python3 - "$OUT" "$NG" <<'PY'

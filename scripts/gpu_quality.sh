@@ -13,7 +13,7 @@ python3 - "$OUT" "$PAR" <<'PY' > "$OUT/probe.txt"
 import json, subprocess, sys, pathlib
 out, par = pathlib.Path(sys.argv[1]) / "probe", int(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
-procs = [subprocess.Popen([sys.executable, "-m", "reciprocal_attention.train", "--preset", "quality-gpu",
+procs = [subprocess.Popen([sys.executable, "-m", "reciprocal_attention.lab.train", "--preset", "quality-gpu",
          "--out", str(out / f"p{i}"), "--set", "model.attn=full", "--set", "budget.max_tokens=0",
          "--set", "budget.max_steps=60", "--set", "eval.interval=0", "--set", "eval.iters=1",
          "--set", "checkpoint.interval=0", "--set", "system.log_interval=10", "--set", "system.progress=false"],
@@ -37,5 +37,5 @@ tokens=$(python3 -c "t=float('$tps'); print(int(t * $SECS / $waves * 0.85 // 819
 echo "probe: ${tps} tokens/s per process with $PAR sharing the card; $n_runs runs in $waves waves -> $tokens tokens per run"
 echo "{\"probe_tokens_per_s_per_process\": $tps, \"parallel\": $PAR, \"waves\": $waves, \"tokens_per_run\": $tokens}" > "$OUT/budget.json"
 rm -rf "$OUT/probe"
-python3 -m reciprocal_attention.cli quality --preset quality-gpu --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" \
+python3 -m reciprocal_attention.lab.cli quality --preset quality-gpu --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" \
   --out "$OUT" --set budget.max_tokens="$tokens" --set checkpoint.interval=100000 --mqar-steps "${RA_MQAR_STEPS:-600}"

@@ -46,14 +46,14 @@ for s in $STAGES; do
     foldtests)  stage foldtests "${RA_FOLDTESTS_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_fold.py --timeout=150 -o addopts="" -rfE -k "not benchmark_printout" ;;
     foldsweep)  stage foldsweep 180 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts=""
                 pick_tiles ;;
-    bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
+    bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
     profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY scripts/profile_kernels.py "$RES/profile" ;;
     ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY scripts/ncu_fold.py ;;
-    check)   stage check 240 $PY -m reciprocal_attention.cli check ;;
-    bench)   stage bench "${RA_BENCH_TIMEOUT:-480}" $PY -m reciprocal_attention.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
+    check)   stage check 240 $PY -m reciprocal_attention.lab.cli check ;;
+    bench)   stage bench "${RA_BENCH_TIMEOUT:-480}" $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)
-             [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
+             [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
     overlap) stage overlap 200 $PY scripts/overlap_ab.py "$RES/overlap_ab.json" --trace --rounds 15 --memory ;;
     eager)   stage eager 150 $PY scripts/eager_overhead.py "$RES/eager_overhead.json"

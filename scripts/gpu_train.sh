@@ -6,7 +6,7 @@ set -uo pipefail
 OUT="${1:?usage: gpu_train.sh OUT_DIR}"; mkdir -p "$OUT"
 STEPS="${RA_TRAIN_STEPS:-80}"
 for arm in standard ra; do
-  python3 -m reciprocal_attention.cli train --preset gpt2 --out "$OUT/$arm" \
+  python3 -m reciprocal_attention.lab.cli train --preset gpt2 --out "$OUT/$arm" \
     --set model.attn=$arm --set budget.max_tokens=0 --set budget.max_steps=$STEPS --set eval.interval=0 \
     --set eval.iters=5 --set checkpoint.interval=0 --set system.log_interval=10 --set system.progress=false \
     --set schedule.warmup_steps=10 2>&1 | grep -v "^\s*$" | tail -n 25

@@ -13,7 +13,7 @@ import time
 import torch
 
 import reciprocal_attention.attention as att
-import reciprocal_attention.kernels.fold as kfold
+import reciprocal_attention.ops.fold as kfold
 from reciprocal_attention import ReciprocalAttention
 
 

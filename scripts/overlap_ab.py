@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from reciprocal_attention import ReciprocalAttention
-from reciprocal_attention.bench import Timer, _make_step, _versions, _warm_workspaces, sdpa_context
-from reciprocal_attention.kernels import folded_linear as kfl
+from reciprocal_attention.lab.bench import Timer, _make_step, _versions, _warm_workspaces, sdpa_context
+from reciprocal_attention.ops import folded_linear as kfl
 
 
 def two_node_qkv(self, x2d, out_dtype):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from reciprocal_attention import ReciprocalAttention
-from reciprocal_attention.bench import _versions, sdpa_context
+from reciprocal_attention.lab.bench import _versions, sdpa_context
 
 
 def _kernel_table(fn, iters: int = 10, warmup: int = 5) -> list[dict]:
@@ -69,7 +69,7 @@ def main() -> None:
             print(f"== {name} B={B} T={T}: {total:.1f} us of kernels per fwd+bwd")
             for r in rows[:14]:
                 print(f"   {r['us_per_call']:8.2f} us  x{r['launches_per_call']:.0f}  {r['kernel']}")
-    from reciprocal_attention.kernels.flash import flash_ra_attention
+    from reciprocal_attention.ops.flash import flash_ra_attention
 
     for B, T in ((8, 1024), (2, 4096)):
         H, D = 12, 64

@@ -472,7 +472,7 @@ def test_bias_channel_is_same_width_and_spec_budget():
 
 def test_bias_channel_triton_backend_matches_reference():
     """Triton backend (interpreter on CPU): the reserved features stay zero and the kernel adds the bias."""
-    from reciprocal_attention.kernels.flash import triton_available
+    from reciprocal_attention.ops.flash import triton_available
 
     if not triton_available():
         pytest.skip("needs Triton")

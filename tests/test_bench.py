@@ -2,7 +2,7 @@
 
 import json
 
-from reciprocal_attention import bench
+from reciprocal_attention.lab import bench
 
 REQUIRED = {"impl", "variant", "heads_pct", "B", "T", "C", "H", "pass", "mode", "ms_median", "ms_min", "ms_max",
             "ratio_vs_baseline", "peak_mem_bytes", "device", "torch", "triton"}

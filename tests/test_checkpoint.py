@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reciprocal_attention import checkpoint as C
+from reciprocal_attention.lab import checkpoint as C
 from reciprocal_attention.model import GPT, GPTConfig
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from reciprocal_attention import data as D
-from reciprocal_attention.tokenizer import ByteTokenizer
+from reciprocal_attention.lab import data as D
+from reciprocal_attention.lab.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """DDP on CPU (gloo), issue 7: two processes give the gradients of one process over the same global batch.
 
 Each rank builds the same tiny RA GPT (seed-deterministic init), takes its half of a fixed global batch and runs
-the trainer's own step code, :func:`reciprocal_attention.train.accumulate_gradients`, under
+the trainer's own step code, :func:`reciprocal_attention.lab.train.accumulate_gradients`, under
 ``DistributedDataParallel`` -- with one micro-batch, and with two (the first in ``no_sync()``). The averaged
 gradients must equal those of a single process computing the mean loss over the whole global batch.
 """
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reciprocal_attention.model import GPT, GPTConfig
-from reciprocal_attention.train import accumulate_gradients
+from reciprocal_attention.lab.train import accumulate_gradients
 
 WORLD = 2
 GLOBAL_B, T, VOCAB = 8, 16, 64
@@ -110,9 +110,9 @@ def test_ra_train_two_processes_equal_one_and_resume_on_another_n(tmp_path):
     import sys
     from pathlib import Path
 
-    from reciprocal_attention import train as T
-    from reciprocal_attention.checkpoint import read_state
-    from reciprocal_attention.config import ConfigError, TrainConfig, load_config
+    from reciprocal_attention.lab import train as T
+    from reciprocal_attention.lab.checkpoint import read_state
+    from reciprocal_attention.lab.config import ConfigError, TrainConfig, load_config
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     common = ["system.device=cpu", "system.dtype=float32", "system.threads=1", "system.progress=false",
@@ -126,7 +126,7 @@ def test_ra_train_two_processes_equal_one_and_resume_on_another_n(tmp_path):
         args = ["--preset", "tiny", "--out", str(out)] + [a for c in common + [f"budget.max_steps={steps}"]
                                                           for a in ("--set", c)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "reciprocal_attention.train", *args]
+               "-m", "reciprocal_attention.lab.train", *args]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         # Gloo's TCP transport can abort a rank while the pair connects ("terminate called without an active
         # exception", SIGABRT in gloo::transport::tcp::Address::fromPeerName: pytorch/gloo#514); seen once in CI.

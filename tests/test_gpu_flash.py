@@ -11,8 +11,8 @@ Most tests pin one fixed config per kernel (``flash.AUTOTUNE = False``) to keep 
 import pytest
 import torch
 
-from reciprocal_attention.kernels import flash
-from reciprocal_attention.kernels.flash import flash_ra_attention
+from reciprocal_attention.ops import flash
+from reciprocal_attention.ops.flash import flash_ra_attention
 from reciprocal_attention.reference import ra_attention
 
 pytestmark = pytest.mark.gpu

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from reciprocal_attention import fold
-from reciprocal_attention.kernels import fold as kfold
-from reciprocal_attention.kernels.fold import fused_fold_qkv_weight
+from reciprocal_attention.ops import fold as kfold
+from reciprocal_attention.ops.fold import fused_fold_qkv_weight
 
 pytestmark = pytest.mark.gpu
 
@@ -214,7 +214,7 @@ def test_folded_linear_overlap_in_cuda_graph(params_dtype):
     """The folded linear captured in a CUDA graph with the fold backward on the side stream: a replay after new
     parameter values equals eager calls (which stay on one stream) bitwise, and both match the float64 oracle
     (bf16 GEMM inputs: bf16 tolerances)."""
-    from reciprocal_attention.kernels import folded_linear as kfl
+    from reciprocal_attention.ops import folded_linear as kfl
     from reciprocal_attention.reference import gate_sides
 
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
@@ -259,7 +259,7 @@ def test_module_graph_with_overlap_matches_eager(pass_):
     side stream beside the input-gradient GEMM, replayed several times: the same losses and gradients as the same
     calls made eagerly on one stream, within SDPA's own run-to-run spread (its backward is not deterministic)."""
     from reciprocal_attention import ReciprocalAttention
-    from reciprocal_attention.bench import _make_step
+    from reciprocal_attention.lab.bench import _make_step
 
     torch.manual_seed(0)
     C, H, B, T = 768, 12, 4, 1023
@@ -488,7 +488,7 @@ def test_channel_kernels_match_torch_form(monkeypatch):
         return [y.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()]
 
     calls = []
-    from reciprocal_attention.kernels import channel
+    from reciprocal_attention.ops import channel
 
     real = channel._ChannelFunction.apply
     monkeypatch.setattr(channel._ChannelFunction, "apply", lambda *a: calls.append(1) or real(*a))
@@ -507,7 +507,7 @@ def test_direct_launch_matches_jit_launch(monkeypatch, offset):
     bitwise the results of JITFunction.run, and three runs are bitwise equal (the kernels use no atomics);
     repeated calls skip Triton's launch path; a weight whose address is not 16-byte aligned (storage offset) gets
     its own compiled variant, as under Triton's own key."""
-    from reciprocal_attention.kernels import channel, launch
+    from reciprocal_attention.ops import channel, launch
 
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
     C = H * D

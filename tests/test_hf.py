@@ -474,8 +474,8 @@ def hf_dir(tmp_path_factory):
 
 
 def _init_run(out, hf_path, *extra):
-    from reciprocal_attention import train as T
-    from reciprocal_attention.config import load_config
+    from reciprocal_attention.lab import train as T
+    from reciprocal_attention.lab.config import load_config
 
     cfg = load_config("tiny", overrides=INIT_BASE + [f"system.out_dir={out}", f"model.init_from={hf_path}", *extra])
     n = torch.get_num_threads()
@@ -487,9 +487,9 @@ def _init_run(out, hf_path, *extra):
 
 def _gpt_at_step(run, step):
     """The trainer's GPT as its checkpoint of ``step`` holds it (step 0: before any update)."""
-    from reciprocal_attention import checkpoint as ckpt
-    from reciprocal_attention import train as T
-    from reciprocal_attention.config import TrainConfig
+    from reciprocal_attention.lab import checkpoint as ckpt
+    from reciprocal_attention.lab import train as T
+    from reciprocal_attention.lab.config import TrainConfig
     from reciprocal_attention.model import GPT
 
     d = ckpt.step_dir(run / "checkpoints", step)
@@ -528,9 +528,9 @@ def test_init_from_hf_checkpoint_same_logits(hf_dir, tmp_path, attn):
 def test_init_from_resume_uses_run_checkpoint(hf_dir, tmp_path):
     import shutil
 
-    from reciprocal_attention import train as T
-    from reciprocal_attention.checkpoint import read_state
-    from reciprocal_attention.config import TrainConfig
+    from reciprocal_attention.lab import train as T
+    from reciprocal_attention.lab.checkpoint import read_state
+    from reciprocal_attention.lab.config import TrainConfig
 
     path, _ = hf_dir
     copy_dir = tmp_path / "hf"
@@ -549,8 +549,8 @@ def test_init_from_resume_uses_run_checkpoint(hf_dir, tmp_path):
 
 
 def test_init_from_errors(hf_dir, tmp_path):
-    from reciprocal_attention import train as T
-    from reciprocal_attention.config import ConfigError
+    from reciprocal_attention.lab import train as T
+    from reciprocal_attention.lab.config import ConfigError
 
     path, _ = hf_dir
     with pytest.raises(ConfigError, match=r"attn='ra'.*same_flop.*model\.attn=low_rank"):
@@ -575,7 +575,7 @@ def test_init_from_vocab_mismatch(tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=32, bos_token_id=None,
                                eos_token_id=None)).save_pretrained(tmp_path / "hf")
-    from reciprocal_attention.config import ConfigError
+    from reciprocal_attention.lab.config import ConfigError
 
     with pytest.raises(ConfigError, match="vocab_size 300 differs from the corpus tokenizer's 257"):
         _init_run(tmp_path / "run", tmp_path / "hf")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from module_check import assert_module_matches
 from reciprocal_attention import fold
-from reciprocal_attention.kernels import channel
+from reciprocal_attention.ops import channel
 
 F64 = torch.float64
 
@@ -120,7 +120,7 @@ def test_module_channel_kernels_match_reference(monkeypatch, disc, bias, T):
 
 
 CHANNEL_COMPILE_CHECK = """
-from reciprocal_attention.kernels import channel as K
+from reciprocal_attention.ops import channel as K
 
 n = 0
 for dtype in (torch.bfloat16, torch.float16, torch.float32):

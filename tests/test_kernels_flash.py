@@ -24,8 +24,8 @@ import textwrap
 import pytest
 import torch
 
-from reciprocal_attention.kernels import flash
-from reciprocal_attention.kernels.flash import flash_ra_attention
+from reciprocal_attention.ops import flash
+from reciprocal_attention.ops.flash import flash_ra_attention
 from reciprocal_attention.reference import ra_attention
 
 needs_triton = pytest.mark.skipif(not flash.triton_available(), reason="needs Triton")
@@ -444,7 +444,7 @@ def test_import_without_triton():
                     raise ImportError("triton blocked for this test")
         sys.meta_path.insert(0, Block())
         import torch
-        from reciprocal_attention.kernels import flash
+        from reciprocal_attention.ops import flash
         assert not flash.triton_available() and flash.OP_MODE == "unavailable"
         q = torch.randn(1, 1, 4, 16)
         try:
@@ -460,7 +460,7 @@ def test_import_without_triton():
 
 
 COMPILE_CHECK = textwrap.dedent("""
-    from reciprocal_attention.kernels import flash as F
+    from reciprocal_attention.ops import flash as F
 
     B, H, T, D = 2, 3, 100, int(sys.argv[1])
     q = torch.zeros(B, H, T, D, dtype=torch.bfloat16)

@@ -10,8 +10,8 @@ import torch
 
 from module_check import assert_module_matches
 from reciprocal_attention import fold
-from reciprocal_attention.kernels import fold as kfold
-from reciprocal_attention.kernels.fold import fused_fold_qkv_weight
+from reciprocal_attention.ops import fold as kfold
+from reciprocal_attention.ops.fold import fused_fold_qkv_weight
 
 pytestmark = pytest.mark.skipif(not kfold.triton_available(), reason="needs Triton (interpreter on CPU)")
 
@@ -276,7 +276,7 @@ def test_eager_launch_detects_tracing():
     """eager_launch: True for real tensors with no dispatch mode; False on fake tensors / under a mode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from reciprocal_attention.kernels import eager_launch
+    from reciprocal_attention.ops import eager_launch
 
     t = torch.ones(2)
     assert eager_launch(t)
@@ -294,7 +294,7 @@ def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "from reciprocal_attention.kernels import fold as k\n"
+        "from reciprocal_attention.ops import fold as k\n"
         "assert not k.triton_available()\n"
         "try:\n"
         "    k.fused_fold_qkv_weight(torch.zeros(6, 2), None, torch.zeros(2, 1), *[torch.ones(1)] * 4, None, 1,"
@@ -364,7 +364,7 @@ def test_gated_matches_reference_gates(shape, variant, bias, gates, threshold):
     """fused_fold_gated forms the gate sides and the routing in the kernels: same values and gradients (w_std,
     w_rec included) as reference.gate_sides + routed_heads + the oracle fold, in float64. Gates of both signs
     (seed gates: a non-positive w sits on the clamp floor and gets zero gradient; routing at 0.3 routes some)."""
-    from reciprocal_attention.kernels.fold import fused_fold_gated
+    from reciprocal_attention.ops.fold import fused_fold_gated
 
     H, D, R = shape
     weight, b, W, _, _ = make_inputs(H, D, R, bias, "none", seed=7)
@@ -388,7 +388,7 @@ def test_gated_matches_reference_gates(shape, variant, bias, gates, threshold):
 
 
 def test_gated_errors():
-    from reciprocal_attention.kernels.fold import fused_fold_gated
+    from reciprocal_attention.ops.fold import fused_fold_gated
 
     weight, b, W, _, _ = make_inputs(2, 8, 3, True, "none")
     w = torch.ones(2, dtype=torch.float64)
@@ -407,7 +407,7 @@ def test_module_fast_path_uses_gated_fold(monkeypatch, preset):
     (float64)."""
     from reciprocal_attention import attention
     from reciprocal_attention.attention import ReciprocalAttention
-    from reciprocal_attention.kernels import folded_linear as kfl
+    from reciprocal_attention.ops import folded_linear as kfl
 
     calls = []
     real = kfl.fused_folded_linear
@@ -440,7 +440,7 @@ def test_module_fast_path_uses_gated_fold(monkeypatch, preset):
 def test_bias_channel_matches_oracle(shape, bias):
     """bias_channel: standard rows Ds = D - R - 1, reciprocal rows, then a zero row per head (Q~ and K~); the
     gradients ignore the zero rows. Float64 against the oracle, sides and gated forms."""
-    from reciprocal_attention.kernels.fold import fused_fold_gated
+    from reciprocal_attention.ops.fold import fused_fold_gated
 
     H, D, R = shape
     inputs = make_inputs(H, D, R, bias, "none", seed=9)
@@ -465,7 +465,7 @@ def test_bias_channel_matches_oracle(shape, bias):
 
 
 FOLD_COMPILE_CHECK = """
-from reciprocal_attention.kernels import fold as K
+from reciprocal_attention.ops import fold as K
 
 H, D, R = 12, 64, 8
 C = H * D
@@ -587,7 +587,7 @@ def test_training_fold_cache_not_used_while_capturing(monkeypatch):
     m(x).sum().backward()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    from reciprocal_attention.kernels import folded_linear as kfl
+    from reciprocal_attention.ops import folded_linear as kfl
 
     monkeypatch.setattr(kfl, "OVERLAP", "never")  # the fake "CUDA" tensors have no streams
     m(x).sum().backward()
@@ -595,7 +595,7 @@ def test_training_fold_cache_not_used_while_capturing(monkeypatch):
 
 
 def test_fold_reuse_is_checked():
-    from reciprocal_attention.kernels.fold import fused_fold_gated
+    from reciprocal_attention.ops.fold import fused_fold_gated
 
     H, D, R = 2, 8, 3
     weight, b, W, gates, _ = make_inputs(H, D, R, True, "none", seed=4)

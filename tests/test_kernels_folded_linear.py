@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from reciprocal_attention import fold
-from reciprocal_attention.kernels import fold as kfold
-from reciprocal_attention.kernels import folded_linear as kfl
+from reciprocal_attention.ops import fold as kfold
+from reciprocal_attention.ops import folded_linear as kfl
 from reciprocal_attention.reference import gate_sides, routed_heads
 
 pytestmark = pytest.mark.skipif(not kfold.triton_available(), reason="needs Triton (interpreter on CPU)")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reciprocal_attention.mqar import IGNORE, MQARSpec, accuracy, make_batch
+from reciprocal_attention.lab.mqar import IGNORE, MQARSpec, accuracy, make_batch
 
 
 def test_targets_are_the_paired_values():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from reciprocal_attention import quality
+from reciprocal_attention.lab import quality
 
 
 def _fake_run(root, arm, seed, loss):

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from reciprocal_attention import tokenizer as tk
-from reciprocal_attention.data import read_fixture
+from reciprocal_attention.lab import tokenizer as tk
+from reciprocal_attention.lab.data import read_fixture
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from reciprocal_attention import train as T
-from reciprocal_attention.config import ConfigError, TrainConfig, load_config, to_toml
+from reciprocal_attention.lab import train as T
+from reciprocal_attention.lab.config import ConfigError, TrainConfig, load_config, to_toml
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # A fast, deterministic CPU run on the fixture: float32, one thread, no progress bar.
@@ -98,7 +98,7 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     args = ["--preset", "tiny", "--out", str(killed)] + [a for c in common + ["budget.max_steps=100000"]
                                                          for a in ("--set", c)]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "reciprocal_attention.train", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "reciprocal_attention.lab.train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
@@ -135,7 +135,7 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
 
 
 def _with(run: Path, key: str, value) -> dict:
-    from reciprocal_attention.checkpoint import read_state
+    from reciprocal_attention.lab.checkpoint import read_state
 
     cfg = read_state(run)["config"]
     sec, name = key.split(".")

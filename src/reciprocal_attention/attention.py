@@ -6,7 +6,7 @@ Backends (``backend=``):
 * ``sdpa``: PyTorch ``scaled_dot_product_attention`` on folded inputs. ``same_flop``/``low_rank`` use the
   weight-space fold (one GEMM emits ``[Q~ | K~ | V]``); a discoverability bias rides in one extra Q/K feature
   (channel fold); ``full`` concatenates ``[Q, K] . [K, Q]`` with V zero-padded. All exact.
-* ``triton``: the fused kernels of :mod:`reciprocal_attention.kernels` (learned column bias with its gradient;
+* ``triton``: the fused kernels of :mod:`reciprocal_attention.ops` (learned column bias with its gradient;
   full-rank ``S + S^T`` without padding). CUDA only.
 * ``auto``: ``triton`` where it is the fastest correct path on the device (CUDA with discoverability, or the
   ``full`` variant), else ``sdpa``. :meth:`ReciprocalAttention.explain_backend` says which and why.
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import fold as _fold
-from .kernels import INTERPRET, eager_launch, triton_installed
+from .ops import INTERPRET, eager_launch, triton_installed
 from .reference import GATES, VARIANTS, check_choice, discoverability_bias, gate_sides, ra_attention, routed_heads
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _fused_channel_usable(qkv: Tensor) -> bool:
     ops, which inductor fuses."""
     if not (qkv.is_cuda and triton_installed()):
         return False
-    from .kernels.channel import fused_channel_usable
+    from .ops.channel import fused_channel_usable
 
     return fused_channel_usable(qkv)
 
@@ -91,7 +91,7 @@ def fold_qkv(weight: Tensor, bias: Tensor | None, W: Tensor, qs: Tensor, ks: Ten
     """
     check_choice("impl", impl, ("auto", "triton", "torch"))
     if impl == "triton" or (impl == "auto" and _fused_fold_usable(weight)):
-        from .kernels.fold import fused_fold_qkv_weight
+        from .ops.fold import fused_fold_qkv_weight
 
         return fused_fold_qkv_weight(weight, bias, W, qs, ks, qr, kr, routed, n_head, variant, out_dtype=out_dtype,
                                      bias_channel=bias_channel)
@@ -152,7 +152,7 @@ def reciprocal_attention(
             use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda" and
                                                  _triton_usable(q.device) and D in (16, 32, 64, 128))
             if use_triton:
-                from .kernels.flash import flash_ra_attention
+                from .ops.flash import flash_ra_attention
 
                 return flash_ra_attention(q, k, v, scale=scale, col_bias=col_bias, a=qs * ks, b=qr * kr)
             qf, kf = _fold.full_qk(q, k, qs, ks, qr, kr)
@@ -169,7 +169,7 @@ def _attend_folded(qf: Tensor, kf: Tensor, v: Tensor, *, col_bias: Tensor | None
     if backend == "triton" or (backend == "auto" and col_bias is not None and qf.device.type == "cuda"
                                and _triton_usable(qf.device) and qf.shape[-1] == v.shape[-1]
                                and qf.shape[-1] in (16, 32, 64, 128) and dropout_p == 0.0):
-        from .kernels.flash import flash_ra_attention
+        from .ops.flash import flash_ra_attention
 
         if dropout_p:
             raise ValueError("backend='triton' does not implement attention dropout; use dropout=0 or 'sdpa'")
@@ -431,7 +431,7 @@ class ReciprocalAttention(nn.Module):
         if hit is not None and not needs_grad:
             return hit
         if fused:  # gate sides and routing formed inside the fold kernels
-            from .kernels.fold import fused_fold_gated
+            from .ops.fold import fused_fold_gated
 
             wf, bf = fused_fold_gated(weight, bias, W, w_std, w_rec, self.n_head, self.variant, gates=self.gates,
                                       routing_threshold=self.routing_threshold, out_dtype=out_dtype,
@@ -476,8 +476,8 @@ class ReciprocalAttention(nn.Module):
         weight = params[0]
         if (torch.is_grad_enabled() and _fused_fold_usable(weight) and any(p.requires_grad for p in params)
                 and eager_launch(weight)):
-            from .kernels.fold import GATE_MODES
-            from .kernels.folded_linear import folded_linear, fused_folded_linear
+            from .ops.fold import GATE_MODES
+            from .ops.folded_linear import folded_linear, fused_folded_linear
 
             key = self._fold_key(params, out_dtype, True, True)
             hit = self._cached_fold(key)
@@ -545,7 +545,7 @@ class ReciprocalAttention(nn.Module):
         kernels on eager/graph CUDA calls (the positional bias formed inside them), PyTorch ops otherwise."""
         q_channel = self.c_attn.bias is None  # with a bias, the folded bias already holds kappa = 1
         if _fused_channel_usable(qkv):
-            from .kernels import channel
+            from .ops import channel
 
             if self.discoverability == "positional" and not self.center_bias:
                 return channel.add_positional_bias_channel_fused(qkv, self.w_disc, self.d_bias, T, self.n_head,

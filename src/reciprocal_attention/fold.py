@@ -1,7 +1,7 @@
 """Folds: how RA runs on a standard attention kernel (RA-SPEC section 3).
 
 Every function here is plain PyTorch: readable, exact, differentiable. Fused GPU versions live in
-``reciprocal_attention.kernels`` and are tested against these.
+``reciprocal_attention.ops`` and are tested against these.
 
 Gate sides: a term gated by ``w`` carries ``q_side`` on its Q features and ``k_side`` on its K features
 (``reference.gate_sides``). Below, ``qs, ks`` are the sides of ``w_std`` and ``qr, kr`` those of ``w_rec``,

@@ -9,7 +9,7 @@ Two lenses:
   wall-clock with ``--equal wallclock``), per-arm mean and std, paired differences against the baseline, and the
   noise floor: the baseline against itself with another seed. A claim of "better" needs a paired difference
   larger than the noise floor in every seed;
-* multi-query associative recall (MQAR, :mod:`reciprocal_attention.mqar`): accuracy per arm.
+* multi-query associative recall (MQAR, :mod:`reciprocal_attention.lab.mqar`): accuracy per arm.
 
 Runs are separate processes (several share one GPU: ``--parallel``), each in its own run directory; the study is
 resumable: finished runs are kept, interrupted ones resume from their last checkpoint, and the report merges all.
@@ -95,7 +95,7 @@ def _launch(qc: QualityConfig, arm: str, seed: int) -> subprocess.Popen | None:
     if (d / "summary.json").exists():
         return None
     d.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "reciprocal_attention.train"]
+    cmd = [sys.executable, "-m", "reciprocal_attention.lab.train"]
     if (d / "checkpoints").exists() and any((d / "checkpoints").iterdir()):
         cmd += ["--resume", str(d), "--set", "system.progress=false"]
         log.info("resuming %s-s%d from its last checkpoint", arm, seed)
@@ -144,7 +144,7 @@ def run_study(qc: QualityConfig) -> None:
 
 def run_mqar(qc: QualityConfig, arm: str, seed: int, device: torch.device) -> dict[str, Any]:
     """Train a small GPT with ``arm`` attention on MQAR for ``mqar_steps`` steps; held-out accuracy."""
-    from .model import GPT, GPTConfig
+    from ..model import GPT, GPTConfig
     from .mqar import IGNORE, MQARSpec, accuracy, make_batch
 
     out = Path(qc.out_dir) / "mqar" / f"{arm}-s{seed}.json"

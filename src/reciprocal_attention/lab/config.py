@@ -305,8 +305,8 @@ def _check(cond: bool, msg: str) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Check ranges and choices that types alone cannot (raises ConfigError naming the key)."""
-    from .attention import PRESETS as ATTN_PRESETS
-    from .model import ACTIVATIONS, GPT_PRESETS
+    from ..attention import PRESETS as ATTN_PRESETS
+    from ..model import ACTIVATIONS, GPT_PRESETS
     from .tokenizer import TOKENIZERS
 
     m, d, o, s, b, e, c, y = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.budget, cfg.eval, cfg.checkpoint,

@@ -81,9 +81,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import fold as _fold
-from .attention import PRESETS, ReciprocalAttention
-from .reference import gate_sides, routed_heads
+from .. import fold as _fold
+from ..attention import PRESETS, ReciprocalAttention
+from ..reference import gate_sides, routed_heads
 
 try:  # transformers >= 4.54 (Cache with per-layer objects)
     from transformers.cache_utils import DynamicLayer as _DynamicLayer
@@ -652,7 +652,7 @@ def save_converted(model: nn.Module, directory: str | os.PathLike) -> Path:
         per_layer[str(i)] = {"preset": w.preset, "overrides": w.overrides, "ra": _ra_spec(w.ra)}
     presets = {v["preset"] for v in per_layer.values()}
     overrides = [v["overrides"] for v in per_layer.values()]
-    from . import __version__
+    from .. import __version__
 
     meta = {
         "format": FORMAT,
@@ -833,7 +833,7 @@ def check_gpt_init(gpt_config: Any, config: GPT2Config) -> None:
     ``block_size = n_positions``, ``vocab_size``), ``bias``, the matching ``activation``, and RA layers whose
     attention has an exact function-preserving init (the :func:`convert_gpt2` rule: ``low_rank``, ``full``,
     ``standard``, ``output_gate``, or another preset resolved to one of those by overrides)."""
-    from .model import build_attention
+    from ..model import build_attention
 
     problems = _nanogpt_config_problems(config)
     if problems:

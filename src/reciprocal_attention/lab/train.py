@@ -2,7 +2,7 @@
 
     ra train --preset tiny                                    # seconds on a CPU, on the committed fixture
     ra train --preset gpt2 --set model.attn=ra --out runs/ra-s0
-    torchrun --standalone --nproc_per_node=8 -m reciprocal_attention.train --preset gpt2
+    torchrun --standalone --nproc_per_node=8 -m reciprocal_attention.lab.train --preset gpt2
     ra train --resume runs/ra-s0                              # continue exactly where the last checkpoint was
     ra train --preset gpt2 --init-from ckpt/gpt2 --set model.attn=low_rank   # start from a HF GPT-2 checkpoint
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config, to_toml, validate
 from .data import get_batch, load_manifest, load_split, prepare_fixture
-from .model import GPT, GPTConfig
+from ..model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 
 def _import_hf() -> Any:
     try:
-        from . import hf
+        from .. import hf
     except ImportError as e:
         raise ImportError(f"model.init_from (--init-from) loads a Hugging Face checkpoint: {e}") from e
     return hf

@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import fold as _fold
-from .attention import ReciprocalAttention
+from .. import fold as _fold
+from ..attention import ReciprocalAttention
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +577,7 @@ def fill_ratios(records: list[dict[str, Any]]) -> None:
 def run_core_tflops(cfg: BenchConfig, device: torch.device, timer: Timer, versions: dict[str, str],
                     D: int = 64, H: int = 12) -> list[dict[str, Any]]:
     """Attention core only (no projections): TFLOP/s by the FlashAttention convention, causal, bf16."""
-    from .kernels.flash import flash_ra_attention
+    from ..ops.flash import flash_ra_attention
 
     out = []
     for (B, T) in cfg.shapes:

@@ -7,12 +7,12 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("reciprocal_attention.check", "check every variant and backend against the float64 reference"),
-    "bench": ("reciprocal_attention.bench", "benchmark RA against the baseline block (RA-SPEC section 4)"),
-    "data": ("reciprocal_attention.data", "build the offline corpus: `ra data prepare --out DIR`"),
-    "train": ("reciprocal_attention.train", "train GPT-2 with RA"),
-    "quality": ("reciprocal_attention.quality", "paired multi-seed quality study (RA-SPEC section 5)"),
-    "compare": ("reciprocal_attention.compare", "the main job: speed table + short quality comparison"),
+    "check": ("reciprocal_attention.lab.check", "check every variant and backend against the float64 reference"),
+    "bench": ("reciprocal_attention.lab.bench", "benchmark RA against the baseline block (RA-SPEC section 4)"),
+    "data": ("reciprocal_attention.lab.data", "build the offline corpus: `ra data prepare --out DIR`"),
+    "train": ("reciprocal_attention.lab.train", "train GPT-2 with RA"),
+    "quality": ("reciprocal_attention.lab.quality", "paired multi-seed quality study (RA-SPEC section 5)"),
+    "compare": ("reciprocal_attention.lab.compare", "the main job: speed table + short quality comparison"),
 }
 
 

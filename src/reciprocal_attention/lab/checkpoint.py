@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT = "reciprocal_attention.checkpoint/1"
+FORMAT = "reciprocal_attention.lab.checkpoint/1"
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, LATEST = (
     "model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "latest")
 _STEP_DIR = re.compile(r"step_(\d+)")

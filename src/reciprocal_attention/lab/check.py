@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from .attention import PRESETS, ReciprocalAttention
+from ..attention import PRESETS, ReciprocalAttention
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

