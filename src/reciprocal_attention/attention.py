@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import fold as _fold
-from .ops import INTERPRET, eager_launch, triton_installed
+from .ops import INTERPRET, TRITON_AVAILABLE, eager_launch
 from .reference import GATES, VARIANTS, check_choice, discoverability_bias, gate_sides, ra_attention, routed_heads
 
 log = logging.getLogger(__name__)
@@ -64,18 +64,18 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 # --------------------------------------------------------------------------------------------------------------
 
 def _triton_usable(device: torch.device) -> bool:
-    return triton_installed() and (device.type == "cuda" or INTERPRET)
+    return TRITON_AVAILABLE and (device.type == "cuda" or INTERPRET)
 
 
 def _fused_fold_usable(weight: Tensor) -> bool:
     """The fused Triton fold runs on CUDA tensors of at least fp16 width when Triton is there."""
-    return weight.device.type == "cuda" and triton_installed() and weight.dtype != torch.float64
+    return weight.device.type == "cuda" and TRITON_AVAILABLE and weight.dtype != torch.float64
 
 
 def _fused_channel_usable(qkv: Tensor) -> bool:
     """The fused bias-channel kernels run on eager (and CUDA-graph) CUDA calls; torch.compile keeps the PyTorch
     ops, which inductor fuses."""
-    if not (qkv.is_cuda and triton_installed()):
+    if not (qkv.is_cuda and TRITON_AVAILABLE):
         return False
     from .ops.channel import fused_channel_usable
 
@@ -372,7 +372,7 @@ class ReciprocalAttention(nn.Module):
             return "sdpa", "the column bias rides in the reserved Q/K feature: the baseline's SDPA kernel at width D"
         if device.type != "cuda":
             return "sdpa", f"the fused Triton kernels need CUDA; device is {device.type} (exact channel fold/padding)"
-        if not triton_installed():
+        if not TRITON_AVAILABLE:
             return "sdpa", "triton is not installed (exact channel fold/padding through SDPA instead)"
         if D not in (16, 32, 64, 128):
             return "sdpa", f"head width {D} is not one the Triton kernel supports (16/32/64/128)"

@@ -13,10 +13,10 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    """True when the ``triton`` package can be imported (its kernels still need CUDA, or ``INTERPRET`` on CPU)."""
-    return importlib.util.find_spec("triton") is not None
+#: The ``triton`` package can be imported (its kernels still need CUDA, or ``INTERPRET`` on CPU). Decided once at
+#: import: ``forward`` passes read this constant, which torch.compile traces without a graph break (a
+#: ``find_spec`` call inside ``forward`` is skipped by dynamo and splits the model's graph at every layer).
+TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
 
 def eager_launch(*tensors) -> bool:

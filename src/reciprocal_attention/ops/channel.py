@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import INTERPRET, eager_launch, triton_installed
+from . import INTERPRET, TRITON_AVAILABLE, eager_launch
 from .launch import direct
 
 __all__ = ["add_bias_channel_fused", "add_positional_bias_channel_fused", "fused_channel_usable"]
 
-if triton_installed():
+if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
@@ -110,7 +110,7 @@ if triton_installed():
 
 def fused_channel_usable(qkv: Tensor) -> bool:
     """The fused kernels apply: an eager (or CUDA-graph) call on CUDA, or any device under the interpreter."""
-    return triton_installed() and (qkv.is_cuda or INTERPRET) and eager_launch(qkv)
+    return TRITON_AVAILABLE and (qkv.is_cuda or INTERPRET) and eager_launch(qkv)
 
 
 def _launch(kernel):
