@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import ConfigError
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -160,10 +162,6 @@ class TrainConfig:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-
-
-class ConfigError(ValueError):
-    """An unknown key, an ill-typed value or an inconsistent setting."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+"""The lab's user-error family: anything the user can fix (a config, a path, a run directory).
+
+The CLI prints a :class:`UserError` as one line, ``ra: error: <message>``, and exits 2; any other exception is a bug
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by the user's input (config, paths, files, concurrent use), explained in one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value or key (the message names the key and the expected form)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or run directory that cannot be used as asked (the message names the file)."""
+
+
+class RunLockedError(UserError):
+    """The run directory is held by another live process (the message names the holder)."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed for lack of space or an I/O error (the message names the file, bytes needed and free)."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient norm, or a checkpoint holds non-finite values."""
