@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reciprocal_attention import fold, reference
-from reciprocal_attention.attention import (PRESETS, LayerKVCache, ReciprocalAttention, reciprocal_attention)
+from reciprocal_attention import PRESETS, LayerKVCache, ReciprocalAttention, reciprocal_attention
 
 F64 = torch.float64
 

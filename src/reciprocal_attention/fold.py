@@ -4,7 +4,7 @@ Every function here is plain PyTorch: readable, exact, differentiable. Fused GPU
 ``reciprocal_attention.ops`` and are tested against these.
 
 Gate sides: a term gated by ``w`` carries ``q_side`` on its Q features and ``k_side`` on its K features
-(``reference.gate_sides``). Below, ``qs, ks`` are the sides of ``w_std`` and ``qr, kr`` those of ``w_rec``,
+(:func:`gate_sides`). Below, ``qs, ks`` are the sides of ``w_std`` and ``qr, kr`` those of ``w_rec``,
 each of shape ``[H]``; ``routed`` is a boolean ``[H]`` mask of heads routed to standard attention, or None.
 
 * Activation fold (3.1): ``Q~ = [qs Q[:Ds], qr K W]``, ``K~ = [ks K[:Ds], kr Q W]``; then one causal SDPA with
@@ -23,7 +23,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import GATES, SEED_GATE_FLOOR, VARIANTS, check_choice
+
 FOLDED_VARIANTS = ("low_rank", "same_flop")
+__all__ = ["FOLDED_VARIANTS", "GATES", "VARIANTS", "check_choice"]  # re-exported for the layers above
+
+
+def gate_sides(w: Tensor, gates: str) -> tuple[Tensor, Tensor]:
+    """Per-head factors ``(q_side, k_side)`` that a gate parameter ``w`` puts on the Q and K sides of a term.
+
+    ``seed``: ``sqrt(clamp_min(w, 1e-8))`` on both sides (the seed's form; zero gradient for ``w <= 1e-8``).
+    ``signed``: ``w`` on the Q side, 1 on the K side (defined for any sign, no dead zone).
+    Either way ``q_side * k_side == w`` for ``w > 0``.
+    """
+    check_choice("gates", gates, GATES)
+    if gates == "seed":
+        s = w.clamp_min(SEED_GATE_FLOOR).sqrt()
+        return s, s
+    return w, torch.ones_like(w)
+
+
+def routed_heads(w_rec: Tensor, routing_threshold: float | None) -> Tensor | None:
+    """Boolean ``[H]`` mask of heads routed to standard attention (``w_rec <= threshold``), or None when off.
+    Computed on the device: no host synchronisation."""
+    if routing_threshold is None:
+        return None
+    return w_rec.detach() <= routing_threshold
+
+
+def positional_bias(w_disc: Tensor, d_bias: Tensor, positions: Tensor, center: bool = False) -> Tensor:
+    """Positional discoverability ``c_hj = w_disc[h] * d_bias[h, j]`` at key ``positions`` ``[T]`` -> ``[H, T]``, or
+    ``[B, T]`` -> ``[B, H, T]``. ``center`` subtracts the mean over the keys (the seed's softmax no-op)."""
+    d = d_bias[:, positions]  # [H, T] or [H, B, T]
+    if center:
+        d = d - d.mean(dim=-1, keepdim=True)
+    if positions.dim() == 2:
+        return w_disc.view(1, -1, 1) * d.transpose(0, 1)
+    return w_disc.view(-1, 1) * d
+
+
+def content_bias(w_disc: Tensor, u: Tensor, k: Tensor) -> Tensor:
+    """Content discoverability ``c_hj = w_disc[h] * <k_j, u_h>`` for unfolded keys ``k [B, H, T, D]`` -> ``[B, H, T]``."""
+    return w_disc.view(1, -1, 1) * torch.einsum("bhtd,hd->bht", k, u)
 
 
 def std_width(variant: str, D: int, R: int, bias_channel: bool = False) -> int:

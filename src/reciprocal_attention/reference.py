@@ -36,34 +36,11 @@ def check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
 
 
-def gate_sides(w: Tensor, gates: str) -> tuple[Tensor, Tensor]:
-    """Per-head factors ``(q_side, k_side)`` that a gate parameter ``w`` puts on the Q and K sides of a term.
-
-    ``seed``: ``sqrt(clamp_min(w, 1e-8))`` on both sides (the seed's form; zero gradient for ``w <= 1e-8``).
-    ``signed``: ``w`` on the Q side, 1 on the K side (defined for any sign, no dead zone).
-    Either way ``q_side * k_side == w`` for ``w > 0``.
-    """
-    check_choice("gates", gates, GATES)
-    if gates == "seed":
-        s = w.clamp_min(SEED_GATE_FLOOR).sqrt()
-        return s, s
-    return w, torch.ones_like(w)
-
-
 def gate_coefficient(w: Tensor, gates: str) -> Tensor:
-    """The coefficient a gate puts on its logit term: ``q_side * k_side``."""
-    q_side, k_side = gate_sides(w, gates)
-    return q_side * k_side
-
-
-def routed_heads(w_rec: Tensor, routing_threshold: float | None) -> Tensor | None:
-    """Boolean ``[H]`` mask of heads routed to standard attention (``w_rec <= threshold``), or None when off.
-
-    Computed on the device; no host synchronisation.
-    """
-    if routing_threshold is None:
-        return None
-    return w_rec.detach() <= routing_threshold
+    """The coefficient a gate parameter ``w`` puts on its logit term: ``w`` (``signed``) or ``clamp_min(w, 1e-8)``
+    (``seed``: ``sqrt(clamp_min(w, 1e-8))`` on each side, so zero gradient for ``w <= 1e-8``)."""
+    check_choice("gates", gates, GATES)
+    return w.clamp_min(SEED_GATE_FLOOR) if gates == "seed" else w
 
 
 def _per_head(x: Tensor) -> Tensor:
@@ -132,10 +109,9 @@ def ra_logits(
             std = q[..., :d_std] @ k[..., :d_std].transpose(-1, -2)
             rec = (k @ W) @ (q @ W).transpose(-1, -2)  # rec_ij = (k_i W).(q_j W)
             logits = scale * (a * std + b * rec)
-        routed = routed_heads(w_rec, routing_threshold)
-        if routed is not None:
+        if routing_threshold is not None:  # heads with w_rec <= threshold take the standard logit over full D
             plain = scale * a * (q @ k.transpose(-1, -2))
-            logits = torch.where(_per_head(routed), plain, logits)
+            logits = torch.where(_per_head(w_rec.detach() <= routing_threshold), plain, logits)
     if col_bias is not None:
         logits = logits + column_bias_4d(col_bias, B, H, T)
     return logits.masked_fill(~causal_mask(T, q.device), float("-inf"))
