@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 retrofit (issue 8): exact conversion, generation with transformers' cache, training,
+"""Hugging Face GPT-2 retrofit: exact conversion, generation with transformers' cache, training,
 save/load, unconvert, nanoGPT-style state names. Random-init ``GPT2Config`` models only (no hub downloads)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
 
 from reciprocal_attention.attention import ReciprocalAttention  # noqa: E402
-from reciprocal_attention.hf import (GPT2ReciprocalAttention, convert_gpt2, converted_layers,  # noqa: E402
-                                     gpt_state_from_hf, layer_indices, load_converted, save_converted,
-                                     unconvert_gpt2)
+from reciprocal_attention.hf import (GPT2ReciprocalAttention, GPT2ReciprocalLMHeadModel,  # noqa: E402
+                                     convert_gpt2, converted_layers, gpt_state_from_hf, layer_indices,
+                                     load_converted, save_converted, unconvert_gpt2)
 
 F64 = torch.float64
 
@@ -334,21 +334,29 @@ def test_already_converted_and_attn_implementation(base64):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_save_load_roundtrip(base64, ids, tmp_path):
+    """save_converted / load_converted are save_pretrained / from_pretrained; mixed presets per layer survive."""
     m = convert_gpt2(copy.deepcopy(base64), layers=[0], preset="low_rank", rank=4)
     convert_gpt2(m, layers=[1], preset="ra_disc", variant="low_rank")
     train_steps(m, ids, steps=2)
     save_converted(m, tmp_path / "ra")
-    meta = json.loads((tmp_path / "ra" / "ra_conversion.json").read_text())
-    assert meta["layers"] == [0, 1] and meta["preset"] is None and meta["dtype"] == "float64"
-    assert meta["per_layer"]["0"]["overrides"] == {"rank": 4}
-    assert meta["per_layer"]["1"]["ra"]["discoverability"] == "positional"
-    assert meta["gpt2_config"]["n_embd"] == 64
+    meta = json.loads((tmp_path / "ra" / "config.json").read_text())
+    assert meta["model_type"] == "gpt2-reciprocal" and meta["ra_layers"] == [0, 1] and meta["ra_preset"] is None
+    assert meta["ra_per_layer"]["0"] == {"preset": "low_rank", "overrides": {"rank": 4}}
+    assert meta["ra_per_layer"]["1"] == {"preset": "ra_disc", "overrides": {"variant": "low_rank"}}
+    assert meta["layer_types"] == ["reciprocal_attention"] * 2 and meta["n_embd"] == 64
     loaded = load_converted(tmp_path / "ra")
-    assert type(loaded) is GPT2LMHeadModel and converted_layers(loaded) == [0, 1]
+    assert type(loaded) is GPT2ReciprocalLMHeadModel and converted_layers(loaded) == [0, 1]
+    assert loaded.dtype == F64 and not loaded.training
+    assert loaded.transformer.h[1].attn.ra.discoverability == "positional"
     sd, sd2 = m.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     assert torch.equal(logits(loaded, ids), logits(m, ids))
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    with pytest.raises(TypeError, match="convert_gpt2"):
+        save_converted(copy.deepcopy(base64), tmp_path / "plain")
+    base64.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="plain GPT-2"):
+        load_converted(tmp_path / "plain")
 
 
 # ----------------------------------------------------------------------------------------------------------------
