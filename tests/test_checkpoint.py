@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from reciprocal_attention.lab import atomic
 from reciprocal_attention.lab import checkpoint as C
 from reciprocal_attention.model import GPT, GPTConfig
 
@@ -39,11 +40,11 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        C.atomic_write(target, fail)
+        atomic.write_stream(target, fail)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp file
-    C.atomic_write_bytes(target, b"old")
+    atomic.write_bytes(target, b"old")
     with pytest.raises(RuntimeError):
-        C.atomic_write(target, fail)
+        atomic.write_stream(target, fail)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
@@ -117,7 +118,7 @@ def test_truncated_or_corrupt_files_are_named(tmp_path):
 
     (d / C.MODEL_FILE).write_bytes(blob)
     (d / C.OPTIM_FILE).unlink()
-    with pytest.raises(C.CheckpointError, match=r"optimizer\.pt is missing"):
+    with pytest.raises(C.CheckpointError, match=r"optimizer\.safetensors is missing"):
         C.load_checkpoint(d, tiny())
 
     (d / C.STATE_FILE).unlink()
@@ -150,5 +151,5 @@ def test_foreign_checkpoints_are_rejected(tmp_path):
         C.load_checkpoint(tmp_path / "other", tiny())
     # an optimizer that does not fit
     other_opt = torch.optim.SGD(tiny().parameters(), lr=0.1)
-    with pytest.raises(C.CheckpointError, match=r"optimizer\.pt does not fit"):
+    with pytest.raises(C.CheckpointError, match=r"optimizer\.safetensors: 2 param groups saved, the optimizer has 1"):
         C.load_checkpoint(d, tiny(), other_opt)

@@ -15,18 +15,24 @@ A config is built in layers, each checked for unknown keys and value types:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:
+    from ..model import GPTConfig
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -54,6 +60,27 @@ class ModelConfig:
     ra_layers: str | list[int] = "all"  # all | none | middle | [layer indices]
     activation: str = "auto"  # MLP GELU: auto (gelu, or init_from's) | gelu (exact erf) | gelu_tanh (GPT-2's gelu_new)
     init_from: str = ""  # a local HF GPT-2 checkpoint dir (save_pretrained) to initialise from; "" = random init
+
+    def gpt_config(self, vocab_size: int) -> "GPTConfig":
+        """The model's :class:`~reciprocal_attention.model.GPTConfig`: every field of it that this section shares
+        (by name) is copied, ``0`` sizes keep the preset's, ``activation="auto"`` is ``gelu`` and
+        ``attn_overrides`` are merged into ``attn``. ``vocab_size`` comes from the corpus."""
+        from ..model import GPTConfig
+
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig) if hasattr(self, f.name)}
+        shared = {k: v for k, v in shared.items() if not (k in PRESET_SIZE_FIELDS and v == 0)}
+        if shared.get("activation") == "auto":
+            shared["activation"] = "gelu"
+        if self.attn_overrides:
+            shared["attn"] = {"preset": self.attn, **self.attn_overrides}
+        return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, **shared)
+
+
+# [model] fields that choose a GPTConfig rather than being one of its fields; every other [model] field is a
+# GPTConfig field of the same name (tests/test_train.py checks the two stay in step).
+MODEL_LAB_FIELDS = ("preset", "attn_overrides", "init_from")
+# GPTConfig fields where 0 in [model] means "the preset's value".
+PRESET_SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
 
 
 @dataclass
@@ -119,6 +146,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoopConfig:
+    """What the training loop does when a step goes wrong."""
+
+    on_nonfinite: str = "stop"  # a NaN/inf loss or grad norm: stop (with a message) | skip the update
+    max_skips: int = 10  # with "skip": the run stops at the first non-finite step beyond this many
+
+
+@dataclass
 class SystemConfig:
     """Devices, precision, seeds, logging."""
 
@@ -146,6 +181,7 @@ class TrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
 
     def to_dict(self) -> dict:
@@ -201,6 +237,8 @@ def _coerce(value: Any, tp: Any, key: str, from_text: bool) -> Any:
             isinstance(i, int) and not isinstance(i, bool) for i in v))
     if not ok(value):
         raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -301,14 +339,25 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_finite_numbers(cfg: TrainConfig) -> None:
+    for sec_name in SECTIONS:
+        section = getattr(cfg, sec_name)
+        for name, tp in _field_types(section).items():
+            v = getattr(section, name)
+            if tp is float and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ConfigError(f"{sec_name}.{name} must be a finite number; got {v!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Check ranges and choices that types alone cannot (raises ConfigError naming the key)."""
+    """Check ranges and choices that types alone cannot, and that the model builds (raises ConfigError naming
+    the key)."""
     from ..attention import PRESETS as ATTN_PRESETS
     from ..model import ACTIVATIONS, GPT_PRESETS
     from .tokenizer import TOKENIZERS
 
     m, d, o, s, b, e, c, y = (cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.budget, cfg.eval, cfg.checkpoint,
                               cfg.system)
+    _check_finite_numbers(cfg)
     _check(m.preset in GPT_PRESETS, f"model.preset must be one of {list(GPT_PRESETS)}; got {m.preset!r}")
     _check(m.attn in ATTN_PRESETS, f"model.attn must be one of {list(ATTN_PRESETS)}; got {m.attn!r}")
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -324,7 +373,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.fixture or bool(d.dir), "data.dir must name a prepared corpus (or set data.fixture = true)")
     for k in ("batch_size", "grad_accum"):
         _check(getattr(d, k) >= 1, f"data.{k} must be >= 1; got {getattr(d, k)}")
-    _check(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
+    _check(o.lr > 0, f"optim.lr must be a finite number > 0; got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1); got {o.beta1}, {o.beta2}")
     _check(o.eps > 0 and o.grad_clip >= 0, "optim.eps must be > 0 and optim.grad_clip >= 0")
@@ -345,6 +394,45 @@ def validate(cfg: TrainConfig) -> None:
     _check(y.log_interval >= 1 and y.threads >= 0 and y.peak_flops >= 0,
            "system.log_interval >= 1, system.threads >= 0 and system.peak_flops >= 0 required")
     _check(bool(y.out_dir), "system.out_dir must not be empty")
+    _check(cfg.train.on_nonfinite in NONFINITE_POLICIES,
+           f"train.on_nonfinite must be one of {NONFINITE_POLICIES}; got {cfg.train.on_nonfinite!r}")
+    _check(cfg.train.max_skips >= 0, f"train.max_skips must be >= 0; got {cfg.train.max_skips}")
+    if not m.init_from:  # with init_from the shape comes from the checkpoint: checked once it is read
+        validate_model(cfg)
+
+
+# A vocabulary size for building the model to check its config; the real one comes from the corpus and does not
+# change which configs are valid.
+_CHECK_VOCAB = 257
+
+
+def attention_keys() -> list[str]:
+    """The keys ``model.attn_overrides`` may set: ReciprocalAttention's arguments that the model config does not
+    fix, plus ``preset``."""
+    from ..attention import ReciprocalAttention
+
+    fixed = {"self", "n_embd", "n_head", "block_size"}
+    params = inspect.signature(ReciprocalAttention.__init__).parameters
+    return ["preset"] + [k for k, p in params.items()
+                         if k not in fixed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def validate_model(cfg: TrainConfig, vocab_size: int = _CHECK_VOCAB) -> None:
+    """Build the configured model on the meta device (no memory, no weights) so every shape or attention error
+    is a :class:`ConfigError` before anything is written."""
+    import torch
+
+    from ..model import GPT
+
+    valid = attention_keys()
+    unknown = sorted(set(cfg.model.attn_overrides) - set(valid))
+    _check(not unknown, f"model.attn_overrides: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    try:
+        mcfg = cfg.model.gpt_config(vocab_size)
+        with torch.device("meta"):
+            GPT(mcfg, seed=0)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the [model] section does not build a model: {e}") from None
 
 
 def to_toml(cfg: TrainConfig) -> str:

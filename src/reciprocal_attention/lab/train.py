@@ -6,8 +6,9 @@
     ra train --resume runs/ra-s0                              # continue exactly where the last checkpoint was
     ra train --preset gpt2 --init-from ckpt/gpt2 --set model.attn=low_rank   # start from a HF GPT-2 checkpoint
 
-A run directory holds ``config.toml``, ``metrics.jsonl`` (one record per log step and per evaluation),
-``checkpoints/``, ``loss_curve.png``, ``summary.json`` and, if ``tensorboard`` is installed, ``tb/``.
+A run directory (see :mod:`.rundir` and ``docs/RUNS.md``) holds ``config.toml``, ``metrics.jsonl``,
+``checkpoints/``, ``loss_curve.png``, ``summary.json`` and, if ``tensorboard`` is installed, ``tb/``. One process
+writes it at a time (``.lock``); a kill at any moment leaves it resumable.
 
 ``--init-from DIR`` (``model.init_from``): start from a local Hugging Face GPT-2 checkpoint (``save_pretrained``)
 at exactly its function; the model's shape and MLP activation come from its config (see :func:`resolve_init_from`).
@@ -15,6 +16,9 @@ at exactly its function; the model's shape and MLP activation come from its conf
 Exact resume: batch ``i`` of rank ``r`` is a pure function of ``(data.seed, r, i)``, the checkpoint holds the
 number of batches consumed, the optimizer/scaler state and every RNG state, and the LR is a function of the step,
 so a resumed run reproduces the uninterrupted run's losses step for step.
+
+The loop is :func:`train` -> :func:`train_step` (one optimizer step with the non-finite guard), with
+:func:`eval_hook`, :func:`checkpoint_hook` and :func:`log_hook` around it.
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,85 +41,30 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config, to_toml, validate
+from . import rundir
+from .atomic import dumps, write_json, write_text
+from .config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config, to_toml, validate, \
+    validate_model
 from .data import get_batch, load_manifest, load_split, prepare_fixture
+from .errors import NonFiniteError
+from .metrics import Metrics, plot_loss_curve
+from .runlock import RunLock
+from .runtime import Dist, gather_rank_rng, peak_flops, pick_device, pick_dtype, restore_rank_rng, \
+    setup_distributed, sync
 from ..model import GPT, GPTConfig
 
+__all__ = ["Metrics", "TrainConfig", "accumulate_gradients", "evaluate", "gpt_config", "lr_at", "main",
+           "plot_loss_curve", "resolve_init_from", "step_budget", "train", "train_step"]
 log = logging.getLogger(__name__)
 
 # Keys that may change when resuming without breaking exact continuation.
 RESUME_MUTABLE = ("budget.", "eval.interval", "checkpoint.", "system.progress", "system.log_interval",
-                  "system.out_dir", "data.verify")
-# Dense peak FLOP/s per device: (bf16/fp16 tensor core, tf32).
-PEAK_FLOPS = {"H200": (989e12, 494.5e12), "H100 PCIe": (756e12, 378e12), "H100": (989e12, 494.5e12),
-              "A100": (312e12, 156e12), "L40S": (362e12, 183e12), "A10G": (125e12, 62.5e12)}
+                  "system.out_dir", "data.verify", "train.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Setup
+# Config-derived quantities
 # ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    """Process-group facts (a single process is rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_pref: str) -> Dist:
-    """Join the torchrun process group if ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are set (NCCL on CUDA, else gloo)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(d.local_rank)
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return d
-
-
-def pick_device(pref: str, dist: Dist) -> torch.device:
-    """``system.device`` resolved (``auto``: CUDA if present; under torchrun ``cuda:LOCAL_RANK``)."""
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"system.device={pref!r} but CUDA is not available")
-        return torch.device("cuda", dist.local_rank if dist.enabled or pref == "cuda" else int(pref.split(":")[1]))
-    return torch.device(pref)
-
-
-def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
-    """``system.dtype`` resolved (``auto``: bfloat16 on CUDA with bf16 support, else float32)."""
-    if pref == "auto":
-        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if ok else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[pref]
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, override: float) -> float | None:
-    """Per-device dense peak FLOP/s for MFU, or None when unknown (then MFU is not reported)."""
-    if override > 0:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, tf32) in PEAK_FLOPS.items():
-        if key in name:
-            return tf32 if dtype == torch.float32 else half
-    return None
-
 
 def lr_at(step: int, cfg: TrainConfig, decay_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, cosine decay to ``min_lr_ratio * lr`` at ``decay_steps``."""
@@ -142,12 +90,7 @@ def step_budget(cfg: TrainConfig, tokens_per_step: int) -> int:
 
 def gpt_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     """The model's :class:`GPTConfig` from the training config and the corpus vocabulary."""
-    m = cfg.model
-    shape = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(m, k)}
-    attn: str | dict = {"preset": m.attn, **m.attn_overrides} if m.attn_overrides else m.attn
-    activation = "gelu" if m.activation == "auto" else m.activation
-    return GPTConfig.from_preset(m.preset, vocab_size=vocab_size, dropout=m.dropout, bias=m.bias, attn=attn,
-                                 ra_layers=m.ra_layers, activation=activation, **shape)
+    return cfg.model.gpt_config(vocab_size)
 
 
 def _import_hf() -> Any:
@@ -191,6 +134,7 @@ def resolve_init_from(cfg: TrainConfig) -> TrainConfig:
     if changed:
         log.info("model.init_from=%s: model %s from the checkpoint's config", m.init_from,
                  ", ".join(f"{k}={v}" for k, v in changed.items()))
+    validate_model(out, hcfg.vocab_size)
     try:
         hf.check_gpt_init(gpt_config(out, hcfg.vocab_size), hcfg)
     except ValueError as e:
@@ -211,103 +155,8 @@ def data_dir(cfg: TrainConfig, dist: Dist) -> Path:
                                   f"use another system.out_dir or delete {d}")
         else:
             prepare_fixture(d, tokenizer=cfg.data.tokenizer)
-    if dist.enabled:
-        torch_dist.barrier()
+    dist.barrier()
     return d
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-class Metrics:
-    """``metrics.jsonl`` (rank 0), optionally mirrored to TensorBoard."""
-
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled, self.tb = out_dir / "metrics.jsonl", enabled, None
-        if not enabled:
-            return
-        if resume_step is None:
-            ckpt.atomic_write_text(self.path, "")
-        else:  # drop what the interrupted run logged after its checkpoint: it is about to be redone
-            kept = [r for r in self.read(self.path) if r["step"] <= resume_step]
-            ckpt.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("tensorboard is not installed; skipping TensorBoard logging (metrics.jsonl has everything)")
-        else:
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-
-    @staticmethod
-    def read(path: Path) -> list[dict]:
-        """All records of a metrics file."""
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("kind", "step") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_loss_curve(metrics_path: Path, out_png: Path, title: str) -> None:
-    """Train and eval loss against tokens, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = Metrics.read(metrics_path)
-    tr = [r for r in recs if r["kind"] == "train"]
-    ev = [r for r in recs if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    if tr:
-        ax.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], lw=0.8, alpha=0.8, label="train (batch)")
-    if ev:
-        ax.plot([r["tokens"] for r in ev], [r["loss"] for r in ev], "o-", ms=3, label=f"{ev[0]['split']} (fixed set)")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with ckpt.atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig, block_size: int, device: torch.device,
-             autocast: Any, dist: Dist) -> float:
-    """Mean loss over the fixed evaluation batches (``eval.seed``, indices ``0..iters-1``, sharded over ranks)."""
-    was_training = model.training
-    model.eval()
-    bs = cfg.eval.batch_size or cfg.data.batch_size
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(dist.rank, cfg.eval.iters, dist.world_size):
-        x, y = get_batch(data, bs, block_size, seed=cfg.eval.seed, index=i, device=device)
-        with autocast():
-            _, loss = model(x, y)
-        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
-    if dist.enabled:
-        torch_dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig, world_change: tuple[int, int] | None = None) -> None:
@@ -335,27 +184,170 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, world_change: tuple[int,
                           f"{', '.join(RESUME_MUTABLE)} may change")
 
 
-def _gather_rank_rng(device: torch.device, dist: Dist) -> list | None:
-    """Every rank's torch RNG states (CPU, and its CUDA device), gathered on all ranks; None if not distributed."""
-    if not dist.enabled:
-        return None
-    mine = [torch.get_rng_state().tolist(),
-            torch.cuda.get_rng_state(device).tolist() if device.type == "cuda" else None]
-    everyone: list = [None] * dist.world_size
-    torch_dist.all_gather_object(everyone, mine)
-    return everyone
+# ----------------------------------------------------------------------------------------------------------------
+# The run: what the loop reads (Run) and what it advances and checkpoints (Progress)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """The loop's position; with the weights, optimizer and RNG states it is what a checkpoint holds."""
+
+    step: int = 0
+    tokens: int = 0
+    data_pos: int = 0
+    train_seconds: float = 0.0
+    best_val: float = float("inf")
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient (train.on_nonfinite = "skip")
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint fields (strict JSON)."""
+        return {"tokens": self.tokens, "data_position": self.data_pos, "train_seconds": self.train_seconds,
+                "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+                "skipped_steps": self.skipped}
 
 
-def _restore_rank_rng(states: list, device: torch.device) -> None:
-    torch.set_rng_state(torch.tensor(states[0], dtype=torch.uint8))
-    if states[1] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(torch.tensor(states[1], dtype=torch.uint8), device)
+@dataclass
+class Run:
+    """Everything fixed for the duration of a run."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    mcfg: GPTConfig
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    train_data: np.ndarray
+    eval_data: np.ndarray
+    model: torch.nn.Module = None  # what the step calls: raw_model, compiled and/or DDP-wrapped
+    eval_model: torch.nn.Module = None  # compiled but not DDP-wrapped
+    metrics: Metrics = None
+    tokens_per_step: int = 0
+    max_steps: int = 0
+    decay_steps: int = 0
+    peak: float | None = None
+    resumed_from: int | None = None  # the step of the checkpoint this process resumed, if any
+    last_ckpt: Path | None = None
+    saved_step: int | None = None
+    window: list = field(default_factory=lambda: [0.0, 0])  # seconds and tokens since the last log
+
+    def autocast(self) -> Any:
+        """The forward's mixed-precision context (none in float32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def _sync(device: torch.device) -> None:
+@dataclass
+class StepResult:
+    """One optimizer step's outcome (tensors stay on the device until logged)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    lr: float
+    seconds: float
+    skipped: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+
+def setup_system(cfg: TrainConfig, dist: Dist) -> tuple[torch.device, torch.dtype]:
+    """Device, dtype, threads, TF32, determinism and the dropout seed."""
+    device = pick_device(cfg.system.device, dist)
+    dtype = pick_dtype(cfg.system.dtype, device)
+    if cfg.system.threads:
+        torch.set_num_threads(cfg.system.threads)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.system.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.system.tf32
+    if cfg.system.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.system.seed + dist.rank)  # dropout; parameter init has its own generators
+    return device, dtype
 
+
+def build_model(cfg: TrainConfig, mcfg: GPTConfig, manifest: dict, dist: Dist, fresh: bool) -> GPT:
+    """The GPT of ``mcfg`` (on the CPU): seeded init, or ``model.init_from``'s weights for a fresh run."""
+    model = GPT(mcfg, seed=cfg.system.seed)
+    if not (cfg.model.init_from and fresh):  # a resumed run loads its own checkpoint
+        return model
+    hf = _import_hf()
+    try:
+        hf_model = hf.load_pretrained_gpt2(cfg.model.init_from)
+        if hf_model.config.vocab_size != mcfg.vocab_size:
+            raise ValueError(f"its vocab_size {hf_model.config.vocab_size} differs from the corpus tokenizer's "
+                             f"{mcfg.vocab_size} ({manifest['tokenizer']['name']}): the token ids would not "
+                             f"mean the same")
+        hf.init_gpt_from_hf(model, hf_model)  # never re-initialised afterwards
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
+    if dist.master:
+        log.info("initialised from %s (attention %r on layers %s starts at its exact function)",
+                 cfg.model.init_from, mcfg.attn, mcfg.ra_layer_indices())
+    return model
+
+
+def build_run(cfg: TrainConfig, out: Path, dist: Dist, fresh: bool) -> Run:
+    """Data, model, optimizer and the derived step counts (nothing is restored yet)."""
+    device, dtype = setup_system(cfg, dist)
+    ddir = data_dir(cfg, dist)
+    manifest = load_manifest(ddir)
+    train_data = load_split(ddir, "train", verify=cfg.data.verify)
+    eval_data = load_split(ddir, cfg.eval.split, verify=cfg.data.verify)
+    mcfg = gpt_config(cfg, manifest["tokenizer"]["n_vocab"])
+    model = build_model(cfg, mcfg, manifest, dist, fresh).to(device)
+    optimizer = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
+                                           device_type=device.type, eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    run = Run(cfg, dist, device, dtype, out, mcfg, model, optimizer, scaler, train_data, eval_data)
+    run.tokens_per_step = cfg.data.batch_size * mcfg.block_size * cfg.data.grad_accum * dist.world_size
+    run.max_steps = step_budget(cfg, run.tokens_per_step)
+    run.decay_steps = cfg.schedule.decay_steps or run.max_steps
+    run.peak = peak_flops(device, dtype, cfg.system.peak_flops)
+    return run
+
+
+def restore(run: Run, state: dict[str, Any] | None) -> Progress:
+    """Load the checkpoint ``state`` describes into the run (weights, optimizer, RNGs); its :class:`Progress`."""
+    if state is None:
+        return Progress()
+    n_saved = state["world_size"]
+    if n_saved != run.dist.world_size and run.dist.master:
+        log.info("resuming a checkpoint written by %d process(es) on %d with the same global batch: "
+                 "parameters, optimizer state, step, schedule and data order continue (only the order of "
+                 "floating-point reductions differs)", n_saved, run.dist.world_size)
+    state = ckpt.load_checkpoint(state["dir"], run.raw_model, run.optimizer, run.scaler)
+    rank_rng = state["rank_rng"] or []
+    if run.dist.rank and run.dist.rank < len(rank_rng):  # the RNG files hold rank 0's streams; others restore theirs
+        restore_rank_rng(rank_rng[run.dist.rank], run.device)  # (a rank the old run did not have keeps its seed)
+    best = state["best_val_loss"]
+    prog = Progress(state["step"], state["tokens"], state["data_position"], state["train_seconds"],
+                    best if best is not None else float("inf"), state["skipped_steps"])
+    run.resumed_from = run.saved_step = prog.step
+    log.info("resumed from %s at step %d (%d tokens)", state["dir"], prog.step, prog.tokens)
+    return prog
+
+
+def wrap_model(run: Run) -> None:
+    """``torch.compile`` and DDP wrappers, as configured."""
+    model = run.raw_model
+    if run.cfg.system.compile:
+        model = torch.compile(model)
+    run.eval_model = model
+    if run.dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.dist.local_rank] if run.device.type == "cuda" else None)
+    run.model = model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step, evaluation, and the hooks around them
+# ----------------------------------------------------------------------------------------------------------------
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                          autocast: Any = contextlib.nullcontext, scaler: Any | None = None) -> torch.Tensor:
@@ -380,227 +372,276 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[tuple[torch.Tenso
     return total
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+def _grad_norm(run: Run) -> torch.Tensor:
+    """The global gradient norm: clipped to ``optim.grad_clip`` when set, else only measured (for the guard)."""
+    params = run.raw_model.parameters()
+    if run.cfg.optim.grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def nonfinite_guard(run: Run, prog: Progress, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    """True when this step's update must be skipped: a non-finite loss, or gradient norm (except under a float16
+    GradScaler, which skips such steps itself). Raises :class:`NonFiniteError` naming the step and values when
+    ``train.on_nonfinite`` is ``stop`` or the skips are used up. The weights are not yet updated either way."""
+    vals = [loss.float()] + ([grad_norm.float()] if grad_norm is not None and run.scaler is None else [])
+    bad = (~torch.isfinite(torch.stack(vals))).any().float()
+    if run.dist.enabled:  # every rank takes the same branch
+        torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+    if not bad.item():
+        return False
+    step = prog.step + 1
+    gn = float(grad_norm) if grad_norm is not None else None
+    policy, limit = run.cfg.train.on_nonfinite, run.cfg.train.max_skips
+    stop = policy == "stop" or prog.skipped >= limit
+    run.metrics.write({"kind": "nonfinite", "step": step, "tokens": prog.tokens, "loss": float(loss),
+                       "loss_text": str(float(loss)), "grad_norm": gn, "action": "stop" if stop else "skip"})
+    what = f"loss {float(loss)}" + (f", gradient norm {gn}" if gn is not None else "")
+    if not stop:
+        log.warning("step %d: non-finite %s; skipping the update (%d of train.max_skips=%d)", step, what,
+                    prog.skipped + 1, limit)
+        return True
+    why = (f"train.on_nonfinite='stop'" if policy == "stop" else f"more than train.max_skips={limit} skipped steps")
+    raise NonFiniteError(f"step {step}: non-finite {what}; training stopped ({why}) before updating the weights; "
+                         f"the last committed checkpoint is {run.last_ckpt or 'none'}. Lower optim.lr or set "
+                         f"optim.grad_clip, then resume or restart")
+
+
+def train_step(run: Run, prog: Progress) -> StepResult:
+    """One optimizer step: LR, micro-batches, forward/backward, clip, guard, update; advances ``prog``."""
+    t0 = time.perf_counter()
+    cfg, dist = run.cfg, run.dist
+    lr = lr_at(prog.step, cfg, run.decay_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # One global sequence of micro-batches: step s uses numbers data_pos .. data_pos + N*A - 1, rank r the
+    # r-th run of A of them. So the samples of a step depend only on the global batch, not on how it is split
+    # over processes (N GPUs == 1 GPU with grad_accum x N; a resume on another N continues the same data),
+    # and a single process draws exactly what it always did.
+    A = cfg.data.grad_accum
+    batches = [get_batch(run.train_data, cfg.data.batch_size, run.mcfg.block_size, seed=cfg.data.seed,
+                         index=prog.data_pos + dist.rank * A + micro, device=run.device) for micro in range(A)]
+    prog.data_pos += A * dist.world_size
+    loss = accumulate_gradients(run.model, batches, run.autocast, run.scaler)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = _grad_norm(run)
+    skipped = nonfinite_guard(run, prog, loss, grad_norm)
+    if skipped:
+        prog.skipped += 1
+        if run.scaler is not None:
+            run.scaler.update()  # backs the scale off, as for an overflow
+    elif run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    prog.step += 1
+    prog.tokens += run.tokens_per_step
+    if prog.step % cfg.system.log_interval == 0:
+        sync(run.device)
+    dt = time.perf_counter() - t0
+    prog.train_seconds += dt
+    return StepResult(loss, grad_norm, lr, dt, skipped)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig, block_size: int, device: torch.device,
+             autocast: Any, dist: Dist) -> float:
+    """Mean loss over the fixed evaluation batches (``eval.seed``, indices ``0..iters-1``, sharded over ranks)."""
+    was_training = model.training
+    model.eval()
+    bs = cfg.eval.batch_size or cfg.data.batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(dist.rank, cfg.eval.iters, dist.world_size):
+        x, y = get_batch(data, bs, block_size, seed=cfg.eval.seed, index=i, device=device)
+        with autocast():
+            _, loss = model(x, y)
+        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+    if dist.enabled:
+        torch_dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def eval_hook(run: Run, prog: Progress, last: bool) -> float | None:
+    """Evaluate when due (every ``eval.interval`` steps and at the end); log it; the loss or None."""
+    if not ((run.cfg.eval.interval and prog.step % run.cfg.eval.interval == 0) or last):
+        return None
+    sync(run.device)
+    val = evaluate(run.eval_model, run.eval_data, run.cfg, run.mcfg.block_size, run.device, run.autocast, run.dist)
+    prog.best_val = min(prog.best_val, val)
+    ppl = math.exp(min(val, 50.0)) if math.isfinite(val) else float("nan")
+    run.metrics.write({"kind": "eval", "step": prog.step, "tokens": prog.tokens, "split": run.cfg.eval.split,
+                       "loss": val, "ppl": ppl, "train_seconds": prog.train_seconds})
+    if run.dist.master:
+        tqdm.write(f"step {prog.step}: {run.cfg.eval.split} loss {val:.4f} (ppl {ppl:.2f})")
+    return val
+
+
+def checkpoint_hook(run: Run, prog: Progress, last: bool) -> None:
+    """Save and commit a checkpoint when due (every ``checkpoint.interval`` steps and at the end), unless this
+    step's is already on disk. Non-finite weights stop the run on every rank and write nothing."""
+    due = run.cfg.checkpoint.interval and prog.step % run.cfg.checkpoint.interval == 0
+    if not (last or due) or prog.step == run.saved_step:
+        return
+    sync(run.device)
+    bad = ckpt.first_nonfinite(run.raw_model.state_dict().items())
+    if bad is not None:  # identical on every rank (DDP keeps the weights equal), so all stop together
+        raise NonFiniteError(f"step {prog.step}: weight {bad} is not finite; no checkpoint written, the last "
+                             f"committed one is {run.last_ckpt or 'none'}. Lower optim.lr or set optim.grad_clip")
+    rank_rng = gather_rank_rng(run.device, run.dist)
+    if run.dist.master:
+        extra = {"world_size": run.dist.world_size, "rank_rng": rank_rng, "config": run.cfg.to_dict(),
+                 "model": {"params": run.raw_model.num_params(False)}}
+        run.last_ckpt = ckpt.save_checkpoint(run.out / "checkpoints", prog.step, run.raw_model, run.optimizer,
+                                             {**prog.state(), **extra}, scaler=run.scaler,
+                                             keep_last=run.cfg.checkpoint.keep_last)
+    run.saved_step = prog.step
+    run.dist.barrier()
+
+
+def log_hook(run: Run, prog: Progress, res: StepResult, pbar: tqdm) -> dict[str, Any] | None:
+    """Every ``system.log_interval`` steps: the step's loss (mean over ranks), LR, grad norm, throughput, MFU."""
+    run.window[0] += res.seconds
+    run.window[1] += run.tokens_per_step
+    pbar.update(1)
+    if prog.step % run.cfg.system.log_interval:
+        return None
+    loss = res.loss
+    if run.dist.enabled:  # the mean over ranks
+        torch_dist.all_reduce(loss)
+        loss /= run.dist.world_size
+    tps = run.window[1] / max(run.window[0], 1e-9)
+    mfu = run.raw_model.estimate_mfu(tps / run.dist.world_size, run.peak) if run.peak else None
+    rec = {"kind": "train", "step": prog.step, "tokens": prog.tokens, "loss": loss.item(), "lr": res.lr,
+           "grad_norm": float(res.grad_norm) if res.grad_norm is not None else None, "tokens_per_s": tps,
+           "mfu": mfu, "train_seconds": prog.train_seconds, **({"skipped": True} if res.skipped else {})}
+    run.metrics.write(rec)
+    pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+    run.window[:] = [0.0, 0]
+    return rec
+
+
+def budget_done(run: Run, prog: Progress) -> bool:
+    """Whether a step or token budget, or the wall-clock budget (rank 0's clock), is spent."""
+    cfg = run.cfg
+    done = (run.max_steps and prog.step >= run.max_steps) or \
+        (cfg.budget.max_seconds and prog.train_seconds >= cfg.budget.max_seconds)
+    if run.dist.enabled and cfg.budget.max_seconds:  # ranks' clocks differ: rank 0 decides
+        flag = torch.tensor([float(bool(done))], device=run.device)
+        torch_dist.broadcast(flag, 0)
+        done = bool(flag.item())
+    return bool(done)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+def _loop(run: Run, prog: Progress) -> tuple[float | None, dict | None]:
+    """Steps until the budget is spent; the last evaluation loss and the last train log record."""
+    pbar = tqdm(total=run.max_steps or None, initial=prog.step, dynamic_ncols=True, unit="step",
+                disable=not (run.dist.master and run.cfg.system.progress))
+    val_loss, rec = None, None
+    run.model.train()
+    try:
+        while True:
+            last = budget_done(run, prog)
+            val = eval_hook(run, prog, last)
+            val_loss = val if val is not None else val_loss
+            checkpoint_hook(run, prog, last)
+            if last:
+                return val_loss, rec
+            res = train_step(run, prog)
+            logged = log_hook(run, prog, res, pbar)
+            rec = logged if logged is not None else rec
+    finally:
+        pbar.close()
+
+
+def _summary(run: Run, prog: Progress, val_loss: float | None, rec: dict | None) -> dict[str, Any]:
+    cfg, ts = run.cfg, prog.train_seconds
+    return {
+        "steps": prog.step, "tokens": prog.tokens, "train_seconds": ts,
+        "tokens_per_s": prog.tokens / ts if ts > 0 else None,
+        "tokens_per_s_last_window": rec["tokens_per_s"] if rec else None, "mfu": rec["mfu"] if rec else None,
+        "final_val_loss": val_loss,
+        "final_val_ppl": math.exp(min(val_loss, 700.0)) if val_loss is not None and math.isfinite(val_loss) else None,
+        "best_val_loss": prog.best_val if math.isfinite(prog.best_val) else None, "out_dir": str(run.out),
+        "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "resumed_from_step": run.resumed_from,
+        "skipped_steps": prog.skipped, "params": run.raw_model.num_params(False), "device": str(run.device),
+        "dtype": str(run.dtype).replace("torch.", ""), "world_size": run.dist.world_size,
+        "attention": cfg.model.attn, "ra_layers": run.mcfg.ra_layer_indices(),
+    }
+
+
+def _run_locked(cfg: TrainConfig, resume: str | os.PathLike | None, out: Path, dist: Dist) -> dict[str, Any]:
+    """The run, once this process may write ``out`` (rank 0 holds its lock)."""
+    state = rundir.prepare(out, resume) if dist.master else None
+    dist.barrier()
+    if not dist.master and resume is not None:
+        state = rundir.committed_state(resume)
+    if state is not None:
+        n_saved = state["world_size"]
+        _check_resume_config(state["config"], cfg, (n_saved, dist.world_size) if n_saved != dist.world_size else None)
+    run = build_run(cfg, out, dist, fresh=state is None)
+    prog = restore(run, state)
+    if dist.master:
+        write_text(out / rundir.CONFIG_FILE, to_toml(cfg))
+    wrap_model(run)
+    run.metrics = Metrics(out, dist.master, run.resumed_from)
+    if dist.master:
+        log.info("model: %s, %.2fM parameters, attention %r on layers %s; %s on %s; %d tokens/step",
+                 cfg.model.preset, run.raw_model.num_params(False) / 1e6, run.mcfg.attn, run.mcfg.ra_layer_indices(),
+                 str(run.dtype).replace("torch.", ""), run.device, run.tokens_per_step)
+        if run.peak is None:
+            log.info("MFU not reported: unknown peak FLOP/s for %s (set system.peak_flops)", run.device)
+    try:
+        val_loss, rec = _loop(run, prog)
+    finally:
+        run.metrics.close()
+    summary = _summary(run, prog, val_loss, rec)
+    if dist.master:
+        plot_loss_curve(run.metrics.path, out / "loss_curve.png",
+                        f"{cfg.model.preset} attn={cfg.model.attn} seed={cfg.system.seed}")
+        write_json(out / "summary.json", summary)
+    dist.barrier()
+    return summary
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
+          out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run training as configured (optionally resuming a checkpoint); return a summary dict.
 
+    The run writes into ``out_dir`` if given, else the run directory of ``resume`` (wherever it has been moved),
+    else ``cfg.system.out_dir``. The whole config, the model included, is checked before anything is written.
     The summary has ``steps``, ``tokens``, ``train_seconds``, ``tokens_per_s``, ``mfu`` (or None),
     ``final_val_loss``, ``final_val_ppl``, ``best_val_loss``, ``out_dir`` and ``checkpoint``.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig; got {type(cfg).__name__}")
     validate(cfg)
-    state = ckpt.read_state(resume) if resume is not None else None
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:
+        out = rundir.run_dir_of(resume) if resume is not None else Path(cfg.system.out_dir)
+    cfg = copy.deepcopy(cfg)
+    cfg.system.out_dir = str(out)
     # With init_from the checkpoint's config fixes the model's shape. A resumed run's saved config is already
     # resolved, so it still runs when the HF directory has gone (its weights come from the run's checkpoint).
-    if cfg.model.init_from and (state is None or Path(cfg.model.init_from).is_dir()):
+    if cfg.model.init_from and (resume is None or Path(cfg.model.init_from).is_dir()):
         cfg = resolve_init_from(cfg)
+    elif cfg.model.init_from:
+        validate_model(cfg)
     dist = setup_distributed(cfg.system.device)
-    if state is not None:
-        n_saved = state.get("world_size", 1)
-        _check_resume_config(state["config"], cfg,
-                             (n_saved, dist.world_size) if n_saved != dist.world_size else None)
-
-    device = pick_device(cfg.system.device, dist)
-    dtype = pick_dtype(cfg.system.dtype, device)
-    if cfg.system.threads:
-        torch.set_num_threads(cfg.system.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.system.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.system.tf32
-    if cfg.system.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.system.seed + dist.rank)  # dropout; parameter init has its own generators
-    out = Path(cfg.system.out_dir)
-    if dist.master:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / "config.toml", to_toml(cfg))
-
-    # Data
-    ddir = data_dir(cfg, dist)
-    manifest = load_manifest(ddir)
-    train_data = load_split(ddir, "train", verify=cfg.data.verify)
-    eval_data = load_split(ddir, cfg.eval.split, verify=cfg.data.verify)
-
-    # Model and optimizer
-    mcfg = gpt_config(cfg, manifest["tokenizer"]["n_vocab"])
-    model = GPT(mcfg, seed=cfg.system.seed)
-    if cfg.model.init_from and state is None:  # a resumed run loads its own checkpoint below
-        hf = _import_hf()
-        try:
-            hf_model = hf.load_pretrained_gpt2(cfg.model.init_from)
-            if hf_model.config.vocab_size != mcfg.vocab_size:
-                raise ValueError(f"its vocab_size {hf_model.config.vocab_size} differs from the corpus tokenizer's "
-                                 f"{mcfg.vocab_size} ({manifest['tokenizer']['name']}): the token ids would not "
-                                 f"mean the same")
-            hf.init_gpt_from_hf(model, hf_model)  # never re-initialised afterwards
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
-        del hf_model
-        if dist.master:
-            log.info("initialised from %s (attention %r on layers %s starts at its exact function)",
-                     cfg.model.init_from, mcfg.attn, mcfg.ra_layer_indices())
-    model = model.to(device)
-    optimizer = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
-                                           device_type=device.type, eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    step, tokens, data_pos, train_seconds, best_val = 0, 0, 0, 0.0, float("inf")
-    if state is not None:
-        n_saved = state.get("world_size", 1)
-        if n_saved != dist.world_size and dist.master:
-            log.info("resuming a checkpoint written by %d process(es) on %d with the same global batch: "
-                     "parameters, optimizer state, step, schedule and data order continue (only the order of "
-                     "floating-point reductions differs)", n_saved, dist.world_size)
-        state = ckpt.load_checkpoint(state["dir"], model, optimizer, scaler)
-        rank_rng = state.get("rank_rng") or []
-        if dist.rank and dist.rank < len(rank_rng):  # the RNG files hold rank 0's streams; others restore theirs
-            _restore_rank_rng(rank_rng[dist.rank], device)  # (a rank the old run did not have keeps its seed)
-        step, tokens, data_pos = state["step"], state["tokens"], state["data_position"]
-        train_seconds = state["train_seconds"]
-        best_val = state["best_val_loss"] if state.get("best_val_loss") is not None else float("inf")
-        log.info("resumed from %s at step %d (%d tokens)", state["dir"], step, tokens)
-    start_step = step
-    newer = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")
-             if int(p.name.split("_")[1]) > start_step]
-    if newer:
-        raise ConfigError(f"{out / 'checkpoints'} already has checkpoints after step {start_step} "
-                          f"({', '.join(newer)}); resume into another directory with --out DIR")
-    saved_step = step if state is not None else None
-    raw_model = model
-    if cfg.system.compile:
-        model = torch.compile(model)
-    eval_model = model
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-
-    B, T, A = cfg.data.batch_size, mcfg.block_size, cfg.data.grad_accum
-    tokens_per_step = B * T * A * dist.world_size
-    max_steps = step_budget(cfg, tokens_per_step)
-    decay_steps = cfg.schedule.decay_steps or max_steps
-    peak = peak_flops(device, dtype, cfg.system.peak_flops)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    metrics = Metrics(out, dist.master, start_step if state is not None else None)
-    if dist.master:
-        log.info("model: %s, %.2fM parameters, attention %r on layers %s; %s on %s; %d tokens/step",
-                 cfg.model.preset, raw_model.num_params(False) / 1e6, mcfg.attn, mcfg.ra_layer_indices(),
-                 str(dtype).replace("torch.", ""), device, tokens_per_step)
-        if peak is None:
-            log.info("MFU not reported: unknown peak FLOP/s for %s (set system.peak_flops)", device)
-
-    def budget_done() -> bool:
-        done = (max_steps and step >= max_steps) or \
-            (cfg.budget.max_seconds and train_seconds >= cfg.budget.max_seconds)
-        if dist.enabled and cfg.budget.max_seconds:  # ranks' clocks differ: rank 0 decides
-            flag = torch.tensor([float(bool(done))], device=device)
-            torch_dist.broadcast(flag, 0)
-            done = bool(flag.item())
-        return bool(done)
-
-    pbar = tqdm(total=max_steps or None, initial=step, disable=not (dist.master and cfg.system.progress),
-                dynamic_ncols=True, unit="step")
-    last_ckpt, val_loss, mfu, tps = None, None, None, None
-    loss_acc = torch.zeros((), device=device)
-    window_t, window_tokens = 0.0, 0
-    model.train()
-    while True:
-        last = budget_done()
-        # ---- evaluation (not at the step a resumed run starts from: the original run did it) ----
-        eval_due = cfg.eval.interval and step % cfg.eval.interval == 0
-        if (eval_due or last) and not (state is not None and step == start_step and not last):
-            _sync(device)
-            val_loss = evaluate(eval_model, eval_data, cfg, T, device, autocast, dist)
-            best_val = min(best_val, val_loss)
-            metrics.write({"kind": "eval", "step": step, "tokens": tokens, "split": cfg.eval.split,
-                           "loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)), "train_seconds": train_seconds})
-            if dist.master:
-                pbar.write(f"step {step}: {cfg.eval.split} loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
-        # ---- checkpoint ----
-        ckpt_due = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-        if (last or ckpt_due) and step != saved_step:
-            _sync(device)
-            rank_rng = _gather_rank_rng(device, dist)
-            if dist.master:
-                last_ckpt = ckpt.save_checkpoint(
-                    out / "checkpoints", step, raw_model, optimizer,
-                    {"tokens": tokens, "data_position": data_pos, "train_seconds": train_seconds,
-                     "best_val_loss": best_val if best_val < float("inf") else None, "world_size": dist.world_size,
-                     "rank_rng": rank_rng, "config": cfg.to_dict(),
-                     "model": {"params": raw_model.num_params(False)}},
-                    scaler=scaler, keep_last=cfg.checkpoint.keep_last)
-            saved_step = step
-            if dist.enabled:
-                torch_dist.barrier()
-        if last:
-            break
-
-        # ---- one optimizer step ----
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg, decay_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # One global sequence of micro-batches: step s uses numbers data_pos .. data_pos + N*A - 1, rank r the
-        # r-th run of A of them. So the samples of a step depend only on the global batch, not on how it is split
-        # over processes (N GPUs == 1 GPU with grad_accum x N; a resume on another N continues the same data),
-        # and a single process draws exactly what it always did.
-        batches = [get_batch(train_data, B, T, seed=cfg.data.seed, index=data_pos + dist.rank * A + micro,
-                             device=device) for micro in range(A)]
-        data_pos += A * dist.world_size
-        loss_acc += accumulate_gradients(model, batches, autocast, scaler)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip) \
-            if cfg.optim.grad_clip > 0 else None
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        log_now = step % cfg.system.log_interval == 0
-        if log_now:
-            _sync(device)
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        window_t, window_tokens = window_t + dt, window_tokens + tokens_per_step
-        pbar.update(1)
-        if log_now:
-            if dist.enabled:  # the mean over ranks
-                torch_dist.all_reduce(loss_acc)
-                loss_acc /= dist.world_size
-            loss_val = loss_acc.item()
-            tps = window_tokens / max(window_t, 1e-9)
-            mfu = raw_model.estimate_mfu(tps / dist.world_size, peak) if peak else None
-            rec = {"kind": "train", "step": step, "tokens": tokens, "loss": loss_val, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens_per_s": tps, "mfu": mfu, "train_seconds": train_seconds}
-            metrics.write(rec)
-            pbar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-            window_t, window_tokens = 0.0, 0
-        loss_acc.zero_()
-    pbar.close()
-    metrics.close()
-
-    summary = {
-        "steps": step, "tokens": tokens, "train_seconds": train_seconds,
-        "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
-        "tokens_per_s_last_window": tps, "mfu": mfu, "final_val_loss": val_loss,
-        "final_val_ppl": math.exp(val_loss) if val_loss is not None else None,
-        "best_val_loss": best_val if best_val < float("inf") else None, "out_dir": str(out),
-        "checkpoint": str(last_ckpt) if last_ckpt else None, "resumed_from_step": start_step if state else None,
-        "params": raw_model.num_params(False), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "world_size": dist.world_size, "attention": cfg.model.attn, "ra_layers": mcfg.ra_layer_indices(),
-    }
-    if dist.master:
-        plot_loss_curve(metrics.path, out / "loss_curve.png",
-                        f"{cfg.model.preset} attn={cfg.model.attn} seed={cfg.system.seed}")
-        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if dist.enabled:
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
-    return summary
+    try:
+        with RunLock(out) if dist.master else contextlib.nullcontext():
+            return _run_locked(cfg, resume, out, dist)
+    finally:
+        if dist.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -613,12 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ra train", description="Train GPT-2 with or without Reciprocal Attention.",
         epilog="Overrides: --set section.key=value (repeatable), e.g. --set optim.lr=3e-4 --set model.attn=ra "
                "--set model.ra_layers=middle --set model.attn_overrides='{\"rank\": 16}'. Sections: model, data, "
-               "optim, schedule, budget, eval, checkpoint, system.")
+               "optim, schedule, budget, eval, checkpoint, train, system.")
     p.add_argument("--preset", help=f"a preset: {', '.join(list_presets())}")
     p.add_argument("--config", help="a TOML file (applied after --preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value")
-    p.add_argument("--resume", metavar="DIR", help="continue from a run dir, checkpoints dir or step dir")
+    p.add_argument("--resume", metavar="DIR", help="continue a run (its directory, checkpoints/ or a step dir); it "
+                   "writes into that run directory unless --out is given")
     p.add_argument("--out", help="run directory (same as --set system.out_dir=DIR)")
     p.add_argument("--init-from", metavar="DIR", help="start from a local Hugging Face GPT-2 checkpoint directory "
                    "(save_pretrained); same as --set model.init_from=DIR")
@@ -631,22 +673,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + ([f"system.out_dir={args.out}"] if args.out else []) + \
-        ([f"model.init_from={args.init_from}"] if args.init_from else [])
+    overrides = list(args.overrides) + ([f"model.init_from={args.init_from}"] if args.init_from else [])
     if args.resume:
         if args.preset or args.config:
             raise ConfigError("--resume takes the config from the checkpoint; drop --preset/--config")
-        cfg = TrainConfig.from_dict(ckpt.read_state(args.resume)["config"])
-        apply_overrides(cfg, overrides)
+        cfg = rundir.resume_config(args.resume)
+        apply_overrides(cfg, overrides + ([f"system.out_dir={args.out}"] if args.out else []))
         validate(cfg)
     else:
-        cfg = load_config(args.preset, args.config, overrides)
+        cfg = load_config(args.preset, args.config, overrides + ([f"system.out_dir={args.out}"] if args.out else []))
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, out_dir=args.out if args.resume else None)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
+        print(dumps(summary, indent=2))
     return 0
 
 
