@@ -131,7 +131,7 @@ class GPT2ReciprocalAttention(nn.Module):
             pos = torch.arange(offset, offset + T, device=x.device).unsqueeze(0)
         else:
             pos = position_ids.reshape(-1, T).to(x.device)
-        if not torch.compiler.is_compiling():  # a host sync: checked in eager only
+        if not torch.compiler.is_compiling():  # eager only: under compile the ints would be guarded per token
             hi, lo = int(pos.max()), int(pos.min())
             if hi >= self.ra.block_size or lo < 0:
                 raise ValueError(f"positional discoverability covers positions [0, {self.ra.block_size}) "
