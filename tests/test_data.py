@@ -1,21 +1,26 @@
-"""Offline corpus: fixture build, manifest checks, corruption errors, batch determinism, archive and R readers.
+"""Offline corpus: fixture build, manifest checks, validation at open, batch determinism, archive and R readers,
+and the package's import structure.
 
 Everything here is offline: the corpus is built from the committed fixture and the archive readers run on small
 archives made in the test.
 """
 
+import ast
 import gzip
 import io
 import json
+import shutil
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from reciprocal_attention.lab import data as D
+from reciprocal_attention.lab.errors import UserError
 from reciprocal_attention.lab.tokenizer import ByteTokenizer
 
 
@@ -87,8 +92,76 @@ def test_load_split_errors_name_the_file(corpus, tmp_path):
         D.load_split(bad, "train")
 
 
+@pytest.fixture
+def copy(corpus, tmp_path):
+    """A private copy of the fixture corpus (the tests below damage it)."""
+    out = tmp_path / "c"
+    shutil.copytree(corpus[0], out)
+    return out
+
+
+def test_missing_corpus_is_a_user_error(tmp_path):
+    with pytest.raises(D.CorpusNotFoundError, match="data directory .*nonexistent does not exist") as e:
+        D.load_split(tmp_path / "nonexistent", "train")
+    assert isinstance(e.value, UserError) and isinstance(e.value, FileNotFoundError)
+    with pytest.raises(D.CorpusNotFoundError, match=r"manifest\.json not found.*ra data prepare --out"):
+        D.load_manifest(tmp_path)
+
+
+def test_empty_split_file(copy):
+    (copy / "train.bin").write_bytes(b"")
+    with pytest.raises(D.CorpusError) as e:
+        D.load_split(copy, "train")
+    assert str(e.value) == f"train.bin in {copy} is empty; rebuild with `ra data prepare --out {copy}`"
+    assert isinstance(e.value, UserError)
+
+
+def test_odd_sized_split_file(copy):
+    raw = (copy / "val.bin").read_bytes()
+    (copy / "val.bin").write_bytes(raw + b"\x00")
+    with pytest.raises(D.CorpusError, match=r"val\.bin \(split 'val'\) has \d+ bytes, not a whole number"):
+        D.load_split(copy, "val")
+
+
+def test_token_ids_beyond_the_vocabulary(copy):
+    arr = np.fromfile(copy / "test.bin", dtype=np.uint16)
+    arr[5] = 300  # the byte tokenizer's vocabulary is 257
+    arr.tofile(copy / "test.bin")  # same size: only the id check can catch it
+    with pytest.raises(D.CorpusError, match=r"test\.bin \(split 'test'\) holds token id 300 >= the vocabulary "
+                                            r"size 257 of tokenizer 'byte'"):
+        D.load_split(copy, "test")
+    arr[5] = 100
+    arr.tofile(copy / "test.bin")
+    D.load_split(copy, "test")
+    with pytest.raises(D.CorpusError, match=r"holds token id 256 >= the model's vocab_size 200"):
+        D.load_split(copy, "test", vocab_size=200)  # the end-of-text id 256 does not fit a 200-token embedding
+
+
+def test_too_few_tokens_names_split_and_file(copy):
+    n = len(D.load_split(copy, "val"))
+    with pytest.raises(D.CorpusError, match=rf"split 'val' \(.*val\.bin\) has {n} tokens, too few for "
+                                            rf"block_size={n}"):
+        D.load_split(copy, "val", block_size=n)
+    assert len(D.load_split(copy, "val", block_size=n - 2)) == n
+    data = D.load_split(copy, "val")
+    with pytest.raises(D.CorpusError, match=r"split 'val' .* too few for block_size"):
+        D.get_batch(data, 2, n, seed=0, index=0)
+
+
+def test_malformed_manifest_entries(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["splits"]["val"]["tokens"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(D.CorpusError, match=r"split 'val' needs 'file' \(str\), 'tokens'"):
+        D.load_split(copy, "val")
+    del manifest["tokenizer"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(D.CorpusError, match="needs a 'tokenizer'"):
+        D.load_split(copy, "train")
+
+
 def test_prepare_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="sources must be"):
+    with pytest.raises(D.DataError, match="sources must be"):
         D.prepare(tmp_path, sources=["shakespeare", "wikipedia"], tokenizer="byte")
     with pytest.raises(ValueError, match="tokenizer must be one of"):
         D.prepare(tmp_path, sources=["kjv"], tokenizer="sentencepiece")
@@ -253,3 +326,54 @@ def test_r_lazyload_db_roundtrip():
     assert {k: v.value for k, v in got.items()} == values
     with pytest.raises(ValueError, match="past the end"):
         D.read_lazyload_db(gzip.compress(index), rdb[:-3])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Import structure
+# ------------------------------------------------------------------------------------------------------------------
+
+LAB = Path(D.__file__).resolve().parent.parent
+
+
+def _lab_imports(path: Path) -> set[str]:
+    """The lab modules ``path`` imports (anywhere in the file), as paths relative to the lab: ``data/loader``."""
+    pkg = path.parent.relative_to(LAB).parts
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(pkg[:len(pkg) - (node.level - 1)] if node.level > 1 else pkg)
+            if node.level - 1 > len(pkg):
+                continue  # above the lab: the library
+            mod = base + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                for cand in (mod + [alias.name], mod):
+                    p = LAB.joinpath(*cand)
+                    if p.with_suffix(".py").is_file() or (p / "__init__.py").is_file():
+                        out.add("/".join(cand))
+                        break
+    return out
+
+
+def test_data_fetch_and_tokenizer_have_no_import_cycle():
+    files = [LAB / "fetch.py", LAB / "tokenizer.py", *sorted((LAB / "data").glob("*.py"))]
+    graph = {}
+    for f in files:
+        name = "/".join(f.relative_to(LAB).with_suffix("").parts)
+        graph[name.removesuffix("/__init__")] = _lab_imports(f)
+    # importing a package's module from outside the package runs the package's __init__ first
+    for name, deps in graph.items():
+        graph[name] = deps | {pkg for pkg in (d.rsplit("/", 1)[0] for d in deps if "/" in d)
+                              if name != pkg and not name.startswith(pkg + "/")}
+    assert "fetch" in graph["tokenizer"] and "tokenizer" in graph["data/corpus"]
+    assert not any(d == "data" or d.startswith("data/") for d in graph["tokenizer"] | graph["fetch"])
+
+    def reach(start, seen):
+        for d in graph.get(start, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    cyclic = sorted(n for n in graph if n in reach(n, set()))
+    assert not cyclic, f"import cycles through {cyclic}"
+

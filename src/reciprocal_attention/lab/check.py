@@ -10,7 +10,29 @@ import argparse
 
 import torch
 
-from ..attention import PRESETS, ReciprocalAttention
+from .. import PRESETS, ReciprocalAttention
+from .errors import UserError
+
+
+class DeviceError(UserError):
+    """A ``--device`` that does not parse or is not available on this machine."""
+
+
+def resolve_device(name: str) -> str:
+    """``name`` checked as a device this machine has (``cpu``, ``cuda``, ``cuda:N``); :class:`DeviceError` if not."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"--device {name!r} is not a device (expected cpu, cuda or cuda:N): {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name!r}: ra check runs on cpu or cuda; got device type {dev.type!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                              f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,10 +72,19 @@ def check_preset(preset: str, backend: str, device: str, dtype: torch.dtype, *, 
             "n_checked": len(errs)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ra check`` argument parser (every option has help text)."""
     ap = argparse.ArgumentParser(prog="ra check", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to run the fast paths besides the float64 CPU check: cpu, cuda or cuda:N "
+                         "(default: cuda if available, else cpu); on CUDA also float32 and bfloat16 are checked")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ra check``: the table of every preset and backend; exit code 1 if any is off."""
+    args = build_parser().parse_args(argv)
+    args.device = resolve_device(args.device)
     combos = [("cpu", torch.float64, "sdpa"), ("cpu", torch.float64, "auto")]
     if args.device.startswith("cuda"):
         combos += [(args.device, torch.float32, "auto"), (args.device, torch.bfloat16, "auto")]

