@@ -141,3 +141,21 @@ def _with(run: Path, key: str, value) -> dict:
     sec, name = key.split(".")
     cfg[sec][name] = value
     return cfg
+
+
+def test_model_section_and_gpt_config_share_field_names():
+    """[model] holds every GPTConfig field under its own name (vocab_size comes from the corpus), plus only the
+    fields that choose a GPTConfig; gpt_config copies them by name."""
+    import dataclasses
+
+    from reciprocal_attention.lab.config import MODEL_LAB_FIELDS, ModelConfig
+    from reciprocal_attention.model import GPTConfig
+
+    gpt = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    lab = {f.name for f in dataclasses.fields(ModelConfig)} - set(MODEL_LAB_FIELDS)
+    assert gpt == lab
+    cfg = load_config("tiny", overrides=["model.n_layer=3", "model.activation=gelu_tanh", "model.attn=low_rank",
+                                         'model.attn_overrides={"rank": 4}', "model.ra_layers=[1]"])
+    g = cfg.model.gpt_config(300)
+    assert (g.n_layer, g.activation, g.attn, g.ra_layers, g.vocab_size) == (3, "gelu_tanh",
+                                                                          {"preset": "low_rank", "rank": 4}, [1], 300)
