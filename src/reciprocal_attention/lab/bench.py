@@ -34,10 +34,11 @@ from torch import Tensor
 
 from .. import fold as _fold
 from ..attention import ReciprocalAttention
+from .bench_report import PASSES, committed_gpu_table, markdown_report, plot, write_results  # noqa: F401
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-PASSES = ("fwd", "fwd+bwd", "step")
 MODES = ("eager", "graph", "compile")
 HEADS_PCT = {100: (0.0, None), 50: (0.25, (6, 0.2, 0.4)), 25: (0.35, (9, 0.3, 0.4))}  # GPT-2 small, 12 heads
 
@@ -413,6 +414,11 @@ def _plan(cfg: BenchConfig, arms: list[Arm]) -> list[tuple[Arm, int, int, int, i
     return jobs
 
 
+def needs_cuda(arm: Arm) -> bool:
+    """An arm that runs only on CUDA: a cuDNN/efficient SDPA backend, the fused Triton kernels or FlexAttention."""
+    return arm.sdpa not in ("flash", "any") or arm.impl.startswith(("triton", "full_triton", "flex"))
+
+
 def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = None) -> list[dict[str, Any]]:
     """Run the plan and return one record per (arm, shape, pass, mode); ratios filled against the baselines.
 
@@ -421,14 +427,18 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     if not cuda:
-        print("ra bench: no CUDA device — running small CPU shapes in eager mode only. These numbers are not the "
-              "protocol's (RA-SPEC section 4 is defined on a GPU); they show the harness works.", flush=True)
+        print(f"ra bench: no CUDA device: CPU shapes, {'/'.join(cfg.modes)} mode, {cfg.precision}. CPU timings are "
+              "not a result (the protocol of docs/RA-SPEC.md section 4 is defined on CUDA); they show the harness "
+              "runs.", flush=True)
     arms = default_arms(cfg.groups)
     if cfg.arms is not None:
         arms = [a for a in arms if a.impl in cfg.arms or a.impl.startswith("baseline")]
     if not cuda:
-        arms = [a for a in arms if a.sdpa in ("flash", "any") and not a.impl.startswith(("triton", "full_triton",
-                                                                                        "flex"))]
+        skipped = [a for a in arms if needs_cuda(a)]
+        if skipped:
+            print("ra bench: skipped on a CPU (they need CUDA): "
+                  + ", ".join(sorted({f"{a.impl} ({a.sdpa})" for a in skipped})), flush=True)
+        arms = [a for a in arms if not needs_cuda(a)]
     jobs = _plan(cfg, arms)
     baselines = {a.impl: a for a in arms if a.impl.startswith("baseline")}
     paired_fns: dict[tuple, Callable[[], None]] = {}  # baselines, prepared once per (impl, shape, pass, mode)
@@ -548,8 +558,9 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
         with amp:
             times, base_times = timer.measure_paired((fn, lambda: sdpa_context(arm.sdpa)),
                                                      (paired_fns[key], lambda: sdpa_context(baseline.sdpa)))
-        out.update({"ratio_paired": statistics.median(t / b for t, b in zip(times, base_times)),
-                    "paired_baseline_ms_median": statistics.median(base_times)})
+        per_round = [t / b for t, b in zip(times, base_times)]
+        out.update({"ratio_paired": statistics.median(per_round), "ratio_paired_min": min(per_round),
+                    "ratio_paired_max": max(per_round), "paired_baseline_ms_median": statistics.median(base_times)})
     else:
         with sdpa_context(arm.sdpa), amp:
             times = timer.measure(fn)
@@ -617,192 +628,186 @@ def run_core_tflops(cfg: BenchConfig, device: torch.device, timer: Timer, versio
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reports
+# Command line
 # --------------------------------------------------------------------------------------------------------------
 
-def _fmt(x: float | None, nd: int = 3) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
+GROUPS = ("core", "heads", "evolution", "kernels")
+CPU_SHAPES = [(2, 64), (1, 128)]
+CPU_WIDTH = (64, 4)
+TIMING_OPTIONS = ("device", "groups", "shapes", "arms", "widths", "modes", "passes", "precision", "repeats",
+                  "inner", "out")
 
 
-def markdown_report(records: list[dict[str, Any]]) -> str:
-    """Tables shaped like the seed's "Full Results" and "Performance Evolution", plus the full record list."""
-    if not records:
-        return "# ra bench\n\nno records\n"
-    v = records[0]
-    paired = sorted({r["mode"] for r in records if r.get("ratio_paired") is not None})
-    lines = ["# ra bench: RA vs the baseline attention block",
-             "", f"Device: **{v['device']}**; torch {v['torch']}, triton {v['triton']}, CUDA {v.get('cuda')}; "
-             f"precision {v['precision']}; GPT-2 biases: {v['bias']}. Median ms per call (min-max), ratio against "
-             "the baseline on the same SDPA backend, pass, mode and shape"
-             + (f"; {' and '.join(paired)} ratios are paired (timed in alternating rounds with the baseline)"
-                if paired else "") + ". Graph = CUDA-graph replay (pure GPU time).",
-             ""]
-    by = {}
-    for r in records:
-        by.setdefault((r["impl"], r["sdpa"], r["heads_pct"], r["B"], r["T"], r["C"], r["pass"], r["mode"]), r)
-
-    def cell(impl, sdpa, pct, B, T, C, pass_, mode, ratio=True):
-        r = by.get((impl, sdpa, pct, B, T, C, pass_, mode))
-        if r is None:
-            return "n/a"
-        if r.get("ms_median") is None:
-            return "failed" if r.get("error") else "n/a"
-        s = f"{r['ms_median']:.3f}"
-        if ratio and r.get("ratio_vs_baseline") is not None and not impl.startswith("baseline"):
-            s += f" ({r['ratio_vs_baseline']:.2f}x)"
-        return s
-
-    from collections import Counter
-
-    fB, fT, fC = Counter((r["B"], r["T"], r["C"]) for r in records if r.get("scope") != "core").most_common(1)[0][0]
-    lines += [f"## Full Results (block B={fB}, T={fT}, C={fC})", "",
-              "| configuration | backend | eager fwd | graph fwd | graph fwd+bwd | graph step | compile fwd | "
-              "compile fwd+bwd |", "|---|---|---|---|---|---|---|---|"]
-    rows = sorted({(r["impl"], r["sdpa"], r["heads_pct"]) for r in records if (r["B"], r["T"], r["C"]) == (fB, fT, fC)
-                   and r.get("scope") != "core"}, key=lambda k: (not k[0].startswith("baseline"), k[0], -k[2], k[1]))
-    for impl, sdpa, pct in rows:
-        cells = [cell(impl, sdpa, pct, fB, fT, fC, p, m) for p, m in
-                 (("fwd", "eager"), ("fwd", "graph"), ("fwd+bwd", "graph"), ("step", "graph"), ("fwd", "compile"),
-                  ("fwd+bwd", "compile"))]
-        label = impl if impl.startswith("baseline") else f"{impl} ({pct}% RA heads)"
-        lines.append(f"| {label} | {sdpa} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Performance Evolution (graph fwd+bwd, B={fB}, T={fT}; eager fwd where a row cannot be graphed)",
-              "",
-              "| implementation | ms | vs baseline (flash) | note |", "|---|---|---|---|"]
-    for impl in ("open_coded", "full_sdpa", "low_rank_fold", "same_flop_act_fold", "seed_as_ran", "ra_fast"):
-        sdpa = "flash" if impl != "open_coded" else "any"
-        r = by.get((impl, sdpa, 100, fB, fT, fC, "fwd+bwd", "graph"))
-        if r is None or r.get("ms_median") is None:
-            r = by.get((impl, sdpa, 100, fB, fT, fC, "fwd", "eager"))
-        if r is None:
-            continue
-        lines.append(f"| {impl} ({r['pass']} {r['mode']}) | {_fmt(r.get('ms_median'))} | "
-                     f"{_fmt(r.get('ratio_vs_baseline'), 2)}x | {r.get('note', '')} |")
-    lines += ["", "## Ratio vs T and width (graph mode)", "",
-              "| impl | backend | B x T | C | fwd | fwd+bwd | step | peak mem (fwd+bwd) vs baseline |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted({(r["impl"], r["sdpa"], r["B"], r["T"], r["C"]) for r in records if r["mode"] == "graph"
-                     and r["heads_pct"] == 100 and r.get("scope") != "core" and not r["impl"].startswith("baseline")},
-                    key=lambda k: (k[0], k[1], k[4], k[3])):
-        impl, sdpa, B, T, C = r
-        rs = [by.get((impl, sdpa, 100, B, T, C, p, "graph")) for p in PASSES]
-        ratios = [_fmt(x.get("ratio_vs_baseline"), 3) if x else "-" for x in rs]
-        mem = _fmt(rs[1].get("mem_ratio_vs_baseline"), 3) if rs[1] else "-"
-        lines.append(f"| {impl} | {sdpa} | {B} x {T} | {C} | " + " | ".join(ratios) + f" | {mem} |")
-    core = [r for r in records if r.get("scope") == "core"]
-    if core:
-        lines += ["", "## Attention core TFLOP/s (causal, D=64, H=12, bf16, graph; FLOPs 4BHT^2D/2 fwd, x3.5 fwd+bwd)",
-                  "", "| impl | B x T | pass | ms | TFLOP/s | time vs cuDNN |", "|---|---|---|---|---|---|"]
-        for r in core:
-            lines.append(f"| {r['impl']} | {r['B']} x {r['T']} | {r['pass']} | {_fmt(r.get('ms_median'))} | "
-                         f"{_fmt(r.get('tflops'), 1)} | {_fmt(r.get('ratio_vs_baseline'), 2)}x |")
-    errs = [r for r in records if r.get("error")]
-    if errs:
-        lines += ["", "## Arms that failed (recorded, not dropped)", ""]
-        lines += [f"- {r['impl']} ({r['sdpa']}) {r['B']}x{r['T']} C={r['C']} {r['pass']} {r['mode']}: {r['error']}"
-                  for r in errs]
-    return "\n".join(lines) + "\n"
+def _choices(value: str, option: str, valid: tuple[str, ...]) -> list[str]:
+    """A comma list whose every item is one of ``valid``; a ``UserError`` naming the option otherwise."""
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in items if s not in valid]
+    if bad or not items:
+        raise UserError(f"{option}: unknown value(s) {', '.join(bad) or repr(value)}; valid: {', '.join(valid)}")
+    return items
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> None:
-    """Bar chart of graph-mode ratios against the baseline at each shape (fwd, fwd+bwd, step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if r["mode"] == "graph" and r.get("ratio_vs_baseline") and r["heads_pct"] == 100
-            and r.get("scope") != "core" and not r["impl"].startswith("baseline") and r["C"] == 768]
-    if not rows:
-        rows = [r for r in records if r.get("ratio_vs_baseline") and not r["impl"].startswith("baseline")]
-    labels = sorted({(r["impl"], r["sdpa"]) for r in rows})
-    shapes = sorted({(r["B"], r["T"]) for r in rows}, key=lambda s: s[1])
-    fig, axes = plt.subplots(1, len(PASSES), figsize=(6 * len(PASSES), 0.45 * len(labels) * max(1, len(shapes)) + 2),
-                             squeeze=False)
-    for ax, pass_ in zip(axes[0], PASSES):
-        ys, vals, names = [], [], []
-        for i, (impl, sdpa) in enumerate(labels):
-            for j, (B, T) in enumerate(shapes):
-                r = next((r for r in rows if (r["impl"], r["sdpa"], r["B"], r["T"], r["pass"]) ==
-                          (impl, sdpa, B, T, pass_)), None)
-                if r is None:
-                    continue
-                ys.append(len(ys))
-                vals.append(r["ratio_vs_baseline"])
-                names.append(f"{impl}/{sdpa} {B}x{T}")
-        ax.barh(ys, vals, color=["tab:green" if v <= 1.03 else "tab:orange" if v <= 1.6 else "tab:red" for v in vals])
-        ax.set_yticks(ys, names, fontsize=7)
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_title(f"{pass_} ({rows[0]['mode'] if rows else ''}) time / baseline")
-    dev = records[0]["device"] if records else ""
-    fig.suptitle(f"RA block vs baseline - {dev}, torch {records[0]['torch'] if records else ''}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _pairs(value: str, option: str, sep: str, form: str) -> list[tuple[int, int]]:
+    """``"8x1024,2x4096"`` -> ``[(8, 1024), (2, 4096)]`` (positive ints), else a ``UserError`` naming ``form``."""
+    out = []
+    for item in (s.strip() for s in value.split(",") if s.strip()):
+        parts = item.split(sep)
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"{option}: expected {form} (positive integers, comma-separated); got {item!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
 
 
-def write_results(records: list[dict[str, Any]], out_dir: Path) -> None:
-    """``bench.json``, ``bench.md`` and ``bench.png`` in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "bench.json.tmp"
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, out_dir / "bench.json")
-    (out_dir / "bench.md").write_text(markdown_report(records))
-    plot(records, out_dir / "bench.png")
+def _arm_groups() -> dict[str, str]:
+    """Every arm name -> the first group that runs it (``core_triton``: the attention-core TFLOP/s table)."""
+    where = {a.impl: "core" for a in default_arms({"core"})}
+    for g in GROUPS[1:]:
+        for a in default_arms({g}):
+            where.setdefault(a.impl, g)
+    where["core_triton"] = "kernels"
+    return where
+
+
+def _check_arms(names: list[str], groups: set[str], cuda: bool) -> None:
+    """Named arms must exist, belong to a selected group and (on a CPU) run without CUDA."""
+    where = _arm_groups()
+    missing = [a for a in names if where[a] != "core" and where[a] not in groups]  # core arms always run
+    if missing:
+        raise UserError("--arms: " + ", ".join(f"{a} is in group {where[a]!r}" for a in missing)
+                        + f", not in --groups {','.join(sorted(groups))}; add the group or drop the arm")
+    if not cuda:
+        cpu_ok = {a.impl for a in default_arms(set(GROUPS)) if not needs_cuda(a)}
+        gpu_only = [a for a in names if a not in cpu_ok]
+        if gpu_only:
+            raise UserError(f"--arms: {', '.join(gpu_only)} need(s) CUDA (cuDNN, fused Triton kernels or "
+                            f"FlexAttention); arms that run on a CPU: {', '.join(sorted(cpu_ok))}")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` an ``ra bench`` command line asks for. Every option is honoured or refused with a
+    ``UserError``: nothing the user set is dropped (a CPU runs eager fp32 at small shapes by default and refuses
+    ``--modes graph/compile`` and ``--precision bf16``)."""
+    cuda_here = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda_here else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N; got {device!r}")
+    cuda = device.startswith("cuda")
+    if cuda and not cuda_here:
+        raise UserError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    groups = set(_choices(args.groups, "--groups", GROUPS)) if args.groups else set(GROUPS)
+    arms = None
+    if args.arms:
+        arms = set(_choices(args.arms, "--arms", tuple(_arm_groups())))
+        _check_arms(sorted(arms), groups, cuda)
+    modes = tuple(_choices(args.modes, "--modes", MODES)) if args.modes else (MODES if cuda else ("eager",))
+    if not cuda and set(modes) - {"eager"}:
+        raise UserError(f"--modes {args.modes}: graph (CUDA graphs) and compile are timed on CUDA only; a CPU "
+                        "runs --modes eager")
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    if not cuda and precision == "bf16":
+        raise UserError("--precision bf16: a CPU runs fp32 (or amp: fp32 parameters under bf16 autocast)")
+    if cuda and precision == "fp32":
+        raise UserError("--precision fp32: the flash and cuDNN SDPA backends need bf16; use bf16 or amp on CUDA")
+    for name in ("repeats", "inner"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name}: expected an integer >= 1; got {getattr(args, name)}")
+    cfg = BenchConfig(device=device, groups=groups, precision=precision, bias=not args.no_bias, arms=arms,
+                      modes=modes, passes=tuple(_choices(args.passes, "--passes", PASSES)) if args.passes else PASSES,
+                      repeats=args.repeats or 7, inner=args.inner or (20 if cuda else 3), warmup=5 if cuda else 1)
+    if args.shapes is not None:
+        cfg.shapes = _pairs(args.shapes, "--shapes", "x", "BxT, e.g. 8x1024,2x4096")
+        if not cfg.shapes:
+            raise UserError("--shapes: expected at least one BxT, e.g. 8x1024")
+    elif not cuda:
+        cfg.shapes = list(CPU_SHAPES)
+    cfg.full_matrix_shape = cfg.shapes[0]
+    if not cuda:
+        cfg.widths = [CPU_WIDTH]
+    if args.widths is not None:
+        cfg.scaling_widths = _pairs(args.widths, "--widths", "/", "C/H, e.g. 1024/16,1280/20 ('' for none)")
+        bad = [f"{c}/{h}" for c, h in cfg.scaling_widths if c % h]
+        if bad:
+            raise UserError(f"--widths: the width C must be a multiple of the heads H; got {', '.join(bad)}")
+    elif not cuda:
+        cfg.scaling_widths = []
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ra bench`` argument parser (every option with its help)."""
+    ap = argparse.ArgumentParser(
+        prog="ra bench", description="Benchmark RA against the baseline attention block (docs/RA-SPEC.md section 4).",
+        epilog="Without CUDA: small shapes, eager mode, fp32, and only the arms that run on a CPU; the report then "
+               "shows paired ratios and says CPU timings are not a result.")
+    from .bench_model import add_arguments as add_model_arguments
+
+    add_model_arguments(ap)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for bench.json, bench.md and bench.png (default benchmarks/results/local)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
+    ap.add_argument("--groups", default=None, help=f"comma list of arm groups: {', '.join(GROUPS)} (default all)")
+    ap.add_argument("--shapes", default=None,
+                    help="block input shapes BxT, e.g. 8x1024,2x4096,1x8192 (the default on CUDA; "
+                         f"{','.join(f'{b}x{t}' for b, t in CPU_SHAPES)} on a CPU); the first gets the full matrix")
+    ap.add_argument("--arms", default=None,
+                    help="only these arms, e.g. ra_fast,channel_bias (the baselines always run: ratios need them); "
+                         "unknown names are an error that lists the valid ones")
+    ap.add_argument("--widths", default=None,
+                    help="extra widths C/H timed at the first shape, e.g. 1024/16,1280/20; '' for none (default "
+                         "1024/16,1280/20 on CUDA, none on a CPU)")
+    ap.add_argument("--modes", default=None,
+                    help=f"comma list of: {', '.join(MODES)} (default all on CUDA; a CPU runs eager only)")
+    ap.add_argument("--passes", default=None, help=f"comma list of: {', '.join(PASSES)} (default all)")
+    ap.add_argument("--precision", choices=("bf16", "amp", "fp32"), default=None,
+                    help="bf16 parameters (CUDA default), amp (fp32 parameters under bf16 autocast) or fp32 "
+                         "(the CPU default)")
+    ap.add_argument("--no-bias", action="store_true", help="bias-free c_attn/c_proj (the seed's table)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timings per row; each is the mean of --inner calls (default 7)")
+    ap.add_argument("--inner", type=int, default=None, help="calls per timing (default 20 on CUDA, 3 on a CPU)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+    ap.add_argument("--render", type=Path, default=None, metavar="DIR",
+                    help="re-render DIR/bench.md and bench.png from DIR/bench.json (no timing; no other option "
+                         "applies)")
+    return ap
+
+
+def _render(args: argparse.Namespace) -> int:
+    """``--render DIR``: rewrite the reports from an existing ``bench.json``."""
+    set_ = [f"--{k.replace('_', '-')}" for k in TIMING_OPTIONS + ("no_bias",) if getattr(args, k) not in (None, False)]
+    if set_:
+        raise UserError(f"--render re-renders existing results without timing: {', '.join(set_)} do(es) not apply")
+    src = args.render / "bench.json"
+    if not src.is_file():
+        raise UserError(f"--render {args.render}: no bench.json there (a cut run leaves bench.partial.json: rename "
+                        "it to bench.json to render what it measured)")
+    try:
+        records = json.loads(src.read_text())
+    except ValueError as exc:
+        raise UserError(f"--render: {src} is not valid JSON ({exc})") from exc
+    fill_ratios(records)
+    write_results(records, args.render)
+    print(f"re-rendered {args.render}/bench.md and bench.png from {len(records)} records")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ra bench", description="Benchmark RA against the baseline block (RA-SPEC 4).")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--groups", default="core,heads,evolution,kernels",
-                    help="comma list of: core, heads, evolution, kernels")
-    ap.add_argument("--shapes", default=None, help="e.g. 8x1024,2x4096,1x8192")
-    ap.add_argument("--arms", default=None, help="only these impls, e.g. ra_fast,channel_bias (baselines always run)")
-    ap.add_argument("--widths", default=None, help="scaling widths C/H, e.g. 1024/16,1280/20 ('' for none)")
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--passes", default=",".join(PASSES))
-    ap.add_argument("--precision", choices=("bf16", "amp"), default="bf16")
-    ap.add_argument("--no-bias", action="store_true", help="bias-free c_attn/c_proj (the seed's table)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--inner", type=int, default=20)
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--render", type=Path, default=None,
-                    help="re-render bench.md/bench.png from an existing bench.json in this folder (no timing)")
-    args = ap.parse_args(argv)
+    """``ra bench``: time the plan, write ``bench.json/md/png`` and print the report."""
+    args = build_parser().parse_args(argv)
     if args.render is not None:
-        records = json.loads((args.render / "bench.json").read_text())
-        fill_ratios(records)
-        write_results(records, args.render)
-        print(f"re-rendered {args.render}/bench.md and bench.png from {len(records)} records")
-        return 0
-    if args.repeats < 1 or args.inner < 1:
-        ap.error("--repeats and --inner must be >= 1")
-    cfg = BenchConfig(device=args.device, groups=set(args.groups.split(",")), precision=args.precision,
-                      bias=not args.no_bias, repeats=args.repeats, inner=args.inner,
-                      modes=tuple(args.modes.split(",")), passes=tuple(args.passes.split(",")),
-                      arms=set(args.arms.split(",")) if args.arms else None)
-    bad = set(cfg.modes) - set(MODES) | set(cfg.passes) - set(PASSES)
-    if bad:
-        ap.error(f"unknown mode/pass {sorted(bad)}; modes: {MODES}, passes: {PASSES}")
-    if args.shapes:
-        cfg.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        cfg.full_matrix_shape = cfg.shapes[0]
-    if args.widths is not None:
-        cfg.scaling_widths = [tuple(int(v) for v in s.split("/")) for s in args.widths.split(",") if s]
-    if not cfg.device.startswith("cuda"):
-        cfg.shapes = cfg.shapes if args.shapes else [(2, 64), (1, 128)]
-        cfg.full_matrix_shape = cfg.shapes[0]
-        cfg.widths = [(64, 4)]
-        cfg.scaling_widths = [] if args.widths is None else cfg.scaling_widths
-        cfg.modes = ("eager",)
-        cfg.precision = "fp32" if args.precision == "bf16" else args.precision
-        cfg.repeats, cfg.inner, cfg.warmup = min(cfg.repeats, 7), min(cfg.inner, 3), 1
-    partial = args.out / "bench.partial.json"
+        return _render(args)
+    if args.model is not None:
+        from .bench_model import run_from_args
+
+        return run_from_args(args)
+    cfg = config_from_args(args)
+    out = args.out if args.out is not None else Path("benchmarks/results/local")
+    partial = out / "bench.partial.json"
     records = run_bench(cfg, progress=not args.no_progress and sys.stderr.isatty(), partial=partial)
-    write_results(records, args.out)
+    write_results(records, out)
     partial.unlink(missing_ok=True)
     print(markdown_report(records))
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png ({len(records)} records)")
+    if not cfg.device.startswith("cuda"):
+        print(committed_gpu_table({r["impl"] for r in records}))
+    print(f"wrote {out}/bench.json, bench.md, bench.png ({len(records)} records)")
     return 0

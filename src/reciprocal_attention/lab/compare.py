@@ -2,20 +2,37 @@
 
 On the embedded default: the offline English corpus (built on first use by ``ra data prepare``), the GPT-2
 attention block for speed, and paired runs of ``standard`` and the recommended ``ra`` preset for quality. On a CPU
-it runs tiny sizes (a few minutes, and it says so); on a GPU the real ones (CUDA-graph timings, the quality-gpu
-preset). Results go to ``--out`` (``speed/`` and ``quality/`` with JSON, markdown and PNG).
+it runs tiny sizes (a demonstration of the protocol, not a result, and it says so): the speed section shows paired
+ratios and, for comparison, the GPU results committed under ``benchmarks/results/``. With CUDA it runs the real
+sizes (CUDA-graph timings, the quality-gpu preset). Every training run shows live progress (step, loss, ETA), and
+the job ends with a summary. Results go to ``--out`` (``speed/`` and ``quality/`` with JSON, markdown and PNG).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 from . import bench, quality
+from .bench_report import committed_gpu_table
+from .config import load_config
 from .data import prepare
+from .errors import UserError
+from .train import step_budget
+
+ARMS = ["standard", "ra"]
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
+LINE_FORMAT = "{desc}: {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
 
 
 def ensure_corpus(data_dir: Path) -> None:
@@ -27,43 +44,239 @@ def ensure_corpus(data_dir: Path) -> None:
     prepare(data_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ra compare", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/compare"))
-    ap.add_argument("--data", type=Path, default=Path("data/corpus"), help="offline corpus (built if missing)")
-    ap.add_argument("--seeds", default=None, help="quality seeds (default 0,1 on CPU, 0,1,2 on GPU)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per quality run (CPU default 120)")
-    ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--skip-quality", action="store_true")
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    t0 = time.time()
-    print(f"[compare] device: {torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}"
-          + ("" if cuda else " -- no GPU: tiny sizes, a demonstration of the protocol, not a result"), flush=True)
-    if not args.skip_speed:
-        cfg = bench.BenchConfig(groups={"core"}, device="cuda" if cuda else "cpu")
-        if cuda:
-            cfg.shapes, cfg.full_matrix_shape = [(8, 1024), (2, 4096)], (8, 1024)
-            cfg.scaling_widths, cfg.modes, cfg.inner = [], ("eager", "graph"), 10
-        else:
-            cfg.shapes, cfg.full_matrix_shape, cfg.widths, cfg.scaling_widths = [(2, 128)], (2, 128), [(128, 4)], []
-            cfg.modes, cfg.precision, cfg.repeats, cfg.inner, cfg.warmup = ("eager",), "fp32", 5, 3, 2
-        records = bench.run_bench(cfg, progress=False)
-        bench.write_results(records, args.out / "speed")
-        print(bench.markdown_report(records), flush=True)
-    if not args.skip_quality:
-        ensure_corpus(args.data)
-        seeds = [int(s) for s in (args.seeds or ("0,1,2" if cuda else "0,1")).split(",")]
-        overrides = [f"data.dir={args.data}"]
-        if args.steps:
-            overrides.append(f"budget.max_steps={args.steps}")
-        if cuda:
-            overrides.append("budget.max_tokens=2000000")
-        qc = quality.QualityConfig(arms=["standard", "ra"], seeds=seeds,
-                                   preset="quality-gpu" if cuda else "compare-cpu", overrides=overrides,
-                                   out_dir=str(args.out / "quality"), parallel=len(seeds) * 2 if cuda else 2,
-                                   mqar=False)
+# --------------------------------------------------------------------------------------------------------------
+# Live progress of the quality runs
+# --------------------------------------------------------------------------------------------------------------
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` so far (a line being written, not yet whole, is skipped)."""
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
+    return out
+
+
+class RunProgress:
+    """Progress of every training run of a quality study, read from the runs' ``metrics.jsonl`` files (the runs
+    are subprocesses). On a terminal: one tqdm bar per run with step, train loss, last validation loss and ETA.
+    Otherwise: a line per run every tenth of its steps, and one when it ends. The study's own lines are routed
+    around the bars while they are shown."""
+
+    def __init__(self, qc: quality.QualityConfig, tty: bool | None = None, interval: float = 1.0) -> None:
+        self.qc, self.interval = qc, interval
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.bars: dict[tuple[str, int], Any] = {}
+        self.state: dict[tuple[str, int], dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ra-compare-progress", daemon=True)
+        self._redirect = contextlib.ExitStack()
+
+    def __enter__(self) -> "RunProgress":
+        if self.tty:
+            self._redirect.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the final state of every run
+        for bar in self.bars.values():
+            bar.close()
+        self._redirect.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def _total(self, arm: str, seed: int, tokens_per_step: int | None) -> int | None:
+        cfg = load_config(self.qc.preset, None, quality.run_overrides(self.qc, arm, seed))
+        if tokens_per_step:
+            return step_budget(cfg, tokens_per_step) or None
+        return cfg.budget.max_steps or None
+
+    def poll(self) -> None:
+        """Read every started run's metrics and update its bar (or print its line)."""
+        for seed in self.qc.seeds:
+            for arm in self.qc.arms:
+                d = quality.run_dir(self.qc, arm, seed)
+                if d.is_dir():
+                    self._update((arm, seed), d)
+
+    def _update(self, key: tuple[str, int], d: Path) -> None:
+        st = self.state.setdefault(key, {"t0": time.time(), "step": 0, "printed": -1, "done": False})
+        if st["done"]:
+            return
+        recs = _read_metrics(d / "metrics.jsonl")
+        train = [r for r in recs if r.get("kind") == "train"]
+        evals = [r for r in recs if r.get("kind") == "eval" and r.get("loss") is not None]
+        if "total" not in st or (st["total_from_steps"] and train and train[-1].get("tokens")):
+            tps = train[-1]["tokens"] // train[-1]["step"] if train and train[-1].get("tokens") else None
+            st["total"], st["total_from_steps"] = self._total(*key, tps), tps is None
+        post = {}
+        if train and train[-1].get("loss") is not None:
+            post["loss"] = f"{train[-1]['loss']:.3f}"
+        if evals:
+            post["val"] = f"{evals[-1]['loss']:.3f}"
+        step = max([r["step"] for r in recs] + [0])
+        st["done"] = (d / "summary.json").exists()
+        desc = f"[quality] {key[0]} seed {key[1]}"
+        if self.tty:
+            bar = self.bars.get(key)
+            if bar is None:
+                bar = self.bars[key] = tqdm(total=st["total"], desc=desc, position=len(self.bars), leave=True,
+                                            bar_format=BAR_FORMAT, dynamic_ncols=True, unit="step")
+            bar.total = st["total"]
+            bar.set_postfix(post, refresh=False)
+            bar.update(step - bar.n)
+            return
+        total = st["total"] or 0
+        if st["done"] or (step > st["printed"] and step - max(st["printed"], 0) >= max(1, total // 10)):
+            st["printed"] = step
+            post_s = "".join(f", {k} {v}" for k, v in post.items())
+            print(tqdm.format_meter(step, st["total"], time.time() - st["t0"], prefix=desc, bar_format=LINE_FORMAT,
+                                    postfix=post_s.lstrip(", ") or None, unit="step")
+                  + (" (done)" if st["done"] else ""), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two phases and the summary
+# --------------------------------------------------------------------------------------------------------------
+
+def speed_phase(out: Path, cuda: bool) -> list[dict[str, Any]]:
+    """Time the baseline block against RA; print the report (on a CPU: paired ratios and the committed GPU
+    table)."""
+    cfg = bench.BenchConfig(groups={"core"}, device="cuda" if cuda else "cpu")
+    if cuda:
+        cfg.shapes, cfg.full_matrix_shape = [(8, 1024), (2, 4096)], (8, 1024)
+        cfg.scaling_widths, cfg.modes, cfg.inner = [], ("eager", "graph"), 10
+    else:
+        cfg.shapes, cfg.full_matrix_shape, cfg.widths, cfg.scaling_widths = [(2, 128)], (2, 128), [(128, 4)], []
+        cfg.modes, cfg.precision, cfg.repeats, cfg.inner, cfg.warmup = ("eager",), "fp32", 9, 3, 2
+    records = bench.run_bench(cfg, progress=sys.stderr.isatty())
+    bench.write_results(records, out / "speed")
+    print(bench.markdown_report(records), flush=True)
+    if not cuda:
+        print(committed_gpu_table({r["impl"] for r in records}), flush=True)
+    return records
+
+
+def quality_phase(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    """Paired training runs of ``standard`` and ``ra`` with live progress; the study's report."""
+    ensure_corpus(args.data)
+    overrides = [f"data.dir={args.data}"]
+    if args.steps:
+        overrides.append(f"budget.max_steps={args.steps}")
+    if cuda:
+        overrides.append("budget.max_tokens=2000000")
+    else:
+        overrides.append(f"system.log_interval={max(1, min(5, (args.steps or 120) // 10))}")  # a live ETA
+    qc = quality.QualityConfig(arms=list(ARMS), seeds=args.seeds, preset="quality-gpu" if cuda else "compare-cpu",
+                               overrides=overrides, out_dir=str(args.out / "quality"),
+                               parallel=len(args.seeds) * len(ARMS) if cuda else 2, mqar=False)
+    print(f"[compare] quality: {len(qc.seeds) * len(ARMS)} training runs ({', '.join(ARMS)} x seeds "
+          f"{', '.join(map(str, qc.seeds))}), {qc.parallel} at a time, preset {qc.preset}", flush=True)
+    with RunProgress(qc):
         res = quality.study(qc)
-        print(quality.markdown(res), flush=True)
-    print(f"[compare] done in {time.time() - t0:.0f}s; results under {args.out}/", flush=True)
+    print(quality.markdown(res), flush=True)
+    return res
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def summary(records: list[dict[str, Any]] | None, res: dict[str, Any] | None, times: dict[str, float],
+            out: Path, cuda: bool) -> str:
+    """The end summary: what ran, how long each phase took, the headline numbers and where the files are."""
+    dev = torch.cuda.get_device_name() if cuda else "CPU"
+    lines = ["", "== ra compare: summary ==",
+             f"device: {dev}" + ("" if cuda else " (tiny sizes: a demonstration of the protocol, not a result)")]
+    if records is not None:
+        key = "ratio_vs_baseline" if cuda else "ratio_paired"
+        mode = "graph" if cuda else "eager"
+        ra = [r for r in records if r["impl"] == "ra_fast" and r["mode"] == mode and r.get(key)]
+        cells = ", ".join(f"{r['sdpa']} {r['B']}x{r['T']} {r['pass']} {r[key]:.2f}x" for r in ra) or "no rows"
+        lines.append(f"speed ({_duration(times['speed'])}): RA fast path / baseline, {mode}, paired: {cells}"
+                     + ("" if cuda else "; CPU timings are not a result (the committed GPU table is above)"))
+        lines.append(f"  files: {out / 'speed'}/bench.md, bench.png, bench.json")
+    if res is not None:
+        lines.append(f"quality ({_duration(times['quality'])}): {quality.verdict_sentence(res)}")
+        for arm, st in res["arms"].items():
+            if st["mean"] is None:
+                lines.append(f"  {arm}: no finished run")
+                continue
+            diffs = ", ".join(f"{d:+.4f}" for d in st.get("paired_diff", {}).values())
+            lines.append(f"  {arm}: val loss {st['mean']:.4f}" + (f" +- {st['std']:.4f}" if st["std"] else "")
+                         + (f"; paired diff vs standard per seed {diffs}" if diffs else ""))
+        lines.append(f"  files: {out / 'quality'}/quality.md, quality.png, quality.json, runs/*/train.log")
+    lines.append(f"total: {_duration(sum(times.values()))}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+def _seeds(value: str) -> list[int]:
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts or not all(p.lstrip("-").isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise UserError(f"--seeds: expected distinct comma-separated integers, e.g. 0,1; got {value!r}")
+    return [int(p) for p in parts]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ra compare`` argument parser (every option with its help)."""
+    ap = argparse.ArgumentParser(prog="ra compare",
+                                 description="The main job: the speed table and a short quality comparison of the "
+                                             "baseline and RA (tiny sizes on a CPU, the real ones on CUDA).",
+                                 epilog="The specification: docs/RA-SPEC.md (speed: section 4; quality: section 5).")
+    ap.add_argument("--out", type=Path, default=Path("runs/compare"),
+                    help="results folder: speed/ and quality/ (default runs/compare); a rerun resumes its runs")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="offline corpus folder (default data/corpus; built on first use by `ra data prepare`)")
+    ap.add_argument("--seeds", default=None, help="quality seeds, e.g. 0,1 (default 0,1 on a CPU, 0,1,2 on CUDA)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per quality run (default: the preset's, 120 on a CPU; on CUDA a 2M-token "
+                         "budget)")
+    ap.add_argument("--skip-speed", action="store_true", help="skip the speed table")
+    ap.add_argument("--skip-quality", action="store_true", help="skip the quality runs")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ra compare``: the speed phase, the quality phase, the summary."""
+    args = build_parser().parse_args(argv)
+    if args.skip_speed and args.skip_quality:
+        raise UserError("--skip-speed and --skip-quality together leave nothing to run")
+    if args.skip_quality:
+        set_ = [f"--{k}" for k in ("data", "seeds", "steps") if getattr(args, k) is not None]
+        if set_:
+            raise UserError(f"{', '.join(set_)} set(s) the quality runs, which --skip-quality skips")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: expected an integer >= 1; got {args.steps}")
+    cuda = torch.cuda.is_available()
+    args.seeds = _seeds(args.seeds or ("0,1,2" if cuda else "0,1"))
+    args.data = args.data or Path("data/corpus")
+    print(f"[compare] device: {torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}"
+          + ("" if cuda else "; tiny sizes: a demonstration of the protocol, not a result"), flush=True)
+    records, res, times = None, None, {}
+    if not args.skip_speed:
+        t0 = time.time()
+        records = speed_phase(args.out, cuda)
+        times["speed"] = time.time() - t0
+    if not args.skip_quality:
+        t0 = time.time()
+        res = quality_phase(args, cuda)
+        times["quality"] = time.time() - t0
+    print(summary(records, res, times, args.out, cuda), flush=True)
     return 0
+
