@@ -21,7 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("reciprocal_attention.lab.train", "train GPT-2 with RA"),
     "quality": ("reciprocal_attention.lab.quality", "paired multi-seed quality study (RA-SPEC section 5)"),
     "generate": ("reciprocal_attention.lab.generate", "sample text from a trained run or a Hugging Face GPT-2"),
-    "generate": ("reciprocal_attention.lab.generate", "sample text from a trained run or a Hugging Face GPT-2"),
     "compare": ("reciprocal_attention.lab.compare", "the main job: speed table + short quality comparison"),
 }
 DEBUG_FLAG = "--debug"
