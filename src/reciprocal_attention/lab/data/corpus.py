@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import os
 import re
+import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 
 MIN_DOC_CHARS = 200  # shorter documents (e.g. kernel index pages that are only a toctree) are dropped
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_corpus.txt"
+# what a damaged or unexpected archive raises while a source is read (the parsers' own errors are ValueError)
+ARCHIVE_ERRORS = (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
+                  lzma.LZMAError)
 
 
 def split_of(doc_id: str, val_fraction: float, test_fraction: float, salt: str = "ra-corpus-v1") -> str:
@@ -76,7 +83,7 @@ def _read_source(name: str, cache: Path) -> tuple[list[Document], dict]:
     archive, version = fetch_source(src, cache)
     try:
         got = READERS[name](archive)
-    except (ValueError, OSError, KeyError) as e:  # a damaged or unexpected archive: the cache can be refreshed
+    except ARCHIVE_ERRORS as e:  # the cached archive can be downloaded again
         raise DataError(f"source {name}: cannot read {archive} ({e}); delete it to download it again") from e
     cleaned = [Document(d.source, d.doc_id, normalize_text(d.text)) for d in got]
     kept = [d for d in cleaned if len(d.text) >= MIN_DOC_CHARS]
