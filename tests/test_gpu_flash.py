@@ -1,17 +1,17 @@
-"""Fused RA attention kernel (kernels/flash.py) on the GPU, compiled: bf16/fp16/fp32 against the float64 oracle.
+"""Fused RA attention kernel (ops/flash.py) on the GPU, compiled: bf16/fp16/fp32 against the float64 oracle.
 
 Tolerances (reference = float64 math on the same low-precision inputs and output gradient):
 * bf16 / fp16: output max abs error <= 2e-2 (outputs are O(1)); every gradient (q, k, v, col_bias, a, b)
   relative Frobenius error ``||g - g_ref|| / ||g_ref||`` <= 2e-2.
 * fp32 (IEEE fp32 dots): output and gradients within ``1e-4 * |ref| + 1e-5`` element-wise.
 
-Most tests pin one fixed config per kernel (``flash.AUTOTUNE = False``) to keep compile time low;
+Most tests pin one fixed config per kernel (``ops.settings.flash_autotune = False``) to keep compile time low;
 ``test_autotuned_configs_match_reference`` runs the autotuner once. Shapes: H=12, D=64; B=2 (B=1 at T=4103).
 """
 import pytest
 import torch
 
-from reciprocal_attention.ops import flash
+from reciprocal_attention.ops import flash, settings
 from reciprocal_attention.ops.flash import flash_ra_attention
 from reciprocal_attention.reference import ra_attention
 
@@ -23,7 +23,7 @@ LOW_OUT_ATOL, LOW_GRAD_RTOL = 2e-2, 2e-2
 
 @pytest.fixture(autouse=True)
 def fixed_configs(monkeypatch):
-    monkeypatch.setattr(flash, "AUTOTUNE", False)
+    monkeypatch.setattr(settings, "flash_autotune", False)
 
 
 def make_inputs(B, T, dtype, mode="recip", bias="ht", seed=0):
@@ -119,7 +119,7 @@ def test_float32_ieee():
 
 
 def test_autotuned_configs_match_reference(monkeypatch):
-    monkeypatch.setattr(flash, "AUTOTUNE", True)
+    monkeypatch.setattr(settings, "flash_autotune", True)
     check_low_precision(make_inputs(2, 1024, torch.bfloat16, mode="recip", bias="ht", seed=9))
 
 
@@ -146,7 +146,7 @@ def test_strided_qkv_views():
 
 
 def test_torch_compile_fullgraph():
-    assert flash.OP_MODE == "triton_op"
+    assert flash._FLASH.mode == "triton_op"
     inputs = make_inputs(2, 256, torch.bfloat16, mode="recip", bias="ht", seed=4)
     leaves = [x for x in inputs if x is not None]
 

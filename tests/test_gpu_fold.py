@@ -19,15 +19,20 @@ import torch.nn.functional as F
 
 from reciprocal_attention import fold
 from reciprocal_attention.ops import fold as kfold
-from reciprocal_attention.ops.fold import fused_fold_qkv_weight
+from reciprocal_attention.ops import fold_kernels, settings
+from reciprocal_attention.ops.fold import fused_fold_gated
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
 GPT2 = dict(H=12, D=64, R=8)  # C = 768
+# routing threshold on w_rec: none, the heads with w_rec <= 0.35 (every third head, see make_inputs), every head
+ROUTINGS = {"none": None, "some": 0.35, "all": 2.0}
 
 
-def make_inputs(H, D, R, bias=True, routing="some", dtype=torch.float32, seed=0):
+def make_inputs(H, D, R, bias=True, dtype=torch.float32, seed=0):
+    """``(weight, bias, W, w_std, w_rec)``; signed gates of both signs, ``w_rec`` 0.2 on heads 1, 4, 7, ...
+    and in [0.5, 1.5) elsewhere."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     C = H * D
 
@@ -37,15 +42,9 @@ def make_inputs(H, D, R, bias=True, routing="some", dtype=torch.float32, seed=0)
     weight = rnd(3 * C, C, scale=0.02).requires_grad_()
     b = rnd(3 * C, scale=0.02).requires_grad_() if bias else None
     W = rnd(D, R, scale=0.3).requires_grad_()
-    gates = [(torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype).to(DEV).requires_grad_()
-             for _ in range(4)]
-    if routing == "none":
-        routed = None
-    elif routing == "some":
-        routed = (torch.arange(H) % 3 == 1).to(DEV)
-    else:
-        routed = torch.ones(H, dtype=torch.bool, device=DEV)
-    return weight, b, W, gates, routed
+    w_std = (torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype).to(DEV).requires_grad_()
+    w_rec = torch.where(torch.arange(H) % 3 == 1, 0.2, torch.rand(H, generator=g, dtype=torch.float64) + 0.5)
+    return weight, b, W, w_std, w_rec.to(dtype).to(DEV).requires_grad_()
 
 
 def capture(fn, warmup):
@@ -62,14 +61,14 @@ def capture(fn, warmup):
     return graph, out
 
 
-def fwd_bwd(fn, weight, b, W, gates, routed, H, variant, grad_seed=1, grad_dtype=None, **kw):
-    ow, ob = fn(weight, b, W, *gates, routed, H, variant, **kw)
+def fwd_bwd(fn, weight, b, W, w_std, w_rec, H, variant, grad_seed=1, grad_dtype=None, **kw):
+    ow, ob = fn(weight, b, W, w_std, w_rec, H, variant, **kw)
     g = torch.Generator(device="cpu").manual_seed(grad_seed)
 
     def grad_like(t):
         return torch.randn(t.shape, generator=g, dtype=torch.float64).to(grad_dtype or t.dtype).to(t.dtype).to(DEV)
 
-    outs, grads, ins = [ow], [grad_like(ow)], [weight, W, *gates]
+    outs, grads, ins = [ow], [grad_like(ow)], [weight, W, w_std, w_rec]
     if b is not None:
         outs.append(ob)
         grads.append(grad_like(ob))
@@ -77,11 +76,16 @@ def fwd_bwd(fn, weight, b, W, gates, routed, H, variant, grad_seed=1, grad_dtype
     return ow, ob, torch.autograd.grad(outs, ins, grads)
 
 
-def oracle(weight, b, W, gates, routed, H, variant, grad_dtype=None):
-    leaves = [t.detach().double().requires_grad_() for t in [weight, W, *gates]]
-    bb = b.detach().double().requires_grad_() if b is not None else None
-    return fwd_bwd(fold.fold_qkv_weight, leaves[0], bb, leaves[1], leaves[2:], routed, H, variant,
-                   grad_dtype=grad_dtype)
+def oracle_fold(weight, b, W, w_std, w_rec, H, variant, gates="signed", routing_threshold=None, out_dtype=None):
+    qs, ks = fold.gate_sides(w_std, gates)
+    qr, kr = fold.gate_sides(w_rec, gates)
+    return fold.fold_qkv_weight(weight, b, W, qs, ks, qr, kr, fold.routed_heads(w_rec, routing_threshold), H,
+                                variant)
+
+
+def oracle(weight, b, W, w_std, w_rec, H, variant, grad_dtype=None, **kw):
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (weight, b, W, w_std, w_rec)]
+    return fwd_bwd(oracle_fold, *leaves, H, variant, grad_dtype=grad_dtype, **kw)
 
 
 def assert_rel(a, r, rel, name, atol=0.0):
@@ -90,8 +94,8 @@ def assert_rel(a, r, rel, name, atol=0.0):
     assert err <= rel * scale + atol, f"{name}: max error {err:.3e} > {rel:.1e} * max|ref| {scale:.3e} + {atol}"
 
 
-NAMES_BIAS = ("weight", "bias", "W", "qs", "ks", "qr", "kr")
-NAMES = ("weight", "W", "qs", "ks", "qr", "kr")
+NAMES_BIAS = ("weight", "bias", "W", "w_std", "w_rec")
+NAMES = ("weight", "W", "w_std", "w_rec")
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -99,9 +103,10 @@ NAMES = ("weight", "W", "qs", "ks", "qr", "kr")
 @pytest.mark.parametrize("variant", ["same_flop", "low_rank"])
 def test_gpt2_small_fp32_params_bf16_out(variant, routing, bias):
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
-    inputs = make_inputs(H, D, R, bias=bias, routing=routing)
-    ref_w, ref_b, ref_g = oracle(*inputs, H, variant, grad_dtype=torch.bfloat16)
-    ow, ob, grads = fwd_bwd(fused_fold_qkv_weight, *inputs, H, variant, out_dtype=torch.bfloat16)
+    inputs = make_inputs(H, D, R, bias=bias)
+    thr = ROUTINGS[routing]
+    ref_w, ref_b, ref_g = oracle(*inputs, H, variant, grad_dtype=torch.bfloat16, routing_threshold=thr)
+    ow, ob, grads = fwd_bwd(fused_fold_gated, *inputs, H, variant, out_dtype=torch.bfloat16, routing_threshold=thr)
     assert ow.dtype == torch.bfloat16 and ow.shape == (2 * H * fold.folded_width(variant, D, R) + H * D, H * D)
     # bf16 output: one rounding of the exact value (2^-8 relative) plus fp32 arithmetic error.
     torch.testing.assert_close(ow.double(), ref_w, rtol=2 ** -8 + 1e-5, atol=1e-6)
@@ -113,7 +118,7 @@ def test_gpt2_small_fp32_params_bf16_out(variant, routing, bias):
         assert a.dtype == torch.float32, name
         assert_rel(a, r, 2e-5, f"d{name}")
     # fp32 output: fp32 arithmetic only; and the bf16 output is that value rounded to nearest.
-    ow32, ob32 = fused_fold_qkv_weight(inputs[0], inputs[1], inputs[2], *inputs[3], inputs[4], H, variant)
+    ow32, ob32 = fused_fold_gated(*inputs, H, variant, routing_threshold=thr)
     assert_rel(ow32, ref_w, 1e-5, "folded weight fp32")
     if bias:
         assert_rel(ob32, ref_b, 1e-5, "folded bias fp32")
@@ -127,9 +132,9 @@ def test_shapes_float64(shape):
     """fp64 (tl.dot in fp64) at odd shapes, both variants, some heads routed: exact to 1e-10."""
     H, D, R, bias = shape
     for variant in ("same_flop", "low_rank"):
-        inputs = make_inputs(H, D, R, bias=bias, routing="some", dtype=torch.float64)
-        ow, ob, grads = fwd_bwd(fused_fold_qkv_weight, *inputs, H, variant)
-        rw, rb, rg = oracle(*inputs, H, variant)
+        inputs = make_inputs(H, D, R, bias=bias, dtype=torch.float64)
+        ow, ob, grads = fwd_bwd(fused_fold_gated, *inputs, H, variant, routing_threshold=0.35)
+        rw, rb, rg = oracle(*inputs, H, variant, routing_threshold=0.35)
         torch.testing.assert_close(ow, rw, rtol=1e-10, atol=1e-12)
         if bias:
             torch.testing.assert_close(ob, rb, rtol=1e-10, atol=1e-12)
@@ -142,9 +147,9 @@ def test_shapes_float32(shape):
     """fp32 at D = 128 (other tile sizes) and GPT-2 large width (C = 1280)."""
     H, D, R = shape
     for variant in ("same_flop", "low_rank"):
-        inputs = make_inputs(H, D, R, routing="some")
-        ow, ob, grads = fwd_bwd(fused_fold_qkv_weight, *inputs, H, variant)
-        rw, rb, rg = oracle(*inputs, H, variant)
+        inputs = make_inputs(H, D, R)
+        ow, ob, grads = fwd_bwd(fused_fold_gated, *inputs, H, variant, gates="seed", routing_threshold=0.35)
+        rw, rb, rg = oracle(*inputs, H, variant, gates="seed", routing_threshold=0.35)
         assert_rel(ow, rw, 1e-5, "folded weight")
         assert_rel(ob, rb, 1e-5, "folded bias")
         for name, a, r in zip(NAMES_BIAS, grads, rg):
@@ -153,9 +158,9 @@ def test_shapes_float32(shape):
 
 def test_deterministic_gpt2():
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
-    inputs = make_inputs(H, D, R, routing="some", seed=7)
-    a = fwd_bwd(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
-    b = fwd_bwd(fused_fold_qkv_weight, *inputs, H, "same_flop", out_dtype=torch.bfloat16)
+    inputs = make_inputs(H, D, R, seed=7)
+    a = fwd_bwd(fused_fold_gated, *inputs, H, "same_flop", out_dtype=torch.bfloat16, routing_threshold=0.35)
+    b = fwd_bwd(fused_fold_gated, *inputs, H, "same_flop", out_dtype=torch.bfloat16, routing_threshold=0.35)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     for name, x, y in zip(NAMES_BIAS, a[2], b[2]):
         assert torch.equal(x, y), name
@@ -164,19 +169,18 @@ def test_deterministic_gpt2():
 def test_torch_compile_fullgraph():
     """Inductor, fullgraph: the triton_op and its backward compile with no graph break; same values as eager."""
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
-    weight, b, W, gates, routed = make_inputs(H, D, R, routing="some", seed=2)
+    ins = list(make_inputs(H, D, R, seed=2))
     x = torch.randn(4, 64, H * D, device=DEV)
 
-    def f(x, weight, b, W, qs, ks, qr, kr):
+    def f(x, weight, b, W, w_std, w_rec):
         with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 params, bf16 GEMM: the fold emits bf16
-            w, bb = fused_fold_qkv_weight(weight, b, W, qs, ks, qr, kr, routed, H, "same_flop",
-                                          out_dtype=torch.bfloat16)
+            w, bb = fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", routing_threshold=0.35,
+                                     out_dtype=torch.bfloat16)
             y = F.linear(x, w, bb)
         return y.float().square().mean()
 
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True)
-    ins = [weight, b, W, *gates]
     loss_c = cf(x, *ins)
     g_c = torch.autograd.grad(loss_c, ins)
     loss_e = f(x, *ins)
@@ -189,13 +193,12 @@ def test_torch_compile_fullgraph():
 def test_cuda_graph_capture_replay():
     """Forward + backward captured in one CUDA graph; replay on new parameter values matches eager."""
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
-    weight, b, W, gates, routed = make_inputs(H, D, R, routing="some", seed=3)
-    ins = [weight, b, W, *gates]
+    ins = list(make_inputs(H, D, R, seed=3))
     gw = torch.randn(2 * H * D + H * D, H * D, device=DEV).to(torch.bfloat16)
     gb = torch.randn(2 * H * D + H * D, device=DEV).to(torch.bfloat16)
 
     def step():
-        ow, ob = fused_fold_qkv_weight(weight, b, W, *gates, routed, H, "same_flop", out_dtype=torch.bfloat16)
+        ow, ob = fused_fold_gated(*ins, H, "same_flop", routing_threshold=0.35, out_dtype=torch.bfloat16)
         return (ow, ob, *torch.autograd.grad([ow, ob], ins, [gw, gb]))
 
     graph, static_out = capture(step, warmup=2)
@@ -215,11 +218,11 @@ def test_folded_linear_overlap_in_cuda_graph(params_dtype):
     parameter values equals eager calls (which stay on one stream) bitwise, and both match the float64 oracle
     (bf16 GEMM inputs: bf16 tolerances)."""
     from reciprocal_attention.ops import folded_linear as kfl
-    from reciprocal_attention.reference import gate_sides
+    from reciprocal_attention.fold import gate_sides
 
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
     C = H * D
-    weight, b, W, _, _ = make_inputs(H, D, R, routing="none", dtype=params_dtype, seed=11)
+    weight, b, W, _, _ = make_inputs(H, D, R, dtype=params_dtype, seed=11)
     w_std = torch.linspace(0.3, 1.1, H, device=DEV, dtype=params_dtype).requires_grad_()
     w_rec = torch.linspace(-0.2, 0.9, H, device=DEV, dtype=params_dtype).requires_grad_()
     x = (torch.randn(2 * 1023, C, device=DEV) * 0.5).to(params_dtype).requires_grad_()
@@ -230,7 +233,7 @@ def test_folded_linear_overlap_in_cuda_graph(params_dtype):
         y, _ = kfl.fused_folded_linear(x, weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
         return (y, *torch.autograd.grad(y, ins, gy))
 
-    assert kfl.OVERLAP == "capture"
+    assert settings.fold_overlap == "capture"
     graph, static_out = capture(step, warmup=2)
     assert kfl._SIDE, "the capture must have forked the fold backward onto the side stream"
     with torch.no_grad():
@@ -325,32 +328,26 @@ def test_benchmark_printout(capsys):
 
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
     C = H * D
-    weight, b, W, gates, routed = make_inputs(H, D, R, routing="none", seed=11)
-    ins = [weight, b, W, *gates]
+    weight, b, W, w_std, w_rec = make_inputs(H, D, R, seed=11)
+    ins = [weight, b, W, w_std, w_rec]
     rows_f = 2 * H * D + C
     gwf = torch.randn(rows_f, C, device=DEV).to(torch.bfloat16)
     gbf = torch.randn(rows_f, device=DEV).to(torch.bfloat16)
     gwc = torch.randn(3 * C, C, device=DEV).to(torch.bfloat16)
     gbc = torch.randn(3 * C, device=DEV).to(torch.bfloat16)
 
-    def fused():
-        return fused_fold_qkv_weight(weight, b, W, *gates, routed, H, "same_flop", out_dtype=torch.bfloat16)
+    def fused():  # the module's path: signed gate sides formed in the kernels
+        return fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
 
     def ref():
-        w, bb = fold.fold_qkv_weight(weight, b, W, *gates, routed, H, "same_flop")
+        w, bb = oracle_fold(weight, b, W, w_std, w_rec, H, "same_flop")
         return w.to(torch.bfloat16), bb.to(torch.bfloat16)
 
     def cast():
         return weight.to(torch.bfloat16), b.to(torch.bfloat16)
 
-    w_std, w_rec = gates[0].detach().clone().requires_grad_(), gates[2].detach().clone().requires_grad_()
-    ins_gated = [weight, b, W, w_std, w_rec]
-
-    def gated():  # the module's path: signed gate sides formed in the kernels
-        return kfold.fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
-
-    arms = [("fused fold (bf16 out)", fused, gwf, gbf), ("fused gated fold (module path)", gated, gwf, gbf),
-            ("fold.fold_qkv_weight + cast", ref, gwf, gbf), ("plain weight.to(bf16) cast", cast, gwc, gbc)]
+    arms = [("fused gated fold (bf16 out)", fused, gwf, gbf), ("fold.fold_qkv_weight + cast", ref, gwf, gbf),
+            ("plain weight.to(bf16) cast", cast, gwc, gbc)]
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
              f"C={C} H={H} R={R} same_flop, fp32 params, bias; us per call, median (min-max) of 7 x 50 calls"]
     lines.append(f"{'arm':32s} {'mode':6s} {'fwd (no_grad)':>24s} {'fwd+bwd':>24s}")
@@ -364,7 +361,7 @@ def test_benchmark_printout(capsys):
 
         def fwd_bwd_():
             w, bb = fn()
-            torch.autograd.grad([w, bb], ins_gated if fn is gated else ins, [gw_, gb_], allow_unused=True)
+            torch.autograd.grad([w, bb], ins, [gw_, gb_], allow_unused=True)
 
         for mode in ("eager", "graph"):
             f = _time_us(fwd, graph=mode == "graph")
@@ -373,8 +370,8 @@ def test_benchmark_printout(capsys):
                          f"{fb[0]:9.2f} ({fb[1]:6.2f}-{fb[2]:6.2f})")
             record["arms"].append({"arm": name, "mode": mode, "fwd": f, "fwd_bwd": fb})
     # Tile sweep of the raw kernels (graph replay), to pick the defaults on this card.
-    w_ = weight.detach()
-    args = (w_, b.detach(), W.detach(), *(g.detach() for g in gates), routed, H, "same_flop")
+    signed = (H, "same_flop", kfold.GATE_MODES["signed"], None, False)
+    args = (*(t.detach() for t in ins), *signed)
     lines.append("tile sweep (graph replay, us): BLOCK_C x num_warps -> forward kernel | backward kernels")
     default_f = kfold._config(D, R, C)
     default_b = kfold._config(D, R, C, bwd=True)
@@ -383,20 +380,18 @@ def test_benchmark_printout(capsys):
                  f"warps={default_b['num_warps']}")
     for bc in (32, 64, 128):
         for nw in (4, 8):
-            tf = _time_us(lambda: kfold._fold_forward_impl(*args, torch.bfloat16, traceable=False, block_c=bc,
-                                                           num_warps=nw), graph=True)
+            tf = _time_us(lambda: kfold._fold_forward_impl(*args, torch.bfloat16, block_c=bc, num_warps=nw),
+                          graph=True)
             lines.append(f"  forward BLOCK_C={bc:3d} warps={nw}: {tf[0]:7.2f}")
             record["sweep"].append({"kernel": "fwd", "BLOCK_C": bc, "num_warps": nw, "us": tf})
-    # backward: fp32 parameters (tf32x3 dots; "bwd") and bf16 parameters with the module's gated path (one tf32
-    # product; "bwd16")
-    w16 = [t.detach().to(torch.bfloat16) for t in (weight, b, W, gates[0], gates[2])]
-    args16 = (w16[0], w16[1], w16[2], w16[3], None, w16[4], None, None, H, "same_flop")
-    for kernel, a, kw in (("bwd", args, {}), ("bwd16", args16, {"gate_mode": kfold.GATE_MODES["signed"]})):
+    # backward: fp32 parameters (tf32x3 dots; "bwd") and bf16 parameters (one tf32 product; "bwd16")
+    args16 = (*(t.detach().to(torch.bfloat16) for t in ins), *signed)
+    for kernel, a in (("bwd", args), ("bwd16", args16)):
         for bd in (16, 32, 64):
             for bc in (32, 64):
                 for nw in (2, 4, 8):
-                    tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *a, traceable=False, block_c=bc,
-                                                                    num_warps=nw, block_d=bd, **kw), graph=True)
+                    tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *a, block_c=bc, num_warps=nw,
+                                                                    block_d=bd), graph=True)
                     lines.append(f"  {kernel} BLOCK_D={bd:3d} BLOCK_C={bc:3d} warps={nw}: {tb[0]:7.2f}")
                     record["sweep"].append({"kernel": kernel, "BLOCK_D": bd, "BLOCK_C": bc, "num_warps": nw,
                                             "us": tb})
@@ -415,11 +410,11 @@ def test_gated_bf16_params_tensor_core_path(gates):
     which hold bf16 exactly: the folded weight is the exact fold rounded once to bf16, gradients to fp32 accuracy
     before their bf16 rounding. Gate sides and routing (threshold 0.3) formed in the kernels."""
     H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
-    weight, b, W, gates_, _ = make_inputs(H, D, R, routing="none", dtype=torch.bfloat16, seed=12)
+    weight, b, W, _, _ = make_inputs(H, D, R, dtype=torch.bfloat16, seed=12)
     w_std = (torch.rand(H, device=DEV) + 0.2).to(torch.bfloat16).requires_grad_()
     w_rec = torch.linspace(0.0, 1.0, H, device=DEV).to(torch.bfloat16).requires_grad_()
     ow, ob = kfold.fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", gates=gates, routing_threshold=0.3)
-    from reciprocal_attention.reference import gate_sides, routed_heads
+    from reciprocal_attention.fold import gate_sides, routed_heads
 
     leaves = [t.detach().double().requires_grad_() for t in (weight, b, W, w_std, w_rec)]
     qs, ks = gate_sides(leaves[3], gates)
@@ -469,8 +464,9 @@ def test_channel_kernels_match_torch_form(monkeypatch):
     within bf16 tolerance. (Bitwise run-to-run equality is checked on the kernels themselves, in
     test_direct_launch_matches_jit_launch: SDPA's own backward, flash or cuDNN, is not bitwise reproducible, so
     the module's dx and c_attn gradients vary between identical calls for the baseline too;
-    scripts/diag_determinism.py.)"""
-    from reciprocal_attention import ReciprocalAttention, attention
+    tools/diag_determinism.py.)"""
+    from reciprocal_attention import ReciprocalAttention
+    from reciprocal_attention import plan as attention_plan
 
     torch.manual_seed(5)
     m = ReciprocalAttention.from_preset("ra_disc_channel", n_embd=768, n_head=12, block_size=1024).to(DEV)
@@ -490,11 +486,13 @@ def test_channel_kernels_match_torch_form(monkeypatch):
     calls = []
     from reciprocal_attention.ops import channel
 
-    real = channel._ChannelFunction.apply
-    monkeypatch.setattr(channel._ChannelFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    real = channel._CHANNEL.function.apply
+    monkeypatch.setattr(channel._CHANNEL.function, "apply", lambda *a: calls.append(1) or real(*a))
     fused = run()
     assert calls, "the fused channel kernels did not run"
-    monkeypatch.setattr(attention, "_fused_channel_usable", lambda q: False)
+    monkeypatch.setattr(attention_plan, "fused_channel_usable", lambda device: False)
+    m.to(DEV)  # the plan is chosen on construction and .to(): re-plan without the fused channel
+    assert m.plan.bias == "channel"
     torch_form = run()
     names = ["output", "dx"] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, fused, torch_form):
@@ -503,7 +501,7 @@ def test_channel_kernels_match_torch_form(monkeypatch):
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_direct_launch_matches_jit_launch(monkeypatch, offset):
-    """kernels.launch: the fold (3 kernels) and the bias channel (2 kernels) through the direct launcher give
+    """ops.launch: the fold (3 kernels) and the bias channel (2 kernels) through the direct launcher give
     bitwise the results of JITFunction.run, and three runs are bitwise equal (the kernels use no atomics);
     repeated calls skip Triton's launch path; a weight whose address is not 16-byte aligned (storage offset) gets
     its own compiled variant, as under Triton's own key."""
@@ -535,14 +533,14 @@ def test_direct_launch_matches_jit_launch(monkeypatch, offset):
     jit_calls = []
     real_jit = launch.DirectLauncher._jit
     monkeypatch.setattr(launch.DirectLauncher, "_jit", lambda *a: jit_calls.append(1) or real_jit(*a))
-    monkeypatch.setattr(launch, "DIRECT", False)
+    monkeypatch.setattr(settings, "direct_launch", False)
     want = run()
-    monkeypatch.setattr(launch, "DIRECT", True)
+    monkeypatch.setattr(settings, "direct_launch", True)
     first = run()
     n_first = len(jit_calls)
     again = run()
     assert len(jit_calls) == n_first, "repeated calls must take the direct path"
-    fwd_keys = launch.direct(kfold._fold_fwd_kernel).compiled
+    fwd_keys = launch.direct(fold_kernels._fold_fwd_kernel).compiled
     assert any(any(res for _, res in key[1]) for key in fwd_keys) == (offset == 1)
     for a, b_, c in zip(want, first, again):
         assert torch.equal(a, b_) and torch.equal(a, c)

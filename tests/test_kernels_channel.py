@@ -1,4 +1,4 @@
-"""Fused bias-channel kernels (kernels/channel.py) in the Triton interpreter against the PyTorch form
+"""Fused bias-channel kernels (ops/channel.py) in the Triton interpreter against the PyTorch form
 (``fold.add_bias_channel``, itself pinned to the float64 reference in test_fold.py) and, through the module, against
 the reference backend: output and every gradient, float64 and float32, T = 1, odd T, T not a multiple of the block.
 """
@@ -104,13 +104,13 @@ def test_errors_name_the_parameter():
 def test_module_channel_kernels_match_reference(monkeypatch, disc, bias, T):
     """ra_disc_channel's eager CUDA path (fused fold + fused channel) through the interpreter, float64: output
     and every gradient equal the reference backend's."""
-    from reciprocal_attention import attention
+    from reciprocal_attention import plan as attention_plan
 
     calls = []
-    real = channel._ChannelFunction.apply
-    monkeypatch.setattr(channel._ChannelFunction, "apply", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(attention, "_fused_fold_usable", lambda w: True)
-    monkeypatch.setattr(attention, "_fused_channel_usable", lambda q: True)
+    real = channel._CHANNEL.function.apply
+    monkeypatch.setattr(channel._CHANNEL.function, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention_plan, "fused_fold_usable", lambda device, dtype: True)
+    monkeypatch.setattr(attention_plan, "fused_channel_usable", lambda device: True)
     gen = torch.Generator().manual_seed(T)
     m, ref = _channel_pair(gen, 0.4, n_embd=24, n_head=3, block_size=32, bias=bias, discoverability=disc, rank=4)
     x = torch.randn(2, T, 24, generator=gen, dtype=F64)
@@ -163,13 +163,13 @@ def test_property_eager_cuda_path_matches_reference(B, T, H, D, disc, bias, data
     """The module's eager CUDA path for ra_disc_channel (fused fold, fused channel, the fold reused from the cache
     on a second call) through the interpreter on random shapes: output and every gradient equal the reference
     backend's, on both calls (float64)."""
-    from reciprocal_attention import attention
+    from reciprocal_attention import plan as attention_plan
 
     R = data.draw(st.integers(1, D - 2))
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(attention, "_fused_fold_usable", lambda w: True)
-        mp.setattr(attention, "_fused_channel_usable", lambda q: True)
+        mp.setattr(attention_plan, "fused_fold_usable", lambda device, dtype: True)
+        mp.setattr(attention_plan, "fused_channel_usable", lambda device: True)
         gen = torch.Generator().manual_seed(seed)
         m, ref = _channel_pair(gen, 0.5, n_embd=H * D, n_head=H, block_size=24, bias=bias, discoverability=disc,
                                rank=R)

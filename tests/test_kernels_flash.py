@@ -1,4 +1,4 @@
-"""Fused RA attention kernel (kernels/flash.py) vs the float64 oracle (reference.ra_attention), on CPU.
+"""Fused RA attention kernel (ops/flash.py) vs the float64 oracle (reference.ra_attention), on CPU.
 
 The kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest.py) in float32, with one
 16 x 16 block config, plus two non-square block mixes that exercise the stage bounds the GPU configs use.
@@ -24,12 +24,12 @@ import textwrap
 import pytest
 import torch
 
-from reciprocal_attention.ops import flash
+from reciprocal_attention.ops import INTERPRET, TRITON_AVAILABLE, flash, registry
 from reciprocal_attention.ops.flash import flash_ra_attention
 from reciprocal_attention.reference import ra_attention
 
-needs_triton = pytest.mark.skipif(not flash.triton_available(), reason="needs Triton")
-interpreter = pytest.mark.skipif(not (flash.triton_available() and flash._INTERPRET),
+needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs Triton")
+interpreter = pytest.mark.skipif(not (TRITON_AVAILABLE and INTERPRET),
                                  reason="CPU interpreter tests (TRITON_INTERPRET=1); tests/test_gpu_flash.py covers "
                                         "the GPU")
 
@@ -296,14 +296,14 @@ def test_fake_outputs_have_real_strides(layout):
     for mode, bias in (("recip", "ht"), ("plain", None)):
         q, k, v, col_bias, a, b = (None if x is None else x.detach()
                                    for x in make_layout_inputs(2, 3, 17, 16, layout=layout, mode=mode, bias=bias))
-        o, lse = ops.flash_ra_fwd(q, k, v, col_bias, a, b, 0.25)
+        o, lse = ops.flash_ra(q, k, v, col_bias, a, b, 0.25)
         do = torch.randn_like(o)
-        real = (o, lse, *ops.flash_ra_bwd(do, q, k, v, o, lse, col_bias, a, b, 0.25))
+        real = (o, lse, *ops.flash_ra_backward(do, q, k, v, o, lse, col_bias, a, b, 0.25))
         with FakeTensorMode() as fm:
             fq, fk, fv, fc, fa, fb, fdo = (None if x is None else fm.from_tensor(x)
                                            for x in (q, k, v, col_bias, a, b, do))
-            fo, flse = ops.flash_ra_fwd(fq, fk, fv, fc, fa, fb, 0.25)
-            fake = (fo, flse, *ops.flash_ra_bwd(fdo, fq, fk, fv, fo, flse, fc, fa, fb, 0.25))
+            fo, flse = ops.flash_ra(fq, fk, fv, fc, fa, fb, 0.25)
+            fake = (fo, flse, *ops.flash_ra_backward(fdo, fq, fk, fv, fo, flse, fc, fa, fb, 0.25))
         names = ("o", "lse", "dq", "dk", "dv", "dc", "da", "db")
         for name, x, y in zip(names, real, fake):
             assert (x.shape, x.stride(), x.dtype) == (y.shape, y.stride(), y.dtype), (mode, name)
@@ -330,8 +330,8 @@ def test_eager_function_and_custom_op_paths_agree(monkeypatch):
     output and gradients."""
     inputs = make_inputs(2, 2, 19, 16, mode="recip", bias="ht", seed=6)
     calls = []
-    real_apply = flash._FlashRAFunction.apply
-    monkeypatch.setattr(flash._FlashRAFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    real_apply = flash._FLASH.function.apply
+    monkeypatch.setattr(flash._FLASH.function, "apply", lambda *a: calls.append(1) or real_apply(*a))
     leaves = [x for x in inputs if x is not None]
 
     def go():
@@ -340,7 +340,7 @@ def test_eager_function_and_custom_op_paths_agree(monkeypatch):
 
     out_f, g_f = go()
     assert calls == [1]
-    monkeypatch.setattr(flash, "eager_launch", lambda *t: False)
+    monkeypatch.setattr(registry, "eager_launch", lambda *t: False)
     out_o, g_o = go()
     assert calls == [1]
     assert torch.equal(out_f, out_o) and all(torch.equal(x, y) for x, y in zip(g_f, g_o))
@@ -352,7 +352,7 @@ def test_torch_compile_fullgraph(layout):
     """The ops are registered with torch.library (custom ops with fake implementations under the interpreter,
     triton_op on the GPU), so torch.compile(fullgraph=True) traces through them; aot_eager keeps it quick.
     Also with q, k, v as views of a [B, T, 3C] projection (outputs in B, T, H, D order)."""
-    assert flash.OP_MODE in ("custom_op", "triton_op")
+    assert flash._FLASH.mode in ("custom_op", "triton_op")
     inputs = make_layout_inputs(2, 3, 17, 16, layout=layout, mode="recip", bias="ht", seed=4)
     leaves = [x for x in inputs if x is not None]
 
@@ -429,7 +429,7 @@ def test_error_optional_arguments():
 
 @needs_triton
 def test_error_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(flash, "_INTERPRET", False)
+    monkeypatch.setattr(flash, "INTERPRET", False)
     with pytest.raises(ValueError, match=r"must be CUDA tensors \(CPU only under TRITON_INTERPRET=1"):
         flash_ra_attention(*_qkv())
 
@@ -445,7 +445,8 @@ def test_import_without_triton():
         sys.meta_path.insert(0, Block())
         import torch
         from reciprocal_attention.ops import flash
-        assert not flash.triton_available() and flash.OP_MODE == "unavailable"
+        from reciprocal_attention.ops import registry
+        assert registry.TRITON_ERROR is not None and flash._FLASH.mode == "autograd.Function"
         q = torch.randn(1, 1, 4, 16)
         try:
             flash.flash_ra_attention(q, q, q)
@@ -480,7 +481,7 @@ COMPILE_CHECK = textwrap.dedent("""
             (F._BWD_ROW, F._ra_bwd_row_kernel, (q, q, q, q, lse, lse, cb, a, b, q, q, f32, f32, lse, lse, *st, *bs,
                                                 *gs)),
         ]:
-            for cfg in tuner[1].configs:  # the fixed (AUTOTUNE off) config of each kernel
+            for cfg in tuner[1].configs:  # the fixed (settings.flash_autotune off) config of each kernel
                 kern.warmup(*args, H, T, 0.125, **flags, **cfg.all_kwargs(), grid=(1,))
                 n += 1
     F._bwd_delta_kernel.warmup(q, q, lse, *F._strides3(q), *F._strides3(q), H, T, D=D, BLOCK=64, grid=(1,))

@@ -1,4 +1,4 @@
-"""``kernels.folded_linear``: the ``c_attn`` GEMM on the fused fold as one autograd node, on CPU (interpreter).
+"""``ops.folded_linear``: the ``c_attn`` GEMM on the fused fold as one autograd node, on CPU (interpreter).
 
 Against ``F.linear(x, *fold.fold_qkv_weight(...))`` with the reference gate sides and routing in float64: the output
 and the gradients of ``x``, ``weight``, ``bias``, ``W``, ``w_std``, ``w_rec``, over token counts 1 / odd / not a
@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from reciprocal_attention import fold
+from reciprocal_attention.fold import gate_sides, routed_heads
+from reciprocal_attention.ops import TRITON_AVAILABLE, settings
 from reciprocal_attention.ops import fold as kfold
 from reciprocal_attention.ops import folded_linear as kfl
-from reciprocal_attention.reference import gate_sides, routed_heads
 
-pytestmark = pytest.mark.skipif(not kfold.triton_available(), reason="needs Triton (interpreter on CPU)")
+pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs Triton (interpreter on CPU)")
 
 
 def make(H, D, R, N, bias, seed=0, dtype=torch.float64):
@@ -149,15 +150,12 @@ def test_errors():
         kfl.fused_folded_linear(x, weight, None, W, w_std, w_rec, H, "same_flop", folded=folded)
 
 
-def test_side_stream_only_on_cuda():
-    """CPU tensors never fork, whatever ``OVERLAP`` says (the overlap itself is a GPU test)."""
+def test_side_stream_only_on_cuda(monkeypatch):
+    """CPU tensors never fork, whatever ``settings.fold_overlap`` says (the overlap itself is a GPU test)."""
     x = torch.zeros(2, 2)
     for mode in ("capture", "always", "never"):
-        old, kfl.OVERLAP = kfl.OVERLAP, mode
-        try:
-            assert kfl._side_stream(x) is None
-        finally:
-            kfl.OVERLAP = old
+        monkeypatch.setattr(settings, "fold_overlap", mode)
+        assert kfl._side_stream(x) is None
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -170,10 +168,10 @@ def test_split_backward_launch_matches_one_launch(bias):
     g = torch.Generator().manual_seed(1)
     gw = torch.randn(3 * C, C, generator=g, dtype=torch.float64)
     gb = torch.randn(3 * C, generator=g, dtype=torch.float64) if bias else None
-    args = (weight, b, W, w_std, None, w_rec, None, None, H, "same_flop", kfold.GATE_MODES["seed"], None, False)
-    one = kfold._fold_backward_impl(gw, gb, *args, traceable=False)
+    args = (weight, b, W, w_std, w_rec, H, "same_flop", kfold.GATE_MODES["seed"], None, False)
+    one = kfold._fold_backward_impl(gw, gb, *args)
     calls = []
-    split = kfold._fold_backward_impl(gw, None, *args, traceable=False, between=lambda: calls.append(1) or gb)
+    split = kfold._fold_backward_impl(gw, None, *args, between=lambda: calls.append(1) or gb)
     assert calls == [1]
     for a, e in zip(one, split):
         assert (a is None and e is None) or torch.equal(a, e)
@@ -183,10 +181,10 @@ def test_module_compiles_without_graph_breaks_on_the_fused_path(monkeypatch):
     """Under torch.compile the module keeps the fold's custom op + F.linear (the folded-linear node is eager-only):
     fullgraph tracing of the fused path has no graph break, and forward and gradients match eager calls, which
     take the folded-linear node."""
-    from reciprocal_attention import attention
+    from reciprocal_attention import plan as attention_plan
     from reciprocal_attention.attention import ReciprocalAttention
 
-    monkeypatch.setattr(attention, "_fused_fold_usable", lambda w: True)
+    monkeypatch.setattr(attention_plan, "fused_fold_usable", lambda device, dtype: True)
     used = []
     real = kfl.fused_folded_linear
     monkeypatch.setattr(kfl, "fused_folded_linear", lambda *a, **k: used.append(1) or real(*a, **k))

@@ -29,18 +29,16 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import INTERPRET, TRITON_AVAILABLE, eager_launch
-from .launch import direct
+from .registry import TritonOp, launcher
 
 __all__ = ["add_bias_channel_fused", "add_positional_bias_channel_fused", "fused_channel_usable"]
 
-if TRITON_AVAILABLE:
-    import triton
-    import triton.language as tl
+from .registry import tl, triton
 
-    from .fold import _acc  # fp32 (fp64 for fp64 kernels) accumulation type, shared with the fold kernels
+if triton is not None:
+    from .fold_kernels import _acc  # fp32 (fp64 for fp64 kernels) accumulation type, shared with the fold kernels
 
     @triton.jit
     def _scalar(x, ptr, FP64: tl.constexpr):
@@ -113,10 +111,6 @@ def fused_channel_usable(qkv: Tensor) -> bool:
     return TRITON_AVAILABLE and (qkv.is_cuda or INTERPRET) and eager_launch(qkv)
 
 
-def _launch(kernel):
-    return kernel if INTERPRET else direct(kernel)
-
-
 def _scalars(ref: Tensor, *xs: float) -> Tensor:
     """fp64 kernels take their float arguments from a tensor (else a dummy: no host-to-device copy)."""
     return torch.tensor(xs, dtype=torch.float64, device=ref.device) if ref.dtype == torch.float64 else ref
@@ -127,58 +121,69 @@ def _blocks(H: int) -> tuple[int, int]:
     return block_h, max(16, 2048 // (block_h * 8)) if not INTERPRET else 16
 
 
-class _ChannelFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv: Tensor, c: Tensor, w: Optional[Tensor], T: int, n_head: int, width: int, scale: float,
-                kappa: float, q_channel: bool) -> Tensor:
-        positional = w is not None
-        B = qkv.shape[0] // T
-        block_h, block_t = _blocks(n_head)
-        q0 = width - 1
-        c_sb = 0 if (positional or c.dim() == 2) else c.stride(0)
-        c_sh, c_st = c.stride(-2), c.stride(-1)
-        fp64 = qkv.dtype == torch.float64
-        _launch(_channel_fwd_kernel)[(triton.cdiv(T, block_t), B)](
-            qkv, qkv.stride(0), qkv.stride(1), T, n_head, q0, n_head * width + q0, width, c, c_sb, c_sh, c_st,
-            w if positional else c, 1.0 / (scale * kappa), float(kappa),
-            _scalars(qkv, 1.0 / (scale * kappa), kappa), POSITIONAL=positional, Q_CHANNEL=q_channel, FP64=fp64,
-            BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
-        ctx.mark_dirty(qkv)
-        ctx.save_for_backward(c, w)
-        ctx.meta = (B, T, n_head, width, scale, kappa)
-        return qkv
+def _channel_forward(qkv: Tensor, c: Tensor, w: Optional[Tensor], T: int, n_head: int, width: int, scale: float,
+                     kappa: float, q_channel: bool) -> tuple[Tensor]:
+    """Adds the channel to ``qkv`` in place and returns it."""
+    positional = w is not None
+    B = qkv.shape[0] // T
+    block_h, block_t = _blocks(n_head)
+    q0 = width - 1
+    c_sb = 0 if (positional or c.dim() == 2) else c.stride(0)
+    launcher(_channel_fwd_kernel, qkv)[(triton.cdiv(T, block_t), B)](
+        qkv, qkv.stride(0), qkv.stride(1), T, n_head, q0, n_head * width + q0, width, c, c_sb, c.stride(-2),
+        c.stride(-1), w if positional else c, 1.0 / (scale * kappa), float(kappa),
+        _scalars(qkv, 1.0 / (scale * kappa), kappa), POSITIONAL=positional, Q_CHANNEL=q_channel,
+        FP64=qkv.dtype == torch.float64, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+    return (qkv,)
 
-    @staticmethod
-    @once_differentiable  # Triton kernels have no backward: a double backward raises instead of misleading
-    def backward(ctx, g: Tensor):
-        c, w = ctx.saved_tensors
-        B, T, H, width, scale, kappa = ctx.meta
-        positional = w is not None
-        shared = positional or c.dim() == 2
-        block_h, block_t = _blocks(H)
-        fp64 = g.dtype == torch.float64
-        k0 = H * width + width - 1
-        if positional:  # c is d_bias [H, L]
-            L = c.shape[1]
-            n_tb = triton.cdiv(L, block_t)
-            dc = torch.empty_like(c, memory_format=torch.contiguous_format)
-            pw = torch.empty((H, n_tb), dtype=torch.float64 if fp64 else torch.float32, device=g.device)
-            grid = (n_tb, 1)
-        else:
-            L, n_tb = T, 1
-            dc = torch.empty_like(c, memory_format=torch.contiguous_format)
-            pw = dc
-            grid = (triton.cdiv(T, block_t), 1 if shared else B)
-        dc_sb = 0 if shared else dc.stride(0)
-        _launch(_channel_bwd_kernel)[grid](
-            g, g.stride(0), g.stride(1), B, T, H, k0, width, 1.0 / (scale * kappa), _scalars(g, 1.0 / (scale * kappa)),
-            c, c.stride(-2), c.stride(-1),
-            w if positional else c, dc, dc_sb, dc.stride(-2), dc.stride(-1), L, pw, n_tb,
-            POSITIONAL=positional, SHARED=shared, FP64=fp64, BLOCK_B=min(8, triton.next_power_of_2(B)),
-            BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
-        # w_disc's gradient: one reduction kernel, summed in pw's dtype and rounded once into w's (no cast kernel)
-        dw = torch.sum(pw, 1, out=torch.empty((H,), dtype=w.dtype, device=w.device)) if positional else None
-        return g, dc, dw, None, None, None, None, None, None
+
+def _channel_backward(g: Tensor, c: Tensor, w: Optional[Tensor], B: int, T: int, H: int, width: int, scale: float,
+                      kappa: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``(dc, dw)``: the gradient of ``c`` (``[H, T]``/``[B, H, T]``, or ``d_bias`` with ``w``) and of ``w``."""
+    positional = w is not None
+    shared = positional or c.dim() == 2
+    block_h, block_t = _blocks(H)
+    fp64 = g.dtype == torch.float64
+    dc = torch.empty_like(c, memory_format=torch.contiguous_format)
+    if positional:  # c is d_bias [H, L]
+        L = c.shape[1]
+        n_tb = triton.cdiv(L, block_t)
+        pw = torch.empty((H, n_tb), dtype=torch.float64 if fp64 else torch.float32, device=g.device)
+        grid = (n_tb, 1)
+    else:
+        L, n_tb = T, 1
+        pw = dc
+        grid = (triton.cdiv(T, block_t), 1 if shared else B)
+    dc_sb = 0 if shared else dc.stride(0)
+    launcher(_channel_bwd_kernel, g)[grid](
+        g, g.stride(0), g.stride(1), B, T, H, H * width + width - 1, width, 1.0 / (scale * kappa),
+        _scalars(g, 1.0 / (scale * kappa)), c, c.stride(-2), c.stride(-1),
+        w if positional else c, dc, dc_sb, dc.stride(-2), dc.stride(-1), L, pw, n_tb,
+        POSITIONAL=positional, SHARED=shared, FP64=fp64, BLOCK_B=min(8, triton.next_power_of_2(B)),
+        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+    # w_disc's gradient: one reduction kernel, summed in pw's dtype and rounded once into w's (no cast kernel)
+    dw = torch.sum(pw, 1, out=torch.empty((H,), dtype=w.dtype, device=w.device)) if positional else None
+    return dc, dw
+
+
+def _setup_context(ctx, inputs: tuple, output) -> None:
+    qkv, c, w, T, n_head, width, scale, kappa, _ = inputs
+    ctx.mark_dirty(qkv)
+    ctx.save_for_backward(c, w)
+    ctx.meta = (qkv.shape[0] // T, T, n_head, width, scale, kappa)
+
+
+def _grads(ctx, backward, g: Optional[Tensor]) -> tuple:
+    c, w = ctx.saved_tensors
+    if g is None:  # the output was not used: no gradient anywhere
+        return (None,) * 9
+    dc, dw = backward(g, c, w, *ctx.meta)
+    return g, dc, dw, None, None, None, None, None, None  # qkv's gradient passes through the addition
+
+
+# In place on the GEMM output, eager and CUDA-graph calls only: under torch.compile the module keeps the PyTorch
+# form, which inductor fuses itself.
+_CHANNEL = TritonOp("bias_channel", _channel_forward, _channel_backward, _setup_context, _grads, traceable=False)
 
 
 def _check(qkv: Tensor, n_head: int, width: int, T: int, scale: float, kappa: float) -> None:
@@ -216,7 +221,7 @@ def add_bias_channel_fused(qkv: Tensor, col_bias: Tensor, n_head: int, width: in
     _check(qkv, n_head, width, T, scale, kappa)
     B = qkv.shape[0] // T
     _check_param("col_bias", col_bias, (n_head, T) if col_bias.dim() == 2 else (B, n_head, T), qkv)
-    return _ChannelFunction.apply(qkv, col_bias, None, T, n_head, width, float(scale), float(kappa), q_channel)
+    return _CHANNEL(qkv, col_bias, None, T, n_head, width, float(scale), float(kappa), q_channel)[0]
 
 
 def add_positional_bias_channel_fused(qkv: Tensor, w_disc: Tensor, d_bias: Tensor, T: int, n_head: int,
@@ -230,4 +235,4 @@ def add_positional_bias_channel_fused(qkv: Tensor, w_disc: Tensor, d_bias: Tenso
     _check_param("d_bias", d_bias, (n_head, None), qkv)
     if d_bias.shape[1] < T:
         raise ValueError(f"d_bias covers {d_bias.shape[1]} positions; T = {T} needs at least that many")
-    return _ChannelFunction.apply(qkv, d_bias, w_disc, T, n_head, width, float(scale), float(kappa), q_channel)
+    return _CHANNEL(qkv, d_bias, w_disc, T, n_head, width, float(scale), float(kappa), q_channel)[0]

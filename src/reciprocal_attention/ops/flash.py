@@ -40,8 +40,8 @@ only with the reciprocal term, two fp32 ``[B, H, T, D]`` partial-gradient buffer
 * outputs follow the input layout: ``o``, ``dq`` like ``q``, ``dk`` like ``k``, ``dv`` like ``v`` (no copies after).
 
 Why two backward kernels and not FlashAttention-2's one (which adds each key block's ``dS K`` to ``dQ`` with
-float atomics): measured on an H100 (session 4, ``benchmarks/results/h100/flash_bwd_ab.json``, commit 757e0b5),
-a one-pass kernel was slower here both with fp32 atomics (0.81 vs 0.70 ms core fwd+bwd at T=4096) and with a
+float atomics): on an H100 (``benchmarks/results/h100/flash_bwd_ab.json``) a one-pass kernel is slower here
+both with fp32 atomics (0.81 vs 0.70 ms core fwd+bwd at T=4096) and with a
 deterministic hand-over of ``dQ`` between key blocks in a fixed order (1.03 ms): the extra ``[BLOCK_M, D]`` product
 and accumulator push the column kernel to 255 registers, and the ordered hand-over puts an L2 round trip on
 every iteration. Recomputing ``P`` and ``dP`` in a row kernel costs less.
@@ -49,18 +49,13 @@ every iteration. Recomputing ``P`` and ``dP`` in a row kernel costs less.
 Here ``dS = P * (dP - delta)`` is the gradient of the logits ``l``. Without the reciprocal term the two
 backward kernels are independent and write ``dq``/``dk``/``dv`` directly.
 
-``torch.compile(fullgraph=True)``: the kernels are launched from ``torch.library.triton_op`` operators
-(``reciprocal_attention::flash_ra_fwd`` / ``flash_ra_bwd``) through ``torch.library.wrap_triton``, with
-``register_autograd``; eager calls take a plain ``autograd.Function`` around the same launchers and launch the
-kernels directly (the custom-op dispatch and ``wrap_triton`` cost host time on every call). Under
-``TRITON_INTERPRET=1`` (whose kernels ``wrap_triton`` cannot trace) the same ops are opaque
-``torch.library.custom_op`` s with explicit fake implementations. On a torch without ``triton_op`` (< 2.6)
-the ``autograd.Function`` is used throughout (and the reason is logged); it graph-breaks under ``torch.compile``.
-``OP_MODE`` says which.
+Registered through :class:`~reciprocal_attention.ops.registry.TritonOp` as ``reciprocal_attention::flash_ra``
+(and ``flash_ra_backward``): torch.compile(fullgraph=True) traces through it, eager calls launch the kernels
+directly, CUDA graphs capture it.
 
-Configs: :data:`AUTOTUNE` (default on; ``RA_FLASH_AUTOTUNE=0`` turns it off) autotunes each attention kernel
-over a few ``BLOCK_M/BLOCK_N/num_warps/num_stages`` configs keyed on ``T``, ``D``, the flags and the dtype;
-off, one fixed spill-free config per kernel (fast to compile). The kernels are not specialised on ``T``.
+Configs: with ``ops.settings.flash_autotune`` (default on) each attention kernel is autotuned over a few
+``BLOCK_M/BLOCK_N/num_warps/num_stages`` configs keyed on ``T``, ``D``, the flags and the dtype; off, one fixed
+spill-free config per kernel (fast to compile). The kernels are not specialised on ``T``.
 
 Triton is imported guarded: importing this module never fails; :func:`flash_ra_attention` raises a
 RuntimeError naming the problem when Triton is missing. ``TRITON_INTERPRET=1`` must be set before this module
@@ -69,48 +64,22 @@ is imported for the CPU interpreter; then each kernel uses one small config (16 
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from numbers import Real
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import INTERPRET, eager_launch
+from . import INTERPRET
+from .config import settings
+from .registry import TritonOp, launcher, require_triton, tl, triton
 
-__all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS", "triton_available", "OP_MODE", "AUTOTUNE"]
-
-log = logging.getLogger(__name__)
+__all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
-
-try:  # guarded: the package must import without Triton
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as _e:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = _e
-
-_INTERPRET = INTERPRET
-
-#: Autotune the three attention kernels over a few block/warp/stage configs (keyed on T, D, the flags and the
-#: dtype; the first call per key compiles and benchmarks them all). False (or RA_FLASH_AUTOTUNE=0 at import):
-#: one fixed, spill-free config per kernel: quick to compile, somewhat slower to run. Read at launch time, so
-#: tests may flip it. Under TRITON_INTERPRET both are one 16 x 16 config.
-AUTOTUNE = os.environ.get("RA_FLASH_AUTOTUNE", "1") not in ("", "0")
-
-
-def triton_available() -> bool:
-    """True when Triton imported (the kernels exist)."""
-    return triton is not None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +89,7 @@ if triton is not None:
 
     def _configs(pairs):
         """Autotune configs: ``pairs`` is ``[(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]``."""
-        if _INTERPRET:  # one small config: the interpreter runs every program serially on the CPU
+        if INTERPRET:  # one small config: the interpreter runs every program serially on the CPU
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
@@ -139,7 +108,7 @@ if triton is not None:
         (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
         (64, 32, 8, 2), (32, 64, 4, 2),
     ]
-    # with AUTOTUNE off: one config per kernel, checked with ptxas -v for sm_90 (bf16, D = 64 and 128, every
+    # with settings.flash_autotune off: one config per kernel, checked with ptxas -v for sm_90 (bf16, D = 64 and 128, every
     # flag set): no register spills
     _FWD_FIXED, _BWD_COL_FIXED, _BWD_ROW_FIXED = (64, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)
     _AUTOTUNE_KEY = ["T", "D", "HAS_A", "RECIP", "HAS_BIAS"]  # dtypes are added by the autotuner itself
@@ -486,18 +455,11 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launchers (shared by the triton_op path and the autograd.Function fallback)
+# Launch functions (the op's forward and backward; the custom ops' schemas come from their annotations)
 # ----------------------------------------------------------------------------------------------------------
-def _wrap(kernel, *tensors):
-    """``torch.library.wrap_triton(kernel)`` while tracing (torch.compile), else the kernel itself (eager: no
-    per-launch higher-order-op overhead; see ``kernels.eager_launch``)."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None or eager_launch(*tensors):
-        return kernel
-    try:
-        return wrap(kernel)
-    except RuntimeError:  # e.g. an interpreter kernel on a torch that cannot wrap it
-        return kernel
+def _tuned(kernels: tuple):
+    """The autotuned wrapper of a kernel, or its one fixed config (``settings.flash_autotune``)."""
+    return kernels[0] if settings.flash_autotune else kernels[1]
 
 
 def _strides3(x: Tensor) -> tuple[int, int, int]:
@@ -515,7 +477,8 @@ def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     kernels assume unit stride there). A contiguous ``x`` gets a contiguous result. Where a row offset could
     overflow the kernels' int32 row arithmetic (:func:`_needs_copy`; reachable only for inputs with zero or
     overlapping strides) the result is contiguous instead. The launchers and the fake implementations both
-    allocate through here, so real and fake outputs have the same strides (torch.compile relies on it).
+    allocate through here (the fake implementation is the launch function run on fake tensors), so real and fake
+    outputs have the same strides (torch.compile relies on it).
     """
     n = x.dim()
     order = sorted(range(n - 1), key=lambda i: -x.stride(i)) + [n - 1]  # outermost first; sorted() is stable
@@ -553,7 +516,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Optional[Tensor], a: Op
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    _wrap(_FWD[0 if AUTOTUNE else 1], q)[grid](
+    launcher(_tuned(_FWD), q)[grid](
         q, k, v, o, lse,
         dummy if col_bias is None else col_bias, dummy if a is None else a, dummy if b is None else b,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_bias_strides(col_bias),
@@ -595,8 +558,8 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_bias_strides(col_bias),
                *_strides3(dq), *_strides3(dk), *_strides3(dv))
 
-    delta_block = 16 if _INTERPRET else 64
-    _wrap(_bwd_delta_kernel, q)[(triton.cdiv(T, delta_block), B * H)](
+    delta_block = 16 if INTERPRET else 64
+    launcher(_bwd_delta_kernel, q)[(triton.cdiv(T, delta_block), B * H)](
         o, do, delta, *_strides3(o), *_strides3(do), H, T, D=D, BLOCK=delta_block)
 
     def grid_n(meta):
@@ -605,11 +568,11 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     def grid_m(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    _wrap(_BWD_COL[0 if AUTOTUNE else 1], q)[grid_n](
+    launcher(_tuned(_BWD_COL), q)[grid_n](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
         dkp, dv, dqr, dc_part,
         *strides, H, T, scale, **flags)
-    _wrap(_BWD_ROW[0 if AUTOTUNE else 1], q)[grid_m](
+    launcher(_tuned(_BWD_ROW), q)[grid_m](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,
         dq, dk, dqr, dkp, da_part, db_part,
         *strides, H, T, scale, **flags)
@@ -634,50 +597,9 @@ def _needs_copy(x: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd: torch.library.triton_op (compile-friendly), else a plain autograd.Function
+# The op
 # ----------------------------------------------------------------------------------------------------------
-# "triton_op" (GPU), "custom_op" (TRITON_INTERPRET=1), "autograd.Function" (old torch), "unavailable" (no triton)
-OP_MODE = "unavailable"
-_fwd_op = None
-_bwd_op = None
-
-
-class _FlashRAFunction(torch.autograd.Function):
-    """Fallback for torch without ``torch.library.triton_op`` (eager only; graph-breaks under compile)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, col_bias, a, b, scale):
-        o, lse = _fwd_impl(q, k, v, col_bias, a, b, scale)
-        ctx.save_for_backward(q, k, v, o, lse, col_bias, a, b)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    @once_differentiable  # Triton kernels have no backward: a double backward raises instead of misleading
-    def backward(ctx, do):
-        q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
-        dq, dk, dv, dc, da, db = _bwd_impl(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
-        return (dq, dk, dv, dc if col_bias is not None else None, da if a is not None else None,
-                db if b is not None else None, None)
-
-
-def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None, a: Tensor | None, b: Tensor | None,
-              scale: float) -> tuple[Tensor, Tensor]:
-    B, H, T, D = q.shape
-    return _empty_like_layout(q), q.new_empty((B, H, T), dtype=torch.float32)  # the strides _fwd_impl gives
-
-
-def _bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, col_bias: Tensor | None,
-              a: Tensor | None, b: Tensor | None, scale: float
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    def opt(x):
-        return x.new_empty(x.shape) if x is not None else q.new_empty((0,), dtype=torch.float32)
-
-    # dq, dk, dv: the strides _bwd_impl gives; dc, da, db are contiguous there too
-    return _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v), opt(col_bias), opt(a), opt(b)
-
-
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs: tuple, output) -> None:
     q, k, v, col_bias, a, b, scale = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, col_bias, a, b)
@@ -685,49 +607,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, do, _dlse):
+def _grads(ctx, backward, do: Tensor, _dlse: Optional[Tensor]) -> tuple:
     q, k, v, o, lse, col_bias, a, b = ctx.saved_tensors
-    dq, dk, dv, dc, da, db = _bwd_op(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
+    dq, dk, dv, dc, da, db = backward(do, q, k, v, o, lse, col_bias, a, b, ctx.scale)
     return (dq, dk, dv, dc if col_bias is not None else None, da if a is not None else None,
             db if b is not None else None, None)
 
 
-def _register_ops() -> str:
-    """Register ``reciprocal_attention::flash_ra_fwd/bwd``; returns the mode used (see ``OP_MODE``)."""
-    global _fwd_op, _bwd_op
-    lib = torch.library
-    if _INTERPRET:
-        # interpreter kernels cannot be traced by wrap_triton: register opaque custom ops with explicit fake
-        # implementations instead, so torch.compile (aot_eager) of the autograd plumbing is testable on CPU
-        if not hasattr(lib, "custom_op"):  # pragma: no cover - torch < 2.4
-            return "autograd.Function"
-        fwd = lib.custom_op("reciprocal_attention::flash_ra_fwd", mutates_args=())(_fwd_impl)
-        bwd = lib.custom_op("reciprocal_attention::flash_ra_bwd", mutates_args=())(_bwd_impl)
-        fwd.register_fake(_fwd_fake)
-        bwd.register_fake(_bwd_fake)
-        mode = "custom_op"
-    else:
-        if not (hasattr(lib, "triton_op") and hasattr(lib, "wrap_triton")):  # pragma: no cover - torch < 2.6
-            log.info("flash_ra_attention: torch %s has no torch.library.triton_op/wrap_triton; using a plain "
-                     "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", torch.__version__)
-            return "autograd.Function"
-        # triton_op derives the fake implementation by running the function with wrap_triton launches as no-ops
-        fwd = lib.triton_op("reciprocal_attention::flash_ra_fwd", mutates_args=())(_fwd_impl)
-        bwd = lib.triton_op("reciprocal_attention::flash_ra_bwd", mutates_args=())(_bwd_impl)
-        mode = "triton_op"
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    _fwd_op, _bwd_op = fwd, bwd
-    return mode
-
-
-if triton is not None:
-    try:
-        OP_MODE = _register_ops()
-    except Exception as _e:  # pragma: no cover - depends on the torch build
-        log.warning("flash_ra_attention: registering the torch.library ops failed (%r); using a plain "
-                    "torch.autograd.Function (works eagerly, graph-breaks under torch.compile)", _e)
-        _fwd_op = _bwd_op = None
-        OP_MODE = "autograd.Function"
+_FLASH = TritonOp("flash_ra", _fwd_impl, _bwd_impl, _setup_context, _grads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -768,7 +655,7 @@ def _validate(q, k, v, scale, col_bias, a, b) -> float:
             raise TypeError(f"flash_ra_attention: `{name}` must have q's dtype {q.dtype}; got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"flash_ra_attention: `{name}` must be on q's device {q.device}; got {x.device}")
-    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+    if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
         raise ValueError(f"flash_ra_attention: `q`, `k`, `v` must be CUDA tensors (CPU only under "
                          f"TRITON_INTERPRET=1, set before import); got device {q.device}")
     if col_bias is not None:
@@ -819,10 +706,8 @@ def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
     Deterministic (no atomics). Memory: no ``T x T`` tensor; ``O(B H T)`` fp32 side buffers, plus
     ``2 B H T D`` fp32 during the backward when ``b`` is given.
     """
-    if triton is None:
-        raise RuntimeError(f"flash_ra_attention needs Triton, which failed to import: {_TRITON_IMPORT_ERROR!r}. "
-                           "Install triton (pip install 'reciprocal-attention[triton]') or use the "
-                           "SDPA-based fold path.")
+    require_triton("flash_ra_attention", "install triton (pip install 'reciprocal-attention[triton]') or use "
+                   "the SDPA-based fold path")
     scale = _validate(q, k, v, scale, col_bias, a, b)
     if _needs_copy(q):
         q = q.contiguous()
@@ -833,6 +718,4 @@ def flash_ra_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
     # the kernels read a[h], b[h] at unit stride (a no-op for ordinary [H] parameters)
     a = a.contiguous() if a is not None else None
     b = b.contiguous() if b is not None else None
-    if _fwd_op is not None and not eager_launch(q):  # the custom op while tracing, a plain Function eagerly
-        return _fwd_op(q, k, v, col_bias, a, b, scale)[0]
-    return _FlashRAFunction.apply(q, k, v, col_bias, a, b, scale)
+    return _FLASH(q, k, v, col_bias, a, b, scale)[0]

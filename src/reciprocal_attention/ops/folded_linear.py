@@ -11,110 +11,107 @@ and all but one column block of it needs only ``dW~``, so::
 
 In a CUDA graph the branches are graph nodes without a dependency between them, so the fold's backward runs beside
 the bias-gradient reduction (a memory-bound kernel at ~40% of the H100's bandwidth) and the input-gradient GEMM
-instead of after them (``RA_FOLD_OVERLAP``: ``capture``, the default, forks only while
-a CUDA graph is captured; ``always``; ``never``). Eager calls are bound by host time, where the stream switches
-would cost more than they hide, so by default they run both on the current stream.
+instead of after them (``ops.settings.fold_overlap``: ``"capture"``, the default, forks only while a CUDA graph
+is captured; ``"always"``; ``"never"``). Eager calls are bound by host time, where the stream switches would
+cost more than they hide, so by default they run both on the current stream.
 
 The fold's forward is not part of the node: :func:`fused_folded_linear` takes the fold made earlier (the module's
-cache) or makes one and returns it, detached, for the caller to cache. Eager calls only: under torch.compile the
-module keeps ``F.linear`` on the fold's custom op, which the compiler sees through.
+cache) or makes one and returns it, detached, for the caller to cache. The node is a
+:class:`~reciprocal_attention.ops.registry.TritonOp` without custom ops (eager calls only: under torch.compile
+the module keeps ``F.linear`` on the fold's op, which the compiler sees through); a backward that records a graph
+(``create_graph=True``) differentiates the PyTorch fold instead of launching the kernels.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import fold as _kfold
+from .config import settings
+from .registry import TritonOp
 
-#: When the fold's backward forks onto a side stream: "capture" (while a CUDA graph is captured), "always", "never".
-OVERLAP = os.environ.get("RA_FOLD_OVERLAP", "capture")
-if OVERLAP not in ("capture", "always", "never"):
-    raise ValueError(f"RA_FOLD_OVERLAP must be 'capture', 'always' or 'never'; got {OVERLAP!r}")
-#: Priority of the side stream (lower is higher; -1 is the highest on current GPUs). Measured on an H100
-#: (overlap_ab.json): -1 and 0 within run-to-run noise of each other; -1 lets the fold's programs take SMs first.
-try:
-    _PRIORITY = int(os.environ.get("RA_FOLD_OVERLAP_PRIORITY", "-1"))
-except ValueError:
-    raise ValueError("RA_FOLD_OVERLAP_PRIORITY must be an integer stream priority (e.g. -1 or 0); got "
-                     f"{os.environ['RA_FOLD_OVERLAP_PRIORITY']!r}") from None
-_SIDE: dict[int, "torch.cuda.Stream"] = {}
+_SIDE: dict[tuple[int, int], "torch.cuda.Stream"] = {}
 
 
 def _side_stream(t: Tensor) -> Optional["torch.cuda.Stream"]:
     """The side stream for the fold's backward on ``t``'s device, or None to stay on the current stream."""
-    if not t.is_cuda or OVERLAP == "never" or (OVERLAP == "capture" and not torch.cuda.is_current_stream_capturing()):
+    overlap = settings.fold_overlap
+    if not t.is_cuda or overlap == "never" or (overlap == "capture" and not torch.cuda.is_current_stream_capturing()):
         return None
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    s = _SIDE.get(idx)
+    key = (idx, settings.fold_overlap_priority)
+    s = _SIDE.get(key)
     if s is None:
-        s = _SIDE[idx] = torch.cuda.Stream(device=idx, priority=_PRIORITY)
+        s = _SIDE[key] = torch.cuda.Stream(device=idx, priority=key[1])
     return s
 
 
-class _FoldedLinear(torch.autograd.Function):
-    """``y = x2d @ wf^T + bf`` with ``(wf, bf)`` the fold of ``(weight, bias, W, w_std, w_rec)``; gradients to
-    ``x2d`` and the parameters (``wf, bf`` are inputs without gradient: the fold of these exact parameters)."""
+def _forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
+             wf: Tensor, bf: Optional[Tensor], cfg: tuple) -> tuple[Tensor, ...]:
+    """``(y,)`` or, when ``x2d`` is cast, ``(y, x2d cast)``: ``y = x2d @ wf^T + bf`` with ``(wf, bf)`` the fold of
+    ``(weight, bias, W, w_std, w_rec)`` under ``cfg`` ``(n_head, variant, gate_mode, threshold, bias_channel)``
+    (``wf, bf`` are inputs without gradient). The cast is an output so the backward reuses it."""
+    if x2d.dtype == wf.dtype:
+        return (torch.addmm(bf, x2d, wf.t()) if bf is not None else torch.mm(x2d, wf.t()),)
+    xc = x2d.to(wf.dtype)  # autocast: the cast F.linear would make
+    return (torch.addmm(bf, xc, wf.t()) if bf is not None else torch.mm(xc, wf.t())), xc
 
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, W, w_std, w_rec, wf, bf, cfg):
-        cast = x2d.dtype != wf.dtype
-        xc = x2d.to(wf.dtype) if cast else x2d  # autocast: the cast F.linear would make
-        y = torch.addmm(bf, xc, wf.t()) if bf is not None else torch.mm(xc, wf.t())
-        ctx.save_for_backward(xc, wf, weight, bias, W, w_std, w_rec, x2d if cast else None)
-        ctx.cfg = cfg
-        return y
 
-    @staticmethod
-    def backward(ctx, gy):
-        xc, wf, weight, bias, W, w_std, w_rec, x2d = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
-            return _differentiable_backward(ctx, gy, x2d if x2d is not None else xc, weight, bias, W, w_std, w_rec,
-                                            wf.dtype)
-        if not any(need[1:6]):
-            return gy.mm(wf), None, None, None, None, None, None, None, None
-        n_head, variant, gate_mode, threshold, bias_channel = ctx.cfg
-        gwf = gy.t().mm(xc)
-        side = _side_stream(gy)
-        if side is None:
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x2d, weight, bias, W, w_std, w_rec, wf, bf, cfg = inputs
+    cast = len(output) == 2
+    if cast:
+        ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1] if cast else x2d, wf, weight, bias, W, w_std, w_rec, x2d if cast else None)
+    ctx.cfg = cfg
+
+
+def _grads(ctx, _backward, gy: Tensor, *_) -> tuple:
+    """Gradients to ``x2d`` and the parameters; the fold's backward forks onto the side stream (module docstring)."""
+    xc, wf, weight, bias, W, w_std, w_rec, _ = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not any(need[1:6]):
+        return gy.mm(wf), None, None, None, None, None, None, None, None
+    gwf = gy.t().mm(xc)
+    side = _side_stream(gy)
+    if side is None:
+        gbf = gy.sum(0) if bias is not None else None
+        grads = _kfold._fold_backward_impl(gwf, gbf, weight, bias, W, w_std, w_rec, *ctx.cfg)
+        dx = gy.mm(wf) if need[0] else None
+    else:
+        main = torch.cuda.current_stream(gy.device)
+        side.wait_stream(main)  # fork: the weight's column blocks of the fold backward need only dW~
+        dx = None
+
+        def between() -> Optional[Tensor]:  # on the main stream, while the side stream maps dW~ back
+            nonlocal dx
             gbf = gy.sum(0) if bias is not None else None
-            grads = _kfold._fold_backward_impl(gwf, gbf, weight, bias, W, w_std, None, w_rec, None, None, n_head,
-                                               variant, gate_mode, threshold, bias_channel, traceable=False)
+            side.wait_stream(main)  # the bias column and the reduction need db~
             dx = gy.mm(wf) if need[0] else None
-        else:
-            main = torch.cuda.current_stream(gy.device)
-            side.wait_stream(main)  # fork: the weight's column blocks of the fold backward need only dW~
-            dx = None
+            return gbf
 
-            def between() -> Optional[Tensor]:  # on the main stream, while the side stream maps dW~ back
-                nonlocal dx
-                gbf = gy.sum(0) if bias is not None else None
-                side.wait_stream(main)  # the bias column and the reduction need db~
-                dx = gy.mm(wf) if need[0] else None
-                return gbf
-
-            # The fold backward frees its temporaries (allocated on the main stream) when it returns: nothing may
-            # be allocated on the main stream between that and the join (it could reuse them while the side stream
-            # still writes them), so everything the main stream computes is enqueued in between().
-            grads = _kfold._fold_backward_impl(gwf, None, weight, bias, W, w_std, None, w_rec, None, None, n_head,
-                                               variant, gate_mode, threshold, bias_channel, traceable=False,
-                                               stream=side, between=between)
-            main.wait_stream(side)  # join: the gradients are used on the main stream
-        d_weight, d_bias, dW, d_std, _, d_rec, _ = grads
-        return dx, d_weight, (d_bias if bias is not None else None), dW, d_std, d_rec, None, None, None
+        # The fold backward frees its temporaries (allocated on the main stream) when it returns: nothing may
+        # be allocated on the main stream between that and the join (it could reuse them while the side stream
+        # still writes them), so everything the main stream computes is enqueued in between().
+        grads = _kfold._fold_backward_impl(gwf, None, weight, bias, W, w_std, w_rec, *ctx.cfg, stream=side,
+                                           between=between)
+        main.wait_stream(side)  # join: the gradients are used on the main stream
+    d_weight, d_bias, dW, d_std, d_rec = grads
+    return dx, d_weight, (d_bias if bias is not None else None), dW, d_std, d_rec, None, None, None
 
 
-def _differentiable_backward(ctx, gy: Tensor, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor,
-                             w_std: Tensor, w_rec: Tensor, out_dtype: torch.dtype) -> tuple:
+def _differentiable_grads(ctx, gy: Tensor, *_) -> tuple:
     """The gradients as a differentiable function of the inputs (double backward: Hessian-vector products, gradient
     penalties): the readable PyTorch fold (``fold.fold_qkv_weight``) and ``F.linear`` differentiated by autograd.
     Only used when the backward itself records a graph; the Triton kernels have no backward of their own."""
+    xc, wf, weight, bias, W, w_std, w_rec, x2d = ctx.saved_tensors
+    x2d = x2d if x2d is not None else xc
+    out_dtype = wf.dtype
     from ..fold import fold_qkv_weight
-    from ..reference import gate_sides, routed_heads
+    from ..fold import gate_sides, routed_heads
 
     n_head, variant, gate_mode, threshold, bias_channel = ctx.cfg
     gates = {v: k for k, v in _kfold.GATE_MODES.items()}[gate_mode]
@@ -132,6 +129,10 @@ def _differentiable_backward(ctx, gy: Tensor, x2d: Tensor, weight: Tensor, bias:
     return tuple(out)
 
 
+_FOLDED_LINEAR = TritonOp("folded_linear", _forward, None, _setup_context, _grads, traceable=False,
+                          differentiable_grads=_differentiable_grads)
+
+
 def folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
                   n_head: int, variant: str, gate_mode: int, threshold: Optional[float], bias_channel: bool,
                   out_dtype: torch.dtype, folded: Optional[tuple[Tensor, Optional[Tensor]]] = None
@@ -139,12 +140,12 @@ def folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor
     """:func:`fused_folded_linear` without its input checks (the module calls this with parameters it checked
     when it made ``folded``)."""
     if folded is None:
-        folded = _kfold._fold_forward_impl(weight, bias, W, w_std, None, w_rec, None, None, n_head, variant, out_dtype,
-                                           gate_mode, threshold, bias_channel, traceable=False)
+        folded = _kfold._fold_forward_impl(weight, bias, W, w_std, w_rec, n_head, variant, gate_mode, threshold,
+                                           bias_channel, out_dtype)
         if bias is None:
             folded = (folded[0], None)
     cfg = (n_head, variant, gate_mode, threshold, bias_channel)
-    return _FoldedLinear.apply(x2d, weight, bias, W, w_std, w_rec, folded[0], folded[1], cfg), folded
+    return _FOLDED_LINEAR(x2d, weight, bias, W, w_std, w_rec, folded[0], folded[1], cfg)[0], folded
 
 
 def fused_folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor,
@@ -168,9 +169,9 @@ def fused_folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: 
         _kfold._fail(f"x2d must be a floating-point [N, C] = [N, {C}] tensor on {weight.device}; got "
                      f"{_kfold._shape(x2d)}" + (f" {x2d.dtype} on {x2d.device}" if isinstance(x2d, Tensor) else ""))
     if folded is not None:
-        _kfold._check_reuse(folded, weight, bias, W, n_head, variant, out_dtype, False, "folded")
+        _kfold._check_reuse(folded, weight, bias, W, n_head, variant, out_dtype, "folded")
     return folded_linear(x2d, weight, bias, W, w_std.contiguous(), w_rec.contiguous(), n_head, variant,
                          _kfold.GATE_MODES[gates], thr, bias_channel, out_dtype, folded)
 
 
-__all__ = ["fused_folded_linear", "folded_linear", "OVERLAP"]
+__all__ = ["fused_folded_linear", "folded_linear"]

@@ -9,23 +9,23 @@ calls its runner directly afterwards.
 
 The key is at least as fine as Triton's specialisation (so a kept kernel is never used where Triton would have
 compiled another): the argument types, per tensor its dtype and address modulo 16, every other argument by value,
-the launch options and the current device. Anything else goes through ``JITFunction.run``. ``DIRECT`` (env
-``RA_DIRECT_LAUNCH``, default on) switches the direct path off; if Triton's internals do not match what this
-module expects, it logs why once and launches through ``JITFunction.run`` from then on.
+the launch options and the current device. Anything else goes through ``JITFunction.run``.
+``ops.settings.direct_launch = False`` switches the direct path off (read at each launch, so a benchmark can
+compare both in one process); if Triton's internals do not match what this module expects, it logs why once and
+launches through ``JITFunction.run`` from then on.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable
 
 import torch
 
+from .config import settings
+
 log = logging.getLogger(__name__)
 
-#: Use the direct path (read at each launch, so a benchmark can compare both in one process).
-DIRECT = os.environ.get("RA_DIRECT_LAUNCH", "1") not in ("", "0")
 _BROKEN: list[str] = []
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
@@ -56,7 +56,7 @@ class DirectLauncher:
         return compiled
 
     def run(self, grid, args: tuple, kwargs: dict) -> Any:
-        if not DIRECT or _BROKEN:
+        if not settings.direct_launch or _BROKEN:
             return self.kernel[grid](*args, **kwargs)
         try:
             vals = args + tuple([kwargs[n] for n in self.names[len(args):]])
