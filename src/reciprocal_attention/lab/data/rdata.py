@@ -86,7 +86,33 @@ class _RReader:
         encoding = "latin-1" if levels & 4 and not levels & 8 else "utf-8"  # LATIN1_MASK / UTF8_MASK
         return raw.decode(encoding)
 
+    def vector(self, typ: int) -> RObject:
+        """A logical, integer, double, character vector or list of type ``typ`` (its attributes not yet read)."""
+        if typ in (R_LGLSXP, R_INTSXP):
+            n = self.length()
+            vals = struct.unpack(f">{n}i", self._take(4 * n))
+            vals = [None if v == R_NA_INT else (bool(v) if typ == R_LGLSXP else v) for v in vals]
+            return RObject(_R_TYPE_NAMES[typ], vals)
+        if typ == R_REALSXP:
+            n = self.length()
+            return RObject("double", list(struct.unpack(f">{n}d", self._take(8 * n))))
+        if typ == R_STRSXP:
+            n = self.length()
+            vals = []
+            for _ in range(n):
+                cflags = self.int()
+                if cflags & 0xFF != R_CHARSXP:
+                    raise ValueError(f"R serialization: character vector element of type {cflags & 0xFF}")
+                vals.append(self.charsxp(cflags))
+            return RObject("character", vals)
+        if typ == R_VECSXP:
+            return RObject("list", [self.item() for _ in range(self.length())])
+        raise ValueError(f"R serialization: SEXP type {typ} at offset {self.pos - 4} is not supported by this "
+                         f"reader (it handles NULL, symbols, pairlists, logical/integer/double/character "
+                         f"vectors and lists)")
+
     def item(self) -> Any:
+        """The next R object: None for NULL, a str (or None for NA) for a CHARSXP, else an :class:`RObject`."""
         flags = self.int()
         typ, has_attr, has_tag = flags & 0xFF, bool(flags & (1 << 9)), bool(flags & (1 << 10))
         if typ in (R_NILVALUE_SXP, R_NILSXP):
@@ -120,29 +146,7 @@ class _RReader:
                     return RObject("pairlist", out)
                 if typ != R_LISTSXP:
                     raise ValueError(f"R serialization: pairlist cdr of type {typ} is not supported")
-        if typ in (R_LGLSXP, R_INTSXP):
-            n = self.length()
-            vals = struct.unpack(f">{n}i", self._take(4 * n))
-            vals = [None if v == R_NA_INT else (bool(v) if typ == R_LGLSXP else v) for v in vals]
-            obj = RObject(_R_TYPE_NAMES[typ], vals)
-        elif typ == R_REALSXP:
-            n = self.length()
-            obj = RObject("double", list(struct.unpack(f">{n}d", self._take(8 * n))))
-        elif typ == R_STRSXP:
-            n = self.length()
-            vals = []
-            for _ in range(n):
-                cflags = self.int()
-                if cflags & 0xFF != R_CHARSXP:
-                    raise ValueError(f"R serialization: character vector element of type {cflags & 0xFF}")
-                vals.append(self.charsxp(cflags))
-            obj = RObject("character", vals)
-        elif typ == R_VECSXP:
-            obj = RObject("list", [self.item() for _ in range(self.length())])
-        else:
-            raise ValueError(f"R serialization: SEXP type {typ} at offset {self.pos - 4} is not supported by this "
-                             f"reader (it handles NULL, symbols, pairlists, logical/integer/double/character "
-                             f"vectors and lists)")
+        obj = self.vector(typ)
         if has_attr:
             attrs = self.item()
             obj.attributes = {k: v for k, v in attrs.value.items()} if isinstance(attrs, RObject) else {}
