@@ -543,3 +543,31 @@ def test_fold_reuse_is_checked():
     want = torch.autograd.grad([w, bb], [weight, b, W, w_std, w_rec], [torch.ones_like(w), torch.ones_like(bb)])
     for x, y in zip(grads, want):  # a reused fold still maps the gradient back
         assert torch.equal(x, y)
+
+
+def test_ops_settings_validated_and_read_at_call_time(monkeypatch):
+    """ops.settings: a bad value raises at assignment naming the field; fold_bwd_tiles reaches the backward's
+    tiles when the op runs (the interpreter keeps its own small tiles, so the compiled path is read here)."""
+    with pytest.raises(ValueError, match="fold_overlap must be one of"):
+        settings.fold_overlap = "sometimes"
+    with pytest.raises(ValueError, match="fold_bwd_tiles must be None or"):
+        settings.fold_bwd_tiles = (64, 48, 4)
+    with pytest.raises(ValueError, match="direct_launch must be True or False"):
+        settings.direct_launch = 1
+    with pytest.raises(ValueError, match="fold_overlap_priority must be an int"):
+        settings.set_from_text("fold_overlap_priority=high")
+    with pytest.raises(ValueError, match="ops setting must be NAME=VALUE"):
+        settings.set_from_text("no_such_knob=1")
+    with pytest.raises(AttributeError, match="no field 'fold_tiles'"):
+        settings.fold_tiles = None
+    assert settings.fold_overlap == "capture" and settings.fold_bwd_tiles is None
+    monkeypatch.setattr(kfold, "INTERPRET", False)
+    assert kfold._config(64, 8, 768, bwd=True)["BLOCK_D"] == 64
+    monkeypatch.setattr(settings, "fold_bwd_tiles", None)
+    settings.set_from_text("fold_bwd_tiles=32,128,8")
+    cfg = kfold._config(64, 8, 768, bwd=True)
+    assert (cfg["BLOCK_D"], cfg["BLOCK_C"], cfg["num_warps"]) == (32, 128, 8)
+    assert kfold._config(64, 8, 768, bwd=True, wide=False)["BLOCK_D"] == 16  # fold_bwd_tiles_16 unset
+    monkeypatch.setattr(settings, "flash_autotune", True)
+    settings.set_from_text("flash_autotune=0")
+    assert settings.flash_autotune is False

@@ -1,9 +1,10 @@
 """Dev aid: which part of ra_disc_channel's eager fwd+bwd differs between two identical calls (GPU)."""
 import torch
 
-from reciprocal_attention import ReciprocalAttention, attention
+from reciprocal_attention import ReciprocalAttention
+from reciprocal_attention import plan as attention_plan
 from reciprocal_attention.lab.bench import sdpa_context
-from reciprocal_attention.ops import launch
+from reciprocal_attention.ops import settings
 
 
 def make(preset):
@@ -38,17 +39,18 @@ for sdpa in ("cudnn", "flash"):
         for preset in ("standard", "ra", "ra_disc_channel"):
             for direct in (True, False):
                 for inval in (False, True):
-                    launch.DIRECT = direct
+                    settings.direct_launch = direct
                     m = make(preset)
                     r1, r2, r3 = run(m, inval), run(m, inval), run(m, inval)
                     print(f"{sdpa:6s} {preset:16s} direct={direct!s:5s} invalidate={inval!s:5s} "
                           f"1v2 {diff(r1, r2) or 'equal'}  2v3 {diff(r2, r3) or 'equal'}")
-launch.DIRECT = True
+settings.direct_launch = True
 with sdpa_context("cudnn"):
     m = make("ra_disc_channel")
     r1 = run(m)
-    orig = attention._fused_channel_usable
-    attention._fused_channel_usable = lambda q: False
+    orig = attention_plan.fused_channel_usable
+    attention_plan.fused_channel_usable = lambda device: False
+    m.cuda()  # the plan is chosen on construction and .to(): re-plan without the fused channel
     r2, r3 = run(m), run(m)
-    attention._fused_channel_usable = orig
+    attention_plan.fused_channel_usable = orig
     print("torch channel form: 2v3", diff(r2, r3) or "equal")

@@ -6,8 +6,8 @@ B=8 T=1024 C=768 bf16, cuDNN SDPA. Per arm two calls:
 Eager timings on the lent machine drift by tens of percent within minutes, so the arms are interleaved: every
 round times each (arm, call) for ``--inner`` calls, and the JSON gives the median and min over rounds and the
 median ratio to the baseline. RA arms are also timed with Triton's own launch path
-(``kernels.launch.DIRECT = False``) to show what the direct launches save.
-Usage: python scripts/eager_overhead.py OUT_JSON [--rounds 15] [--inner 20] [--cprofile]
+(``ops.settings.direct_launch = False``) to show what the direct launches save.
+Usage: python tools/eager_overhead.py OUT_JSON [--rounds 15] [--inner 20] [--cprofile]
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ import torch
 
 from reciprocal_attention import ReciprocalAttention
 from reciprocal_attention.lab.bench import _versions, sdpa_context
-from reciprocal_attention.ops import launch
+from reciprocal_attention.ops import settings
 
 ARMS = (("baseline", "standard", "sdpa", True), ("ra_fast", "ra", "sdpa", True),
         ("ra_fast (JITFunction.run)", "ra", "sdpa", False), ("channel_bias", "ra_disc_channel", "sdpa", True),
@@ -41,13 +41,13 @@ def calls(m, x, gy):
 
 
 def timed(fn, direct: bool, n: int) -> float:
-    launch.DIRECT = direct
+    settings.direct_launch = direct
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
         fn()
     torch.cuda.synchronize()
-    launch.DIRECT = True
+    settings.direct_launch = True
     return (time.perf_counter() - t) / n * 1e3
 
 

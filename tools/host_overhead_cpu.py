@@ -1,10 +1,10 @@
 """Host (Python + dispatch) cost of an eager block step on the CPU, with the Triton launches stubbed out (dev aid).
 
 The GPU machine's eager numbers are host-bound and drift; this replica needs no GPU and reproduces their ratio
-(session 3: ~1.5x for the RA fast path on both). Tiny shapes (B=1, T=4, C=64, fp32) keep the CPU arithmetic
+(~1.5x for the RA fast path on both). Tiny shapes (B=1, T=4, C=64, fp32) keep the CPU arithmetic
 negligible, the fused-fold path is forced on, and every Triton launch is a no-op: what is timed is the work the
 host does per call. Arms are interleaved over rounds; prints median us per step and the median ratio.
-Usage: python scripts/host_overhead_cpu.py [--rounds 15] [--inner 300]
+Usage: python tools/host_overhead_cpu.py [--rounds 15] [--inner 300]
 """
 import argparse
 import statistics
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-import reciprocal_attention.attention as att
 import reciprocal_attention.ops.fold as kfold
 from reciprocal_attention import ReciprocalAttention
+from reciprocal_attention import plan as attention_plan
 
 
 class _NoLaunch:
@@ -27,9 +27,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--inner", type=int, default=300)
     a = ap.parse_args()
-    kfold._interpreting = lambda: True  # the Function path, with the launches replaced by no-ops
-    kfold._launcher = lambda kernel, traceable, *t: _NoLaunch()
-    att._fused_fold_usable = lambda w: True
+    kfold.INTERPRET = True  # CPU tensors pass the fold's device check; eager calls take the op's Function
+    kfold.launcher = lambda kernel, *t: _NoLaunch()  # every launch a no-op
+    attention_plan.fused_fold_usable = lambda device, dtype: True
     torch.set_num_threads(1)
     # the stubbed kernels leave their outputs uninitialised; denormals in them would slow the CPU GEMMs ~5x
     torch.set_flush_denormal(True)

@@ -1,4 +1,4 @@
-"""A/B of the fold backward's side-stream overlap (kernels/folded_linear.py) and of the one-node eager path (dev aid).
+"""A/B of the fold backward's side-stream overlap (ops/folded_linear.py) and of the one-node eager path (dev aid).
 
 GPT-2 small block (C=768, H=12), bf16, B*T = 8192, ``ra`` preset (same_flop, fast path) against the ``standard``
 block, each on the same SDPA backend. Arms, all in one process and timed in alternating rounds (ratio = median of
@@ -7,7 +7,7 @@ per-round ratios to the baseline timed in the same round):
 - eager fwd+bwd and step: the one-node path (``_qkv``) and the two-node path it replaced (``folded_weight`` +
   ``F.linear``).
 Also records a kernel trace of one graph replay (``--trace``) to show whether the fold backward ran beside the GEMM.
-Usage: python scripts/overlap_ab.py OUT_JSON [--T 1024 4096] [--rounds 9] [--inner 20] [--trace]
+Usage: python tools/overlap_ab.py OUT_JSON [--T 1024 4096] [--rounds 9] [--inner 20] [--trace]
        [--passes fwd+bwd step step0] [--memory]
 """
 import argparse
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from reciprocal_attention import ReciprocalAttention
 from reciprocal_attention.lab.bench import Timer, _make_step, _versions, _warm_workspaces, sdpa_context
-from reciprocal_attention.ops import folded_linear as kfl
+from reciprocal_attention.ops import settings
 
 
 def two_node_qkv(self, x2d, out_dtype):
@@ -52,12 +52,12 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, pass_: str):
 
 
 def graphed(timer: Timer, preset: str, x: torch.Tensor, pass_: str, overlap: str, priority: int):
-    kfl.OVERLAP, kfl._PRIORITY = overlap, priority
-    kfl._SIDE.clear()
-    fn = make_step(build(preset), x, pass_)
-    replay = timer.graphed(fn)  # the replay holds fn (the module, its input and gradient: the graph's memory)
-    kfl.OVERLAP, kfl._PRIORITY = "capture", -1
-    return replay
+    settings.fold_overlap, settings.fold_overlap_priority = overlap, priority
+    try:
+        fn = make_step(build(preset), x, pass_)
+        return timer.graphed(fn)  # the replay holds fn (the module, its input and gradient: the graph's memory)
+    finally:
+        settings.fold_overlap, settings.fold_overlap_priority = "capture", -1
 
 
 def peaks(x: torch.Tensor) -> dict:

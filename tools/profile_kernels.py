@@ -2,7 +2,7 @@
 
 What costs the time in `ra bench`'s ratios: every CUDA kernel the block launches, its GPU time per call (median
 over the profiled iterations is not available per kernel; this is the mean), grouped by kernel name.
-Usage: python scripts/profile_kernels.py OUT_DIR [--quick]. Writes OUT_DIR/profile.json and profile.md.
+Usage: python tools/profile_kernels.py OUT_DIR [--quick]. Writes OUT_DIR/profile.json and profile.md.
 Kernel durations come from CUPTI (GPU side); launch gaps are not in them (graph replay removes most gaps).
 """
 

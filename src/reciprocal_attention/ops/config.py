@@ -76,6 +76,29 @@ class OpsSettings:
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, _check(name, value))
 
+    def set_from_text(self, spec: str) -> None:
+        """Set one field from ``"name=value"`` (for command-line flags of the tools and the lab): booleans as
+        ``1/0/true/false``, tiles as ``"BLOCK_D,BLOCK_C,num_warps"`` or ``none``, the rest as written."""
+        name, sep, text = spec.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in {f.name for f in fields(self)}:
+            raise ValueError(f"ops setting must be NAME=VALUE with NAME one of {[f.name for f in fields(self)]}; "
+                             f"got {spec!r}")
+        value: Any = text
+        if name in ("direct_launch", "flash_autotune"):
+            value = {"1": True, "true": True, "0": False, "false": False}.get(text.lower(), text)
+        elif name in ("fold_bwd_tiles", "fold_bwd_tiles_16"):
+            try:
+                value = None if text.lower() in ("", "none") else tuple(int(v) for v in text.split(","))
+            except ValueError:
+                value = text
+        elif name == "fold_overlap_priority":
+            try:
+                value = int(text)
+            except ValueError:
+                value = text
+        setattr(self, name, value)
+
 
 #: The settings every op reads.
 settings = OpsSettings()
