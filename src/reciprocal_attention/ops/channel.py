@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import INTERPRET, TRITON_AVAILABLE, eager_launch
+from . import INTERPRET, eager_launch
 from .registry import TritonOp, launcher
 
 __all__ = ["add_bias_channel_fused", "add_positional_bias_channel_fused", "fused_channel_usable"]
@@ -108,7 +108,7 @@ if triton is not None:
 
 def fused_channel_usable(qkv: Tensor) -> bool:
     """The fused kernels apply: an eager (or CUDA-graph) call on CUDA, or any device under the interpreter."""
-    return TRITON_AVAILABLE and (qkv.is_cuda or INTERPRET) and eager_launch(qkv)
+    return triton is not None and (qkv.is_cuda or INTERPRET) and eager_launch(qkv)
 
 
 def _scalars(ref: Tensor, *xs: float) -> Tensor:
