@@ -289,7 +289,7 @@ def generate_text(source: str | Path, prompt: str, max_new_tokens: int = 100, te
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ra generate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="ra generate", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE",
                    help="an ra train run directory, checkpoints directory or step directory (latest checkpoint), or "
