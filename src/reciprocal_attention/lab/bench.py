@@ -1,4 +1,4 @@
-"""``ra bench``: RA against the baseline attention block, by the protocol of RA-SPEC section 4.
+"""``ra bench``: RA against the baseline attention block, by the protocol of docs/RA-SPEC.md section 4.
 
 Every arm is the same module boundary, ``c_attn -> attention -> c_proj``, timed with CUDA events after warm-up,
 ``repeats`` (>= 7) timings of ``inner`` calls each, reporting median/min/max per call. Baseline and RA run in the
@@ -9,7 +9,9 @@ captured, then replayed: pure GPU time) and ``compile`` (``torch.compile``). Pas
 ``no_grad``), ``fwd+bwd`` (parameter and input gradients), ``step`` (``fwd+bwd`` plus a fused AdamW step, so a
 folded weight is rebuilt every step).
 
-On a CPU the same code runs at small shapes, eager only, and says so: CPU numbers are not the protocol's numbers.
+On a CPU the same code runs at small shapes, eager fp32, with the arms that need no CUDA, and says so: CPU numbers
+are not the protocol's numbers, and the report (``bench_report``) shows only paired ratios. Options it cannot honour
+are refused with a ``UserError`` that names the valid choices.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def _with_bias(preset: str, wrap: type | None = None, backend: str = "sdpa"):
 
 
 def default_arms(groups: set[str]) -> list[Arm]:
-    """The arm list; ``groups`` selects among ``core`` (issue 3), ``heads``, ``evolution``, ``kernels`` (issue 4)."""
+    """The arm list: the ``core`` arms always, plus those of the ``groups`` named among ``heads`` (the seed's
+    100/50/25% RA-head settings), ``evolution`` (earlier designs) and ``kernels`` (fused kernels and bias peers)."""
     arms = [
         Arm("baseline_flash", "standard", _ra("standard"), sdpa="flash", baseline="baseline_flash"),
         Arm("baseline_cudnn", "standard", _ra("standard"), sdpa="cudnn", baseline="baseline_cudnn"),
@@ -532,8 +535,8 @@ def _run_one(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
              paired_fns: dict[tuple, Callable[[], None]] | None = None) -> dict[str, Any]:
     """Time one (arm, shape, pass, mode). Eager and graph with a ``baseline``: the two are timed in alternating
     rounds and ``ratio_paired`` is the median of the per-round ratios (eager calls are host-bound, and the host's
-    speed drifts by tens of percent within minutes on the lent machine: unpaired eager ratios swing 0.7x-4.8x;
-    graph replays drift by ~1%, the size of the effects measured at T=1024). The baseline's prepared callable (its
+    speed can drift by tens of percent within minutes, so unpaired eager ratios swing by several x; graph replays
+    drift by about 1%, the size of the effects at T=1024). The baseline's prepared callable (its
     captured graph in graph mode) is kept in ``paired_fns`` for the next arm of the same shape, pass and mode."""
     # cache_enabled=False: autocast's weight-cast cache is not CUDA-graph safe (a capture fails without it)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if cfg.precision == "amp"
