@@ -60,6 +60,9 @@ class ModelConfig:
     ra_layers: str | list[int] = "all"  # all | none | middle | [layer indices]
     activation: str = "auto"  # MLP GELU: auto (gelu, or init_from's) | gelu (exact erf) | gelu_tanh (GPT-2's gelu_new)
     init_from: str = ""  # a local HF GPT-2 checkpoint dir (save_pretrained) to initialise from; "" = random init
+    init: str = "gpt2"  # parameter init scheme: gpt2 | torch (see model.INIT_SCHEMES)
+    tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2)
+    head_bias: bool = False  # a bias on lm_head
 
     def gpt_config(self, vocab_size: int) -> "GPTConfig":
         """The model's :class:`~reciprocal_attention.model.GPTConfig`: every field of it that this section shares
