@@ -267,7 +267,7 @@ def _study(tmp_path):
     from reciprocal_attention.lab import quality
 
     return quality.QualityConfig(arms=["standard", "ra"], seeds=[0], preset="compare-cpu", out_dir=str(tmp_path),
-                                 overrides=["budget.max_steps=40"], mqar=False)
+                                 mqar=False)
 
 
 def test_run_progress_reports_step_loss_and_eta(tmp_path, capsys):
@@ -278,6 +278,7 @@ def test_run_progress_reports_step_loss_and_eta(tmp_path, capsys):
     qc = _study(tmp_path)
     d = quality.run_dir(qc, "ra", 0)
     d.mkdir(parents=True)
+    (d / "requested.toml").write_text("[budget]\nmax_steps = 0\nmax_tokens = 40960\n")  # 40 steps of 1024
     progress = compare.RunProgress(qc, tty=False)
     recs = [{"kind": "train", "step": s, "tokens": 1024 * s, "loss": 6.0 - s / 10} for s in (4, 8, 12)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tr')  # a torn line
@@ -300,6 +301,7 @@ def test_run_progress_bars_on_a_terminal(tmp_path):
     qc = _study(tmp_path)
     d = quality.run_dir(qc, "standard", 0)
     d.mkdir(parents=True)
+    (d / "requested.toml").write_text("[budget]\nmax_steps = 40\nmax_tokens = 0\n")
     (d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 20, "tokens": 20480, "loss": 5.0}) + "\n")
     with compare.RunProgress(qc, tty=True, interval=60) as progress:
         progress.poll()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,8 @@ from tqdm.contrib import DummyTqdmFile
 
 from . import bench, quality
 from .bench_report import committed_gpu_table
-from .config import load_config
 from .data import prepare
 from .errors import UserError
-from .train import step_budget
 
 ARMS = ["standard", "ra"]
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
@@ -61,6 +61,19 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             if isinstance(rec, dict) and isinstance(rec.get("step"), int):
                 out.append(rec)
     return out
+
+
+def _total_steps(run: Path, tokens_per_step: int | None) -> int | None:
+    """The steps a run's step and token budgets allow, from the config its launch wrote (``requested.toml``, or
+    ``config.toml`` once training started); None while neither exists or with only a wall-clock budget."""
+    for name in ("requested.toml", "config.toml"):
+        with contextlib.suppress(OSError, ValueError):
+            budget = tomllib.loads((run / name).read_text()).get("budget", {})
+            limits = [budget["max_steps"]] if budget.get("max_steps") else []
+            if budget.get("max_tokens") and tokens_per_step:
+                limits.append(math.ceil(budget["max_tokens"] / tokens_per_step))
+            return min(limits) if limits else None
+    return None
 
 
 class RunProgress:
@@ -96,12 +109,6 @@ class RunProgress:
         while not self._stop.wait(self.interval):
             self.poll()
 
-    def _total(self, arm: str, seed: int, tokens_per_step: int | None) -> int | None:
-        cfg = load_config(self.qc.preset, None, quality.run_overrides(self.qc, arm, seed))
-        if tokens_per_step:
-            return step_budget(cfg, tokens_per_step) or None
-        return cfg.budget.max_steps or None
-
     def poll(self) -> None:
         """Read every started run's metrics and update its bar (or print its line)."""
         for seed in self.qc.seeds:
@@ -117,9 +124,8 @@ class RunProgress:
         recs = _read_metrics(d / "metrics.jsonl")
         train = [r for r in recs if r.get("kind") == "train"]
         evals = [r for r in recs if r.get("kind") == "eval" and r.get("loss") is not None]
-        if "total" not in st or (st["total_from_steps"] and train and train[-1].get("tokens")):
-            tps = train[-1]["tokens"] // train[-1]["step"] if train and train[-1].get("tokens") else None
-            st["total"], st["total_from_steps"] = self._total(*key, tps), tps is None
+        tps = train[-1]["tokens"] // train[-1]["step"] if train and train[-1].get("tokens") else None
+        st["total"] = _total_steps(d, tps)
         post = {}
         if train and train[-1].get("loss") is not None:
             post["loss"] = f"{train[-1]['loss']:.3f}"
