@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
-#   stages: tests flashtests foldtests foldsweep check bench bench_amp profile ncu overlap eager ddp train quality (default: tests check bench
-#   train quality)
+#   stages: tests compiletests flashtests foldtests foldsweep check model profile_model bench bench_amp profile ncu overlap
+#   eager ddp train mqar quality (default: tests model profile_model check bench)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
 set -uo pipefail
 OUT="${1:?usage: gpu_suite.sh OUT_DIR [STAGE ...]}"; shift || true
-STAGES="${*:-tests check bench train quality}"
+STAGES="${*:-tests model profile_model check bench}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RA_CACHE_DIR="$ROOT/.cache"
 RES="$ROOT/.gpuout/results"; export RA_RESULTS_DIR="$RES"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-RES="$ROOT/.gpuout/results"; mkdir -p "$RES" "$OUT"
+mkdir -p "$RES" "$OUT"
 PY=python3
 summary="$RES/summary.txt"; : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -27,36 +27,33 @@ stage() {  # stage NAME SECONDS CMD...
   tail -n 25 "$RES/$name.log"
   return 0
 }
-pick_tiles() {  # the fold test sweeps backward tile sizes on this card: use the fastest for the rest of the suite
-  if [ -f "$RES/fold_bench.json" ]; then
-    for k in bwd bwd16; do
-      t=$($PY -c "import json; d=json.load(open('$RES/fold_bench.json')); b=min((r for r in d['sweep'] if r.get('kernel')=='$k'), key=lambda r: r['us'][0]); print(f\"{b['BLOCK_D']},{b['BLOCK_C']},{b['num_warps']}\")" 2>/dev/null)
-      if [ "$k" = bwd ]; then export RA_FOLD_BWD_TILES=$t; else export RA_FOLD_BWD_TILES_16=$t; fi
-    done
-    note "fold backward tiles from the sweep: fp32 ${RA_FOLD_BWD_TILES:-default}, 16-bit ${RA_FOLD_BWD_TILES_16:-default}"
-  fi
-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/device.txt"
 $PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$RES/device.txt"
 for s in $STAGES; do
   case "$s" in
     tests)   stage tests "${RA_TESTS_TIMEOUT:-420}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=300 -o addopts="" -rfE
-             pick_tiles ;;
+             ;;
     flashtests) stage flashtests "${RA_FLASHTESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_flash.py --timeout=90 -o addopts="" -rfE ${RA_FLASHTESTS_K:+-k "$RA_FLASHTESTS_K"} ;;
     foldtests)  stage foldtests "${RA_FOLDTESTS_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_fold.py --timeout=150 -o addopts="" -rfE -k "not benchmark_printout" ;;
     foldsweep)  stage foldsweep 180 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts=""
-                pick_tiles ;;
+                ;;
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
-    profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY scripts/profile_kernels.py "$RES/profile" ;;
-    ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY scripts/ncu_fold.py ;;
+    compiletests) stage compiletests "${RA_COMPILETESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -m gpu --timeout=240 -o addopts="" -rfE ;;
+    model)   stage model "${RA_MODEL_TIMEOUT:-420}" $PY -m reciprocal_attention.lab.cli bench --model gpt2 --out "$RES/model" ${RA_MODEL_ARGS:-}
+             cp "$RES"/model/model.* "$OUT/" 2>/dev/null ;;
+    profile_model) stage profile_model "${RA_PROFILE_MODEL_TIMEOUT:-240}" $PY tools/profile_model.py "$RES/profile_model" ${RA_PROFILE_MODEL_ARGS:-}
+             cp "$RES"/profile_model/profile_model.* "$OUT/" 2>/dev/null ;;
+    mqar)    stage mqar "${RA_MQAR_TIMEOUT:-540}" bash scripts/gpu_mqar.sh "$RES/mqar" ;;
+    profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY tools/profile_kernels.py "$RES/profile" ;;
+    ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY tools/ncu_fold.py ;;
     check)   stage check 240 $PY -m reciprocal_attention.lab.cli check ;;
     bench)   stage bench "${RA_BENCH_TIMEOUT:-480}" $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench" --no-progress ${RA_BENCH_ARGS:-}
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)
              [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
-    overlap) stage overlap 200 $PY scripts/overlap_ab.py "$RES/overlap_ab.json" --trace --rounds 15 --memory ;;
-    eager)   stage eager 150 $PY scripts/eager_overhead.py "$RES/eager_overhead.json"
+    overlap) stage overlap 200 $PY tools/overlap_ab.py "$RES/overlap_ab.json" --trace --rounds 15 --memory ;;
+    eager)   stage eager 150 $PY tools/eager_overhead.py "$RES/eager_overhead.json"
              cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
     ddp)     stage ddp "${RA_DDP_TIMEOUT:-560}" bash scripts/gpu_ddp.sh "$RES/ddp" ;;
     train)   stage train "${RA_TRAIN_TIMEOUT:-300}" bash scripts/gpu_train.sh "$RES/train" ;;
@@ -68,5 +65,6 @@ find "$RES" -type d -name checkpoints -prune -exec rm -rf {} +   # weights don't
 tar -C "$ROOT/.gpuout" -czf "$OUT/results.tar.gz" results
 cp "$summary" "$OUT/summary.txt"
 echo "=== summary"; cat "$summary"
-[ -f "$RES/bench/bench.md" ] && head -n 60 "$RES/bench/bench.md"
+[ -f "$RES/model/model.md" ] && cat "$RES/model/model.md"
+[ -f "$RES/bench/bench.md" ] && head -n 40 "$RES/bench/bench.md"
 exit 0

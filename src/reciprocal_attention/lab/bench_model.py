@@ -1,0 +1,382 @@
+"""Whole-model benchmark (``ra bench --model gpt2``): the training step users run, and KV-cache decoding.
+
+A training step is forward + backward + fused AdamW step + ``zero_grad(set_to_none=True)`` of GPT-2 small under
+bf16 autocast with fp32 parameters. Each arm is timed in alternating rounds with its baseline in one process
+(``standard`` for the project's ``GPT``; transformers' own ``GPT2LMHeadModel`` with SDPA for its ``convert_gpt2``
+conversion) and its ratio is the median of the per-round ratios. Modes: ``eager``, ``compile``
+(``torch.compile(model)``) and ``compile-cudagraphs`` (``mode="reduce-overhead"``: the compiled step replayed as a
+CUDA graph). Peak memory is that of one step of the arm's model alone (the baseline's resident bytes subtracted).
+Decoding: tokens/s of greedy generation with the KV cache (``B=1`` and ``B=8``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..model import GPT, GPTConfig
+
+MODES = ("eager", "compile", "compile-cudagraphs")
+PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
+
+
+@dataclass
+class ModelBenchConfig:
+    """What to time. ``shapes``: ``(B, T)`` training shapes; ``presets``: arms (``standard`` is the baseline of the
+    project's GPT; ``hf-gpt2`` is transformers' GPT-2 against its ``convert_gpt2`` conversion)."""
+
+    size: str = "gpt2"
+    presets: tuple[str, ...] = PRESETS
+    modes: tuple[str, ...] = MODES
+    shapes: tuple[tuple[int, int], ...] = ((8, 1024), (2, 4096))
+    rounds: int = 7
+    steps: int = 6
+    warmup: int = 3
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_tokens: int = 256
+    device: str = "cuda"
+    overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides (tests use tiny sizes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpt(cfg: ModelBenchConfig, preset: str, T: int, device: torch.device) -> nn.Module:
+    gcfg = GPTConfig.from_preset(cfg.size, attn=preset, **{"block_size": max(T, 1024), **cfg.overrides})
+    return GPT(gcfg, seed=0).to(device)
+
+
+def _hf(cfg: ModelBenchConfig, converted: bool, T: int, device: torch.device) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ..model import GPT_PRESETS
+
+    n_layer, n_head, n_embd, _ = GPT_PRESETS[cfg.size]
+    over = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, **cfg.overrides}
+    hcfg = GPT2Config(n_layer=over["n_layer"], n_head=over["n_head"], n_embd=over["n_embd"],
+                      n_positions=max(T, 1024), vocab_size=over.get("vocab_size", 50257),
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hcfg)
+    if converted:
+        from ..hf import convert_gpt2
+
+        model = convert_gpt2(model)
+    return model.to(device)
+
+
+def _loss_fn(model: nn.Module, hf: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if hf:  # the loss outside transformers' loss_function, which breaks the compiled graph (plain GPT-2 too)
+        return lambda idx, tgt: nn.functional.cross_entropy(model(input_ids=idx).logits.flatten(0, 1).float(),
+                                                            tgt.flatten())
+    return lambda idx, tgt: model(idx, tgt)[1]
+
+
+class _Arm:
+    """One model, its optimizer and its (possibly compiled) training step."""
+
+    def __init__(self, model: nn.Module, hf: bool, mode: str, device: torch.device, vocab: int) -> None:
+        self.model, self.device = model, device
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+        if mode != "eager":  # what users write: torch.compile(model)
+            model = torch.compile(model, mode="reduce-overhead" if mode == "compile-cudagraphs" else None)
+        self.fwd, self.vocab = _loss_fn(model, hf), vocab
+        self.compiled = mode != "eager"
+
+    def step(self, idx: torch.Tensor, tgt: torch.Tensor) -> None:
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.device.type == "cuda" else \
+            contextlib.nullcontext()
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        with amp:
+            loss = self.fwd(idx, tgt)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _time_steps(arm: _Arm, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
+    """Milliseconds per step over ``steps`` steps (CUDA events on the GPU, wall time on a CPU)."""
+    dev = arm.device
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            arm.step(*batch)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        arm.step(*batch)
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def _peak_step_bytes(arm: _Arm, batch: tuple[torch.Tensor, torch.Tensor], resident_other: int) -> int | None:
+    if arm.device.type != "cuda":
+        return None
+    _sync(arm.device)
+    torch.cuda.reset_peak_memory_stats(arm.device)
+    arm.step(*batch)
+    _sync(arm.device)
+    return int(torch.cuda.max_memory_allocated(arm.device) - resident_other)
+
+
+def _resident(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    _sync(device)
+    return int(torch.cuda.memory_allocated(device))
+
+
+def _batch(B: int, T: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    idx = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def warm(arm: _Arm, batch: tuple[torch.Tensor, torch.Tensor], steps: int, resident_other: int) -> int | None:
+    """Compile/warm ``arm`` and return the peak bytes of one of its steps (``resident_other`` subtracted)."""
+    for _ in range(steps):
+        arm.step(*batch)
+    return _peak_step_bytes(arm, batch, resident_other)
+
+
+def time_pair(cfg: ModelBenchConfig, base: _Arm, arm: _Arm, batch: tuple[torch.Tensor, torch.Tensor]
+              ) -> dict[str, Any]:
+    """``rounds`` alternating rounds of ``steps`` steps each of the (warm) arm and its (warm) baseline."""
+    base_ms, arm_ms, ratios = [], [], []
+    for r in range(cfg.rounds):
+        order = (base, arm) if r % 2 == 0 else (arm, base)
+        got = {id(a): _time_steps(a, batch, cfg.steps) for a in order}
+        base_ms.append(got[id(base)])
+        arm_ms.append(got[id(arm)])
+        ratios.append(arm_ms[-1] / base_ms[-1])
+    B, T = batch[0].shape
+    return {"ms_median": statistics.median(arm_ms), "ms_min": min(arm_ms), "ms_max": max(arm_ms),
+            "baseline_ms_median": statistics.median(base_ms), "ratio_vs_baseline": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "tokens_per_s": B * T / (statistics.median(arm_ms) / 1e3)}
+
+
+def _decode_tokens_per_s(model: nn.Module, hf: bool, B: int, n_new: int, device: torch.device) -> float:
+    prompt = torch.randint(0, 1000, (B, 16), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    model.eval()
+    with torch.no_grad(), amp:
+        _sync(device)
+        t0 = time.perf_counter()
+        if hf:
+            model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                           pad_token_id=0)
+        else:
+            model.generate(prompt, max_new_tokens=n_new, temperature=0.0)
+        _sync(device)
+    return B * n_new / (time.perf_counter() - t0)
+
+
+def decode_pair(cfg: ModelBenchConfig, base: nn.Module, arm: nn.Module, hf: bool, B: int,
+                rounds: int = 3) -> dict[str, Any]:
+    """Greedy KV-cache decoding tokens/s of ``arm`` against ``base``, alternating rounds (one warm-up each)."""
+    device = torch.device(cfg.device)
+    n = cfg.decode_tokens
+    _decode_tokens_per_s(base, hf, B, 8, device)
+    _decode_tokens_per_s(arm, hf, B, 8, device)
+    b, a = [], []
+    for r in range(rounds):
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            (b if which == 0 else a).append(_decode_tokens_per_s((base, arm)[which], hf, B, n, device))
+    return {"tokens_per_s": statistics.median(a), "baseline_tokens_per_s": statistics.median(b),
+            "ratio_vs_baseline": statistics.median([x / y for x, y in zip(a, b)])}
+
+
+def _versions(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version}
+
+
+def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every (preset, mode, shape) training-step record, then the decoding records."""
+    device = torch.device(cfg.device)
+    versions = _versions(device)
+    vocab = cfg.overrides.get("vocab_size", 50257)
+    records: list[dict[str, Any]] = []
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)  # one per arm's model
+    for mode in cfg.modes:
+        for B, T in cfg.shapes:
+            batch = _batch(B, T, vocab, device)
+            for hf in (False, True):
+                arms = [p for p in cfg.presets if p != "standard" and (p == "hf-gpt2") == hf]
+                if not arms:
+                    continue
+                torch._dynamo.reset()
+                start = _resident(device)
+                base = _Arm(_hf(cfg, False, T, device) if hf else _gpt(cfg, "standard", T, device), hf, mode,
+                            device, vocab)
+                base_peak = warm(base, batch, cfg.warmup, start)
+                resident = _resident(device)
+                for preset in arms:
+                    t0 = time.perf_counter()
+                    arm = _Arm(_hf(cfg, True, T, device) if hf else _gpt(cfg, preset, T, device), hf, mode, device,
+                               vocab)
+                    peak = warm(arm, batch, cfg.warmup, resident)
+                    rec = time_pair(cfg, base, arm, batch)
+                    rec.update(kind="train_step", model="hf-gpt2" if hf else cfg.size,
+                               preset="low_rank" if hf else preset, mode=mode, B=B, T=T, rounds=cfg.rounds,
+                               steps=cfg.steps, peak_mem_bytes=peak, baseline_peak_mem_bytes=base_peak, **versions)
+                    records.append(rec)
+                    log(f"  {rec['model']:8s} {rec['preset']:16s} {mode:18s} {B}x{T:<5d} {rec['ms_median']:8.2f} ms  "
+                        f"{rec['ratio_vs_baseline']:.3f}x  ({time.perf_counter() - t0:.0f} s)")
+                    del arm
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                del base
+    torch._dynamo.reset()
+    for preset in [p for p in cfg.presets if p in ("ra", "hf-gpt2") and cfg.decode_batches]:
+        hf = preset == "hf-gpt2"
+        T = 1024
+        base = _hf(cfg, False, T, device) if hf else _gpt(cfg, "standard", T, device)
+        arm = _hf(cfg, True, T, device) if hf else _gpt(cfg, preset, T, device)
+        for B in cfg.decode_batches:
+            rec = decode_pair(cfg, base, arm, hf, B)
+            rec.update(kind="decode", model="hf-gpt2" if hf else cfg.size, preset="low_rank" if hf else preset,
+                       mode="eager", B=B, T=cfg.decode_tokens, ms_median=1e3 * B / rec["tokens_per_s"],
+                       peak_mem_bytes=None, **versions)
+            records.append(rec)
+            log(f"  decode {rec['model']:8s} {rec['preset']:10s} B={B}: {rec['tokens_per_s']:.0f} tok/s "
+                f"({rec['ratio_vs_baseline']:.3f}x)")
+        del base, arm
+    return records
+
+
+def render_markdown(records: list[dict[str, Any]]) -> str:
+    """The model-level table: training step ratios per mode and shape, then decoding."""
+    if not records:
+        return "No records.\n"
+    v = records[0]
+    lines = [f"# Whole-model benchmark: GPT-2 training step and decoding", "",
+             f"{v['device']}, torch {v['torch']}, triton {v['triton']}. Ratios are paired against the baseline "
+             "in the same process (median of per-round ratios, min-max in brackets). Training step = forward + "
+             "backward + fused AdamW + zero_grad, bf16 autocast, fp32 parameters.", "",
+             "| model | preset | mode | B x T | ms (median) | ratio vs baseline | peak memory vs baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["kind"] != "train_step":
+            continue
+        mem = (f"{r['peak_mem_bytes'] / r['baseline_peak_mem_bytes']:.3f}x"
+               if r.get("peak_mem_bytes") and r.get("baseline_peak_mem_bytes") else "-")
+        lines.append(f"| {r['model']} | {r['preset']} | {r['mode']} | {r['B']} x {r['T']} | {r['ms_median']:.2f} | "
+                     f"**{r['ratio_vs_baseline']:.3f}x** [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}] | {mem} |")
+    dec = [r for r in records if r["kind"] == "decode"]
+    if dec:
+        lines += ["", "| decoding (greedy, KV cache) | preset | B | new tokens | tokens/s | baseline tokens/s | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['preset']} | {r['B']} | {r['T']} | {r['tokens_per_s']:.0f} | "
+                  f"{r['baseline_tokens_per_s']:.0f} | {r['ratio_vs_baseline']:.3f}x |" for r in dec]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(records: list[dict[str, Any]], path: Any) -> None:
+    """Bar chart of training-step ratios (linear axis around 1.0x, values labelled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["kind"] == "train_step"]
+    if not rows:
+        return
+    labels = [f"{r['model']}/{r['preset']}\n{r['mode']} {r['B']}x{r['T']}" for r in rows]
+    vals = [r["ratio_vs_baseline"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
+    bars = ax.bar(range(len(rows)), vals, color=["#4c72b0" if r["mode"] == "eager" else "#dd8452" for r in rows])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylim(min(0.9, min(vals) - 0.02), max(1.1, max(vals) + 0.05))
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("step time / baseline step time")
+    ax.set_title("GPT-2 training step, RA vs baseline (paired)")
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _csv(value: str, option: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+    from .errors import UserError
+
+    items = tuple(s.strip() for s in value.split(",") if s.strip())
+    bad = [s for s in items if s not in valid]
+    if bad or not items:
+        raise UserError(f"{option}: unknown {bad or value!r}; valid: {', '.join(valid)}")
+    return items
+
+
+def _shapes(value: str) -> tuple[tuple[int, int], ...]:
+    from .errors import UserError
+
+    try:
+        out = tuple(tuple(int(n) for n in s.lower().split("x")) for s in value.split(",") if s.strip())
+    except ValueError:
+        out = ()
+    if not out or any(len(s) != 2 or min(s) < 1 for s in out):
+        raise UserError(f"--shapes must be a comma list of BxT, e.g. 8x1024,2x4096; got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def add_arguments(ap: Any) -> None:
+    """The ``ra bench --model`` options (added to ``ra bench``'s parser)."""
+    ap.add_argument("--model", choices=("gpt2",), default=None,
+                    help="benchmark the whole GPT-2 small training step and KV-cache decoding instead of one block")
+    ap.add_argument("--model-presets", default=",".join(PRESETS),
+                    help=f"with --model: comma list of arms from {', '.join(PRESETS)} (standard is the baseline)")
+    ap.add_argument("--model-modes", default=",".join(MODES), help=f"with --model: comma list of {', '.join(MODES)}")
+    ap.add_argument("--model-shapes", default="8x1024,2x4096", help="with --model: comma list of BxT training shapes")
+    ap.add_argument("--model-rounds", type=int, default=7, help="with --model: alternating timing rounds per arm")
+    ap.add_argument("--no-decode", action="store_true", help="with --model: skip the KV-cache decoding records")
+
+
+def run_from_args(args: Any) -> int:
+    """``ra bench --model gpt2 ...``: run, print the table, write model.json/.md/.png to ``--out``."""
+    import json
+    from pathlib import Path
+
+    from .errors import UserError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    cfg = ModelBenchConfig(presets=_csv(args.model_presets, "--model-presets", PRESETS),
+                           modes=_csv(args.model_modes, "--model-modes", MODES),
+                           shapes=_shapes(args.model_shapes), rounds=args.model_rounds, device=device,
+                           decode_batches=() if args.no_decode else (1, 8))
+    if device == "cpu" and cfg.modes != ("eager",):
+        raise UserError("--model-modes: compile modes of the whole model are timed on CUDA only; use "
+                        "--model-modes eager on a CPU")
+    print(f"[bench --model] {len(cfg.presets)} arms x {len(cfg.modes)} modes x {len(cfg.shapes)} shapes on {device}")
+    records = run_model_bench(cfg)
+    md = render_markdown(records)
+    print(md)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
+        (out / "model.md").write_text(md)
+        render_png(records, out / "model.png")
+        print(f"wrote {out / 'model.json'}, model.md, model.png")
+    return 0

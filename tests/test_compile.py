@@ -1,0 +1,160 @@
+"""Trace-clean forward passes: torch.compile sees one graph and no break for the project's GPT with every preset,
+for ReciprocalAttention alone with every backend, and for a converted Hugging Face GPT-2; a fullgraph-compiled model
+trains a step and matches eager.
+
+On CPU the same code paths run except the CUDA-only ones (fused fold, fused channel, Triton attention core), which the
+GPU variants below cover (marker ``gpu``, run by scripts/gpu_suite.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reciprocal_attention import PRESETS, ReciprocalAttention
+from reciprocal_attention.model import GPT, GPTConfig
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; runs in scripts/gpu_suite.sh")
+
+
+def _explain(fn, *args):
+    torch._dynamo.reset()
+    out = torch._dynamo.explain(fn)(*args)
+    return out.graph_count, out.graph_break_count, [str(b.reason) for b in out.break_reasons]
+
+
+def _tiny_gpt(preset: str, device: str = "cpu", **kw) -> GPT:
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=97, attn=preset, **kw)
+    return GPT(cfg, seed=0).to(device)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpt_one_graph_no_breaks(preset):
+    model = _tiny_gpt(preset)
+    idx = torch.randint(0, 97, (2, 17))
+    graphs, breaks, reasons = _explain(model, idx, idx)
+    assert (graphs, breaks) == (1, 0), reasons
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
+@pytest.mark.parametrize("preset", ["ra", "ra_disc", "ra_disc_channel", "full", "seed", "low_rank"])
+def test_module_one_graph_no_breaks(preset, backend):
+    m = ReciprocalAttention.from_preset(preset, n_embd=32, n_head=2, block_size=16, backend=backend)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    graphs, breaks, reasons = _explain(m, x)
+    assert (graphs, breaks) == (1, 0), reasons
+
+
+def test_hf_converted_one_graph_no_breaks():
+    transformers = pytest.importorskip("transformers")
+    from reciprocal_attention.hf import convert_gpt2
+
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=97,
+                                  attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = convert_gpt2(transformers.GPT2LMHeadModel(cfg))
+    idx = torch.randint(0, 97, (2, 11))
+    graphs, breaks, reasons = _explain(lambda i: _lm_loss(model(input_ids=i).logits, i), idx)
+    assert (graphs, breaks) == (1, 0), reasons
+
+
+def _lm_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Next-token loss computed outside transformers' ``loss_function`` (which breaks the graph for plain GPT-2
+    too: "step_unsupported" in ``GPT2LMHeadModel.forward`` with ``labels``)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("preset", ["ra", "ra_disc_channel", "full"])
+def test_fullgraph_compiled_step_matches_eager(preset):
+    """fullgraph=True through AOTAutograd (forward and backward traced; ``aot_eager`` keeps the CPU test fast):
+    loss and every gradient equal eager's, and an optimizer step runs."""
+    torch._dynamo.reset()
+    eager = _tiny_gpt(preset).double()
+    compiled_model = _tiny_gpt(preset).double()
+    compiled_model.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    idx = torch.randint(0, 97, (2, 13))
+    _, loss_e = eager(idx, idx)
+    loss_e.backward()
+    _, loss_c = step(idx, idx)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-10, atol=1e-12)
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
+        if pe.grad is None:
+            assert pc.grad is None, name
+            continue
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-11, msg=name)
+    opt = torch.optim.AdamW(compiled_model.parameters(), lr=1e-3)
+    opt.step()
+    _, loss2 = step(idx, idx)
+    assert torch.isfinite(loss2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the CUDA-only paths (fused fold, fused channel, Triton core) under bf16 autocast, as users train
+# ----------------------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gpu_gpt_one_graph_no_breaks(preset):
+    model = _tiny_gpt(preset, "cuda")
+    idx = torch.randint(0, 97, (2, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphs, breaks, reasons = _explain(model, idx, idx)
+    assert (graphs, breaks) == (1, 0), reasons
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "triton", "reference"])
+@pytest.mark.parametrize("preset", ["ra", "ra_disc", "ra_disc_channel", "full", "standard"])
+def test_gpu_module_one_graph_no_breaks(preset, backend):
+    m = ReciprocalAttention.from_preset(preset, n_embd=128, n_head=2, block_size=64, backend=backend).cuda()
+    x = torch.randn(2, 64, 128, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphs, breaks, reasons = _explain(m, x)
+    assert (graphs, breaks) == (1, 0), reasons
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_hf_converted_one_graph_no_breaks():
+    transformers = pytest.importorskip("transformers")
+    from reciprocal_attention.hf import convert_gpt2
+
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=97,
+                                  attn_implementation="sdpa")
+    model = convert_gpt2(transformers.GPT2LMHeadModel(cfg)).cuda()
+    idx = torch.randint(0, 97, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphs, breaks, reasons = _explain(lambda i: _lm_loss(model(input_ids=i).logits, i), idx)
+    assert (graphs, breaks) == (1, 0), reasons
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["ra", "ra_disc_channel", "full", "seed"])
+def test_gpu_inductor_fullgraph_step_matches_eager(preset):
+    """torch.compile(model, fullgraph=True) with inductor under bf16 autocast, fp32 parameters: loss and
+    gradients within bf16 tolerances of eager; a fused AdamW step runs."""
+    torch._dynamo.reset()
+    eager = _tiny_gpt(preset, "cuda")
+    cmodel = _tiny_gpt(preset, "cuda")
+    cmodel.load_state_dict(eager.state_dict())
+    step = torch.compile(cmodel, fullgraph=True)
+    idx = torch.randint(0, 97, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, le = eager(idx, idx)
+        _, lc = step(idx, idx)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, le, rtol=2e-2, atol=2e-2)
+    for (name, pe), pc in zip(eager.named_parameters(), cmodel.parameters()):
+        if pe.grad is None:
+            continue
+        err = (pc.grad - pe.grad).norm() / pe.grad.norm().clamp_min(1e-12)
+        assert err < 5e-2, f"{name}: relative gradient error {err:.3g}"
+    opt = torch.optim.AdamW(cmodel.parameters(), lr=1e-3, fused=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
