@@ -41,3 +41,47 @@ def test_accuracy_counts_only_queries():
 def test_spec_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         MQARSpec(**kw)
+
+
+# ---- the probe's model setup ----------------------------------------------------------------------------------
+
+from reciprocal_attention.lab import mqar  # noqa: E402
+from reciprocal_attention.model import GPT, GPTConfig  # noqa: E402
+
+
+def test_probe_setup_shares_weights_across_arms_and_keeps_gpt2_default():
+    spec = mqar.zoology_spec(seq_len=32, n_kv=4, vocab_size=257)
+    std = GPT(mqar.probe_config("standard", 64, spec), seed=5)
+    ra = GPT(mqar.probe_config("ra", 64, spec), seed=5)
+    other = GPT(mqar.probe_config("standard", 64, spec), seed=6)
+    ps, pr = dict(std.named_parameters()), dict(ra.named_parameters())
+    assert set(std.shared_parameter_names()) <= set(pr)
+    for name in std.shared_parameter_names():
+        assert torch.equal(ps[name], pr[name]), name  # bitwise identical shared init
+    assert not torch.equal(ps["lm_head.weight"], dict(other.named_parameters())["lm_head.weight"])
+    # untied head with a bias; PyTorch-default scales: N(0, 1) embeddings, U(+-1/sqrt(fan_in)) Linear
+    assert std.lm_head.weight is not std.transformer.wte.weight and std.lm_head.bias is not None
+    assert 0.9 < float(std.transformer.wte.weight.detach().std()) < 1.1
+    for lin in (std.lm_head, std.transformer.h[0].mlp.c_proj):
+        bound = 1 / lin.in_features ** 0.5
+        assert float(lin.weight.abs().max()) <= bound and float(lin.weight.abs().max()) > 0.9 * bound
+        assert float(lin.bias.abs().max()) > 0  # biases are drawn too, not zero
+    gpt2 = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=257), seed=5)
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight and gpt2.lm_head.bias is None
+    assert 0.015 < float(gpt2.transformer.wte.weight.detach().std()) < 0.025
+
+
+@pytest.mark.parametrize("kw,match", [(dict(init="xavier"), "init must be one of"),
+                                      (dict(tie_embeddings=1), "tie_embeddings must be a bool")])
+def test_model_setup_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**kw)
+
+
+def test_baseline_learns_recall_past_the_shortcut():
+    """4 pairs: the "most frequent value" shortcut scores ~0.33; the probe's baseline must recall (>= 0.9)."""
+    run = mqar.MQARRun(arm="standard", seed=0, d_model=128, seq_len=32, n_kv=4, lr=1e-3, steps=450,
+                       vocab_size=33, eval_every=50, eval_sequences=256, stop_at=0.9)
+    rec = mqar.train(run, progress=False)
+    assert rec["accuracy"] >= 0.9, rec["curve"]
+    assert rec["steps_run"] < run.steps  # it stopped early on reaching stop_at

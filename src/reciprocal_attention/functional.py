@@ -50,7 +50,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, col_bias: Tensor | None, scale: f
 
 def _check_gate(name: str, w: Tensor | None, H: int, like: Tensor, variant: str) -> Tensor:
     if w is None:
-        raise ValueError(f"variant {variant!r} needs {name} of shape [H] = [{H}]")
+        raise ValueError(f"variant {variant!r} needs w_std and w_rec of shape [H] = [{H}]; {name} is missing")
     if not isinstance(w, Tensor) or w.shape != (H,):
         raise ValueError(f"{name} must have shape [H] = [{H}]; got {list(getattr(w, 'shape', [type(w).__name__]))}")
     if not w.is_floating_point() or w.device != like.device:

@@ -43,6 +43,11 @@ NO_DECAY_RA = ("w_std", "w_rec", "w_disc", "d_bias", "u", "out_gate")
 #: MLP activations: ``gelu`` is exact-erf ``nn.GELU()`` (nanoGPT); ``gelu_tanh`` is the tanh approximation
 #: (``nn.GELU(approximate="tanh")``), GPT-2's ``gelu_new`` / ``gelu_pytorch_tanh``.
 ACTIVATIONS = ("gelu", "gelu_tanh")
+#: Initialisation schemes. ``gpt2``: every Linear/Embedding weight ~ N(0, 0.02), residual projections
+#: (``c_proj``) ~ N(0, 0.02/sqrt(2L)), biases 0. ``torch``: PyTorch's own defaults (Linear weight and bias
+#: ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), Embedding ~ N(0, 1)); with GPT-2's init a small GPT stays on MQAR's
+#: "most frequent value" shortcut, with PyTorch's it learns the recall (tests/test_mqar.py).
+INIT_SCHEMES = ("gpt2", "torch")
 
 
 @dataclass
@@ -67,6 +72,10 @@ class GPTConfig:
     attn: str | dict[str, Any] = "standard"
     ra_layers: str | list[int] = "all"
     activation: str = "gelu"
+    # Model setup (see INIT_SCHEMES): the defaults are GPT-2's; the MQAR probe uses init="torch", untied, head bias.
+    init: str = "gpt2"
+    tie_embeddings: bool = True
+    head_bias: bool = False
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
@@ -90,6 +99,11 @@ class GPTConfig:
                             f"{type(self.attn).__name__}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}; got {self.init!r}")
+        for name in ("tie_embeddings", "head_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         self.ra_layer_indices()  # validates ra_layers
 
     def ra_layer_indices(self) -> list[int]:
@@ -207,8 +221,9 @@ class GPT(nn.Module):
                 h=nn.ModuleList([Block(config, i in ra) for i in range(config.n_layer)]),
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             ))
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
         self.init_weights(self.seed)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -226,26 +241,37 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """GPT-2 init, each shared parameter from its own ``(seed, name)`` generator (identical across arms).
+        """``config.init`` scheme, each shared parameter from its own ``(seed, name)`` generator (identical across arms).
 
-        Linear/Embedding weights ~ N(0, 0.02), residual projections (``*.c_proj.weight``) ~ N(0, 0.02/sqrt(2L)),
-        biases 0, LayerNorm weights 1. RA-only parameters: the module's own recipe with a
-        ``(seed, "<block>.attn")`` generator.
+        LayerNorm weights 1 and biases 0 in every scheme. ``gpt2``: Linear/Embedding weights ~ N(0, 0.02),
+        residual projections (``*.c_proj.weight``) ~ N(0, 0.02/sqrt(2L)), biases 0. ``torch``: Linear weights and
+        biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), Embeddings ~ N(0, 1). RA-only parameters: the module's own
+        recipe with a ``(seed, "<block>.attn")`` generator.
         """
-        std_resid = 0.02 / math.sqrt(2 * self.config.n_layer)
         params = dict(self.named_parameters())
         for name in self.shared_parameter_names():
             p = params[name]
-            if name.endswith(".bias"):
-                p.zero_()
-            elif ".ln_" in name or name.startswith("transformer.ln_f"):
-                p.fill_(1.0)
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.fill_(1.0 if name.endswith(".weight") else 0.0)
             else:
-                std = std_resid if name.endswith("c_proj.weight") else 0.02
-                p.copy_(torch.randn(p.shape, generator=_generator(seed, name), dtype=torch.float32).mul_(std))
+                p.copy_(self._init_value(name, p.shape, seed))
         for i, block in enumerate(self.transformer.h):
             block.attn.reset_ra_parameters(generator=_generator(seed, f"transformer.h.{i}.attn"))
             block.attn.invalidate_cache()
+
+    def _init_value(self, name: str, shape: torch.Size, seed: int) -> Tensor:
+        """The initial value of a shared Linear/Embedding parameter under ``config.init`` (float32, CPU)."""
+        gen = _generator(seed, name)
+        if self.config.init == "gpt2":
+            if name.endswith(".bias"):
+                return torch.zeros(shape)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
+        if name.startswith(("transformer.wte.", "transformer.wpe.")):
+            return torch.randn(shape, generator=gen, dtype=torch.float32)
+        # nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) for the weight is U(-1/sqrt(fan_in), ..), as is the bias
+        bound = 1.0 / math.sqrt(self.get_submodule(name.rsplit(".", 1)[0]).in_features)
+        return torch.rand(shape, generator=gen, dtype=torch.float32).mul_(2 * bound).sub_(bound)
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward and generation

@@ -5,14 +5,27 @@ section in which keys from those pairs reappear at random positions among filler
 model must emit that key's value. Loss and accuracy count only those positions. Keys, values and the filler token
 come from disjoint vocabulary ranges: ``0`` is the filler, keys are ``1..n_keys``, values follow.
 (After Arora et al., "Zoology", 2023.)
+
+The probe model (:func:`probe_config`) is a 2-layer GPT with PyTorch's default initialisation, an untied output
+layer with a bias and N(0, 1) embeddings. With GPT-2's initialisation (every weight N(0, 0.02), tied head) the same
+model stays on the "most frequent value" shortcut (accuracy ~1/n_kv .. 0.34): the embedding scale and the weight
+scale both matter (N(0, 1) embeddings with GPT-2's 0.02 weights also stall), the output bias does not, and tying
+the head to N(0, 1) embeddings slows learning. :func:`train` is one probe run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -67,3 +80,152 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     if not mask.any():
         raise ValueError("y has no query positions (all targets are IGNORE)")
     return (logits.argmax(-1)[mask] == y[mask]).float().mean().item()
+
+
+def zoology_spec(seq_len: int, n_kv: int, vocab_size: int = 8192) -> MQARSpec:
+    """The Zoology-style task: ``n_kv`` pairs, as many queries, keys and values each half of ``vocab_size``."""
+    half = (vocab_size - 1) // 2
+    return MQARSpec(seq_len=seq_len, n_kv=n_kv, n_queries=n_kv, n_keys=half, n_values=half)
+
+
+def probe_config(arm: str, d_model: int, spec: MQARSpec, n_layer: int = 2, head_dim: int = 32) -> Any:
+    """The probe's :class:`~reciprocal_attention.model.GPTConfig`: PyTorch init, untied head with a bias."""
+    from ..model import GPTConfig
+
+    if d_model % head_dim:
+        raise ValueError(f"d_model must be a multiple of head_dim={head_dim}; got {d_model}")
+    return GPTConfig(n_layer=n_layer, n_head=d_model // head_dim, n_embd=d_model, block_size=spec.seq_len,
+                     vocab_size=spec.vocab_size, dropout=0.0, bias=True, attn=arm, ra_layers="all",
+                     init="torch", tie_embeddings=False, head_bias=True)
+
+
+@dataclass(frozen=True)
+class MQARRun:
+    """One probe run: arm, seed, model width, task shape, learning rate and step budget.
+
+    Seed ``s`` fixes the shared-weight init and the training data order (paired across arms and learning rates);
+    the held-out set depends only on the task. Training stops early once held-out accuracy reaches ``stop_at``.
+    """
+
+    arm: str
+    seed: int
+    d_model: int
+    seq_len: int
+    n_kv: int
+    lr: float
+    steps: int
+    vocab_size: int = 8192
+    batch_size: int = 64
+    n_layer: int = 2
+    eval_every: int = 250
+    eval_sequences: int = 512
+    stop_at: float = 0.99
+    weight_decay: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identifier of the run."""
+        return (f"{self.arm}-d{self.d_model}-T{self.seq_len}-kv{self.n_kv}-V{self.vocab_size}-lr{self.lr:g}"
+                f"-n{self.steps}-s{self.seed}")
+
+    def spec(self) -> MQARSpec:
+        """The task of this run."""
+        return zoology_spec(self.seq_len, self.n_kv, self.vocab_size)
+
+
+class LiveProgress:
+    """Live progress of a loop: a tqdm bar on a terminal, else one line every ``interval`` seconds."""
+
+    def __init__(self, total: int, desc: str, interval: float = 30.0, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.total, self.desc, self.interval, self.enabled = total, desc, interval, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True) if self.tty else None
+        self.t0 = self.last = time.time()
+        self.n = 0
+
+    def update(self, n: int, **stats: float) -> None:
+        """Advance to position ``n``; ``stats`` (e.g. loss) are shown beside it."""
+        if not self.enabled:
+            return
+        text = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        if self.bar is not None:
+            self.bar.update(n - self.n)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif time.time() - self.last >= self.interval or n >= self.total:
+            el = time.time() - self.t0
+            eta = el / max(n, 1) * (self.total - n)
+            print(f"[{self.desc}] {n}/{self.total} {text} elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
+            self.last = time.time()
+        self.n = n
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def held_out_accuracy(model: torch.nn.Module, spec: MQARSpec, n_sequences: int, device: torch.device) -> float:
+    """Accuracy on a fixed held-out set (the same for every arm and seed of a task)."""
+    gen = torch.Generator().manual_seed(99_999)
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for start in range(0, n_sequences, 128):
+            x, y = make_batch(spec, min(128, n_sequences - start), gen)
+            logits, _ = model(x.to(device))
+            mask = y != IGNORE
+            hits += int((logits.argmax(-1).cpu()[mask] == y[mask]).sum())
+            total += int(mask.sum())
+    model.train(was_training)
+    return hits / total
+
+
+def _lr_at(step: int, run: MQARRun) -> float:
+    """Linear warm-up over 10% of the steps (at most 200), then cosine decay to 10% of the peak."""
+    warm = max(1, min(200, run.steps // 10))
+    if step < warm:
+        return run.lr * (step + 1) / warm
+    t = (step - warm) / max(1, run.steps - warm)
+    return run.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Train the probe model on ``run``'s task; returns the run's record with its held-out accuracy."""
+    from ..model import GPT
+
+    device = torch.device(device)
+    spec = run.spec()
+    model = GPT(probe_config(run.arm, run.d_model, spec, run.n_layer), seed=run.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    gen = torch.Generator().manual_seed(10_000 + run.seed)
+    bar = LiveProgress(run.steps, f"mqar {run.key}", enabled=progress)
+    curve: list[tuple[int, float]] = []
+    t0, step, loss_v = time.time(), 0, float("nan")
+    for step in range(1, run.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step - 1, run)
+        x, y = make_batch(spec, run.batch_size, gen)
+        logits, _ = model(x.to(device, non_blocking=True))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
+                                                 ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % run.eval_every == 0 or step == run.steps:
+            loss_v = float(loss.detach())
+            if not math.isfinite(loss_v):
+                log.warning("mqar %s: loss is %s at step %d; stopping this run", run.key, loss_v, step)
+                break
+            curve.append((step, held_out_accuracy(model, spec, run.eval_sequences, device)))
+            bar.update(step, loss=loss_v, acc=curve[-1][1])
+            if curve[-1][1] >= run.stop_at:
+                break
+    bar.close()
+    seconds = time.time() - t0
+    acc = held_out_accuracy(model, spec, run.eval_sequences, device) if not curve or curve[-1][0] != step \
+        else curve[-1][1]
+    return {**asdict(run), "accuracy": acc, "steps_run": step, "final_train_loss": loss_v, "curve": curve,
+            "seconds": seconds, "steps_per_s": step / seconds,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
