@@ -85,3 +85,13 @@ def test_baseline_learns_recall_past_the_shortcut():
     rec = mqar.train(run, progress=False)
     assert rec["accuracy"] >= 0.9, rec["curve"]
     assert rec["steps_run"] < run.steps  # it stopped early on reaching stop_at
+
+
+def test_query_logits_are_the_full_forward_at_query_positions():
+    spec = mqar.zoology_spec(seq_len=32, n_kv=4, vocab_size=65)
+    model = GPT(mqar.probe_config("ra", 64, spec), seed=1)
+    x, y = make_batch(spec, 3, torch.Generator().manual_seed(0))
+    mask = y != IGNORE
+    full, _ = model(x)
+    torch.testing.assert_close(mqar.query_logits(model, x, mask), full[mask])
+    assert not model.lm_head._forward_pre_hooks  # the hook is removed again

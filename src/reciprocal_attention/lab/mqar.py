@@ -144,15 +144,18 @@ class LiveProgress:
         self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True) if self.tty else None
         self.t0 = self.last = time.time()
         self.n = 0
+        self.stats: dict[str, float] = {}
 
     def update(self, n: int, **stats: float) -> None:
-        """Advance to position ``n``; ``stats`` (e.g. loss) are shown beside it."""
+        """Advance to position ``n`` (cheap: call it every step); ``stats`` (e.g. loss) are shown until replaced."""
         if not self.enabled:
             return
-        text = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        self.stats.update(stats)
+        text = " ".join(f"{k} {v:.4g}" for k, v in self.stats.items())
         if self.bar is not None:
+            if stats:
+                self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(n - self.n)
-            self.bar.set_postfix_str(text, refresh=False)
         elif time.time() - self.last >= self.interval or n >= self.total:
             el = time.time() - self.t0
             eta = el / max(n, 1) * (self.total - n)
@@ -165,6 +168,17 @@ class LiveProgress:
             self.bar.close()
 
 
+def query_logits(model: torch.nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+    """``[N, vocab]`` logits at the ``N`` query positions ``mask`` of ``x``: the model's own forward, with the
+    output layer applied only where a target is (with an 8k vocabulary it would otherwise dominate the step)."""
+    hook = model.lm_head.register_forward_pre_hook(lambda _mod, args: (args[0][mask],))
+    try:
+        logits, _ = model(x)
+    finally:
+        hook.remove()
+    return logits
+
+
 def held_out_accuracy(model: torch.nn.Module, spec: MQARSpec, n_sequences: int, device: torch.device) -> float:
     """Accuracy on a fixed held-out set (the same for every arm and seed of a task)."""
     gen = torch.Generator().manual_seed(99_999)
@@ -174,9 +188,9 @@ def held_out_accuracy(model: torch.nn.Module, spec: MQARSpec, n_sequences: int, 
     with torch.no_grad():
         for start in range(0, n_sequences, 128):
             x, y = make_batch(spec, min(128, n_sequences - start), gen)
-            logits, _ = model(x.to(device))
             mask = y != IGNORE
-            hits += int((logits.argmax(-1).cpu()[mask] == y[mask]).sum())
+            logits = query_logits(model, x.to(device), mask.to(device))
+            hits += int((logits.argmax(-1).cpu() == y[mask]).sum())
             total += int(mask.sum())
     model.train(was_training)
     return hits / total
@@ -207,12 +221,13 @@ def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = Tru
         for g in opt.param_groups:
             g["lr"] = _lr_at(step - 1, run)
         x, y = make_batch(spec, run.batch_size, gen)
-        logits, _ = model(x.to(device, non_blocking=True))
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                                                 ignore_index=IGNORE)
+        mask = y != IGNORE
+        logits = query_logits(model, x.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        loss = torch.nn.functional.cross_entropy(logits.float(), y[mask].to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        bar.update(step)
         if step % run.eval_every == 0 or step == run.steps:
             loss_v = float(loss.detach())
             if not math.isfinite(loss_v):

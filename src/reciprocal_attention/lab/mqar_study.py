@@ -1,0 +1,363 @@
+"""The MQAR grid: recall accuracy against model width and number of key-value pairs, per arm, over seeds.
+
+Zoology-style protocol (:mod:`reciprocal_attention.lab.mqar`): 2-layer probe models, an 8k vocabulary, a small
+learning-rate sweep per arm and several seeds per cell. One command runs a grid (or what of it fits a deadline) on
+one device with several worker processes that claim runs from a shared list in priority order; finished runs are
+kept as one JSON file each, so a second call resumes where the first stopped. The report (``mqar.json``,
+``mqar.md``, ``mqar.png``) merges every finished run under the output directory and lists what remains.
+
+    python -m reciprocal_attention.lab.mqar_study --out runs/mqar --parallel 12 --deadline 480
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .mqar import LiveProgress, MQARRun, train
+
+log = logging.getLogger(__name__)
+
+ARMS = ("standard", "ra", "ra_disc_channel", "full", "output_gate")
+BASELINE = "standard"
+
+
+@dataclass
+class GridConfig:
+    """The grid, in priority order: the width sweep at ``width_task``, then the n_kv sweep at ``kv_width``;
+    within each, learning rates in the order given (the first is the main one), then seeds, then arms."""
+
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])
+    width_task: tuple[int, int] = (128, 16)  # (seq_len, n_kv) of the width sweep
+    kv_width: int = 128
+    kv_sweep: list[tuple[int, int]] = field(default_factory=lambda: [(128, 8), (256, 32), (512, 64)])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    steps: int = 2000
+    vocab_size: int = 8192
+    batch_size: int = 64
+    eval_every: int = 250
+    out_dir: str = "runs/mqar"
+    parallel: int = 1
+    deadline_s: float = 0.0  # stop starting runs and end the workers after this many seconds; 0 = none
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"arms: unknown {bad}; valid arms: {', '.join(ARMS)}")
+        if BASELINE not in self.arms:
+            raise ValueError(f"arms must include the baseline {BASELINE!r}")
+        for name in ("seeds", "widths", "lrs"):
+            v = getattr(self, name)
+            if not v or len(set(v)) != len(v):
+                raise ValueError(f"{name} must be a non-empty list of distinct values; got {v}")
+        if any(w < 32 or w % 32 for w in [*self.widths, self.kv_width]):
+            raise ValueError(f"widths and kv_width must be multiples of 32; got {self.widths}, {self.kv_width}")
+        if any(lr <= 0 for lr in self.lrs) or self.steps < 1 or self.parallel < 1 or self.deadline_s < 0:
+            raise ValueError("lrs must be > 0, steps >= 1, parallel >= 1 and deadline_s >= 0")
+
+    def runs(self) -> list[MQARRun]:
+        """Every run of the grid, in priority order, without duplicates."""
+        cells = [(w, *self.width_task) for w in self.widths] + [(self.kv_width, t, kv) for t, kv in self.kv_sweep]
+        out: dict[str, MQARRun] = {}
+        for lr in self.lrs:
+            for d, seq_len, n_kv in cells:
+                for seed in self.seeds:
+                    for arm in self.arms:
+                        r = MQARRun(arm=arm, seed=seed, d_model=d, seq_len=seq_len, n_kv=n_kv, lr=lr,
+                                    steps=self.steps, vocab_size=self.vocab_size, batch_size=self.batch_size,
+                                    eval_every=self.eval_every)
+                        out.setdefault(r.key, r)
+        return list(out.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running: a parent hands a job list to worker processes that claim runs one at a time
+# --------------------------------------------------------------------------------------------------------------
+
+def _result_path(out: Path, run: MQARRun) -> Path:
+    return out / "runs" / f"{run.key}.json"
+
+
+def worker(out: Path, deadline: float) -> int:
+    """Run unclaimed, unfinished jobs of ``out/jobs.json`` in order until none is left or ``deadline`` (epoch s)."""
+    jobs = [MQARRun(**j) for j in json.loads((out / "jobs.json").read_text())]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(1)  # several workers share the cores
+    failures = 0
+    for run in jobs:
+        if deadline and time.time() >= deadline:
+            break
+        res = _result_path(out, run)
+        if res.exists():
+            continue
+        try:  # a claim is a file created exclusively: one worker per run
+            os.close(os.open(out / "claims" / run.key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        try:
+            rec = train(run, device, progress=False)
+        except Exception as e:  # one bad run must not stop the grid: recorded, reported, retried next call
+            log.exception("mqar run %s failed", run.key)
+            (out / "failed").mkdir(exist_ok=True)
+            (out / "failed" / f"{run.key}.txt").write_text(f"{type(e).__name__}: {e}\n")
+            failures += 1
+            continue
+        tmp = res.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(res)
+        print(f"[mqar] {run.key}: accuracy {rec['accuracy']:.3f} after {rec['steps_run']} steps "
+              f"({rec['steps_per_s']:.0f} steps/s)", flush=True)
+    return 1 if failures else 0
+
+
+def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
+    """Run the grid's unfinished runs with ``parallel`` workers until done or the deadline; returns what remains."""
+    gc.validate()
+    out = Path(gc.out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "claims").mkdir(exist_ok=True)
+    for c in (out / "claims").iterdir():  # no worker is alive: claims left by a stopped call are stale
+        c.unlink()
+    for f in (out / "failed").glob("*.txt") if (out / "failed").exists() else []:
+        f.unlink()  # failed runs are retried
+    jobs = gc.runs()
+    todo = [r for r in jobs if not _result_path(out, r).exists()]
+    (out / "jobs.json").write_text(json.dumps([asdict(r) for r in todo], indent=1))
+    (out / "grid.json").write_text(json.dumps(asdict(gc), indent=1))
+    if not todo:
+        return []
+    t0 = time.time()
+    deadline = t0 + gc.deadline_s if gc.deadline_s else 0.0
+    n = min(gc.parallel, len(todo))
+    print(f"[mqar] {len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run with {n} "
+          f"worker processes" + (f", deadline {gc.deadline_s:.0f}s" if deadline else ""), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "reciprocal_attention.lab.mqar_study", "--worker",
+                               "--out", str(out), "--deadline-at", str(deadline)],
+                              stdout=open(out / f"worker-{i}.log", "a"), stderr=subprocess.STDOUT, env=env)
+             for i in range(n)]
+    bar = LiveProgress(len(todo), "mqar grid", enabled=progress)
+    while any(p.poll() is None for p in procs):
+        time.sleep(1.0)
+        bar.update(sum(_result_path(out, r).exists() for r in todo))
+        if deadline and time.time() > deadline + 5:
+            log.warning("mqar grid: deadline reached; stopping the workers (unfinished runs resume next call)")
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait()
+    bar.close()
+    bad = [i for i, p in enumerate(procs) if p.returncode not in (0, -15)]
+    if bad:
+        log.warning("mqar workers %s ended with an error; see %s", bad, [str(out / f"worker-{i}.log") for i in bad])
+    return [r for r in jobs if not _result_path(out, r).exists()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+RECORD_KEYS = ("arm", "seed", "d_model", "seq_len", "n_kv", "lr", "steps", "accuracy", "best_lr", "steps_run",
+               "vocab_size", "seconds", "device")
+CELL_KEYS = ("d_model", "seq_len", "n_kv", "steps", "vocab_size")
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """Every finished run under ``out/runs``, with ``best_lr`` marked: per (arm, cell) the learning rate of the
+    highest mean accuracy over seeds (ties: the smaller rate)."""
+    recs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
+    groups: dict[tuple, dict[float, list[float]]] = {}
+    for r in recs:
+        groups.setdefault((r["arm"], *(r[k] for k in CELL_KEYS)), {}).setdefault(r["lr"], []).append(r["accuracy"])
+    best = {g: max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr])) for g, by_lr in groups.items()}
+    for r in recs:
+        r["best_lr"] = r["lr"] == best[(r["arm"], *(r[k] for k in CELL_KEYS))]
+    return [{k: r[k] for k in RECORD_KEYS} for r in recs]
+
+
+def cell_table(recs: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[int, float]]]:
+    """``{cell: {arm: {seed: accuracy at the arm's best lr}}}``."""
+    table: dict[tuple, dict[str, dict[int, float]]] = {}
+    for r in recs:
+        if r["best_lr"]:
+            table.setdefault(tuple(r[k] for k in CELL_KEYS), {}).setdefault(r["arm"], {})[r["seed"]] = r["accuracy"]
+    return table
+
+
+def _cell_text(by_seed: dict[int, float] | None, base: dict[int, float] | None) -> str:
+    if not by_seed:
+        return "-"
+    v = list(by_seed.values())
+    s = f"{statistics.fmean(v):.3f} [{min(v):.2f}-{max(v):.2f}] n={len(v)}"
+    if base is not None and by_seed is not base:
+        diffs = [by_seed[k] - base[k] for k in sorted(by_seed) if k in base]
+        if diffs:
+            s += f"; vs {BASELINE}: " + " ".join(f"{d:+.2f}" for d in diffs)
+    return s
+
+
+def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None) -> str:
+    """The report: per cell and arm, accuracy at the arm's best learning rate, seed range, paired differences."""
+    table = cell_table(recs)
+    arms = [a for a in ARMS if any(r["arm"] == a for r in recs)]
+    devices = sorted({r["device"] for r in recs})
+    lines = ["# MQAR: associative recall per arm", "",
+             f"Device: {', '.join(devices) or '-'}. 2-layer probe models (PyTorch init, untied head); Zoology-style "
+             "task (keys and values each half of the vocabulary, as many queries as pairs). Each entry: mean "
+             "held-out accuracy over seeds at the arm's best learning rate, [min-max] over seeds, the number of "
+             f"seeds, and the paired difference against `{BASELINE}` per seed (same init of shared weights, same "
+             "data). The region that can show a difference is where the baseline is between 0.3 and 0.9.", "",
+             "| d_model | seq_len | n_kv | steps | vocab | " + " | ".join(arms) + " |",
+             "|---" * (5 + len(arms)) + "|"]
+    for cell in sorted(table, key=lambda c: (c[2], c[1], c[0])):
+        base = table[cell].get(BASELINE)
+        lines.append("| " + " | ".join(str(c) for c in cell) + " | "
+                     + " | ".join(_cell_text(table[cell].get(a), base) for a in arms) + " |")
+    lrs = sorted({r["lr"] for r in recs})
+    lines += ["", f"Learning rates tried: {', '.join(f'{lr:g}' for lr in lrs) or '-'}; best per arm and cell "
+              "is marked `best_lr` in `mqar.json`. Plot: `mqar.png`."]
+    if remaining is not None:
+        lines += ["", f"**Remaining:** {len(remaining)} runs of the grid have no result yet"
+                  + (": " + ", ".join(r.key for r in remaining[:20]) + (" ..." if len(remaining) > 20 else "")
+                     if remaining else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(recs: list[dict[str, Any]], gc: GridConfig, path: Path) -> None:
+    """Accuracy vs width at the width task, and vs n_kv at ``kv_width``; mean line, seed min-max as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = cell_table(recs)
+    colors = dict(zip(ARMS, ["k", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    seq_w, kv_w = gc.width_task
+    panels = [(axes[0], lambda c: c[1] == seq_w and c[2] == kv_w, 0, "d_model",
+               f"accuracy vs width (seq {seq_w}, {kv_w} pairs)"),
+              (axes[1], lambda c: c[0] == gc.kv_width, 2, "key-value pairs",
+               f"accuracy vs pairs (width {gc.kv_width})")]
+    for ax, keep, xi, xlabel, title in panels:
+        for i, arm in enumerate(ARMS):
+            pts = sorted((c[xi], list(v[arm].values())) for c, v in table.items() if keep(c) and arm in v)
+            if not pts:
+                continue
+            xs = [p[0] * (1 + 0.02 * (i - 2)) for p in pts]  # a small offset so seed ranges don't overlap
+            means = [statistics.fmean(p[1]) for p in pts]
+            err = [[m - min(p[1]) for m, p in zip(means, pts)], [max(p[1]) - m for m, p in zip(means, pts)]]
+            ax.errorbar(xs, means, yerr=err, color=colors[arm], marker="o", capsize=3, label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.axhspan(0.3, 0.9, color="grey", alpha=0.1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy (best lr; bars: seed min-max)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(gc: GridConfig, report_dir: Path, remaining: list[MQARRun] | None = None) -> list[dict[str, Any]]:
+    """Write ``mqar.json`` (the records), ``mqar.md`` and ``mqar.png`` into ``report_dir``; returns the records."""
+    recs = load_records(Path(gc.out_dir))
+    if remaining is None:
+        remaining = [r for r in gc.runs() if not _result_path(Path(gc.out_dir), r).exists()]
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "mqar.json").write_text(json.dumps(recs, indent=1))
+    (report_dir / "mqar.md").write_text(markdown(recs, remaining))
+    plot(recs, gc, report_dir / "mqar.png")
+    return recs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+def _list(kind: type, text: str) -> list:
+    return [kind(v) for v in text.split(",") if v]
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (p.split(":") for p in text.split(",") if p)]
+    except ValueError:
+        raise ValueError(f"expected SEQ:KV pairs separated by commas (e.g. 128:16,256:32); got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
+    d = GridConfig()
+    ap = argparse.ArgumentParser(prog="python -m reciprocal_attention.lab.mqar_study",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=d.out_dir, help="run directory (resumable)")
+    ap.add_argument("--report", default=None, help="where mqar.json/md/png go (default: --out)")
+    ap.add_argument("--arms", default=",".join(d.arms))
+    ap.add_argument("--seeds", default=",".join(map(str, d.seeds)))
+    ap.add_argument("--widths", default=",".join(map(str, d.widths)))
+    ap.add_argument("--width-task", default="%d:%d" % d.width_task, help="SEQ:KV of the width sweep")
+    ap.add_argument("--kv-width", type=int, default=d.kv_width)
+    ap.add_argument("--kv-sweep", default=",".join(f"{t}:{k}" for t, k in d.kv_sweep), help="SEQ:KV,...")
+    ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in d.lrs), help="the first is the main one")
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--vocab", type=int, default=d.vocab_size)
+    ap.add_argument("--batch", type=int, default=d.batch_size)
+    ap.add_argument("--eval-every", type=int, default=d.eval_every)
+    ap.add_argument("--parallel", type=int, default=None, help="worker processes (default: 12 on CUDA, 1 on CPU)")
+    ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole call (0 = none)")
+    ap.add_argument("--plan", action="store_true", help="print the runs in priority order and exit")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        gc = GridConfig(arms=_list(str, args.arms), seeds=_list(int, args.seeds), widths=_list(int, args.widths),
+                        width_task=_pairs(args.width_task)[0], kv_width=args.kv_width,
+                        kv_sweep=_pairs(args.kv_sweep), lrs=_list(float, args.lrs), steps=args.steps,
+                        vocab_size=args.vocab, batch_size=args.batch, eval_every=args.eval_every, out_dir=args.out,
+                        parallel=args.parallel or (12 if torch.cuda.is_available() else 1),
+                        deadline_s=args.deadline)
+        gc.validate()
+        gc.runs()  # validates every task shape (MQARSpec)
+    except (ValueError, IndexError) as e:
+        ap.error(str(e) or "bad grid arguments")
+    return args, gc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the grid and write the report; ``--worker`` is the per-process entry of :func:`run_grid`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, gc = parse_args(argv)
+    if args.worker:
+        return worker(Path(args.out), args.deadline_at)
+    if args.plan:
+        for i, r in enumerate(gc.runs()):
+            done = "done" if _result_path(Path(gc.out_dir), r).exists() else "todo"
+            print(f"{i:4d} {done} {r.key}")
+        return 0
+    remaining = None if args.report_only else run_grid(gc)
+    write_report(gc, Path(args.report or args.out), remaining)
+    print(markdown(load_records(Path(gc.out_dir)), remaining), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
