@@ -106,12 +106,7 @@ def test_train_unparsable_value(capsys):
                       match="optim.lr")
 
 
-@pytest.mark.parametrize("preset", [
-    "small-cpu",
-    pytest.param("tiny", marks=pytest.mark.xfail(
-        strict=True, reason="the tiny preset sets data.fixture = true, and train.data_dir then ignores data.dir: "
-                            "an explicit data.dir must turn the fixture off or be a ConfigError (lab/config.py)")),
-])
+@pytest.mark.parametrize("preset", ["small-cpu", "tiny"])  # tiny's preset fixture gives way to an explicit data.dir
 def test_train_missing_data_dir(capsys, tmp_path, preset):
     missing = str(tmp_path / "nonexistent")
     assert_user_error(capsys, "train", "--preset", preset, "--set", f"data.dir={missing}",

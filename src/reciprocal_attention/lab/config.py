@@ -171,6 +171,7 @@ class SystemConfig:
     progress: bool = True  # tqdm bar
     peak_flops: float = 0.0  # per-device peak for MFU; 0 = from the device name (H100/H200/A100), else no MFU
     threads: int = 0  # torch.set_num_threads; 0 = leave
+    flash_autotune: bool = True  # ops.settings.flash_autotune: off = one fixed config per Triton attention kernel
 
 
 @dataclass
@@ -295,11 +296,15 @@ def merge(cfg: TrainConfig, d: dict, origin: str) -> None:
 
 def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> None:
     """Apply ``section.key=value`` strings (the ``--set`` arguments)."""
+    keys = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value; got {item!r}")
         key, value = item.split("=", 1)
-        set_value(cfg, key.strip(), value, from_text=True)
+        keys.append(key.strip())
+        set_value(cfg, keys[-1], value, from_text=True)
+    if "data.dir" in keys and "data.fixture" not in keys:  # an explicit corpus replaces a preset's fixture
+        cfg.data.fixture = False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -217,6 +217,9 @@ def setup_system(cfg: TrainConfig, dist: Dist) -> tuple[torch.device, torch.dtyp
     dtype = pick_dtype(cfg.system.dtype, device)
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
+    from ..ops import settings as ops_settings
+
+    ops_settings.flash_autotune = cfg.system.flash_autotune  # several runs sharing a card: no autotuning races
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.system.tf32
         torch.backends.cudnn.allow_tf32 = cfg.system.tf32
