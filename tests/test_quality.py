@@ -57,11 +57,45 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], preset="quality-cpu", parallel=2,
                                overrides=["budget.max_steps=4", "eval.interval=2", "eval.iters=1",
                                           "checkpoint.interval=2"],
-                               out_dir=str(tmp_path), mqar=True, mqar_steps=2)
+                               out_dir=str(tmp_path), mqar=True, mqar_steps=2, mqar_width=32, mqar_seq_len=16,
+                               mqar_kv=2, mqar_vocab=33)
     res = quality.study(qc)
-    assert res["complete"] and set(res["arms"]) == {"standard", "ra"}
+    assert res["complete"] and set(res["arms"]) == {"standard", "ra"} and res["remaining"] == []
+    assert res["tokens_per_run"] == 4 * 16 * 64  # steps x batch x block of the tiny preset
     assert all(len(a["val_loss"]) == 2 for a in res["arms"].values())
-    assert set(res["mqar"]) == {"standard", "ra"}
+    assert set(res["mqar"]) == {"standard", "ra"} and all(len(v) == 2 for v in res["mqar"].values())
     first = (tmp_path / "runs" / "ra-s0" / "summary.json").read_text()
     quality.study(qc)  # resumes: finished runs are kept, not retrained
     assert (tmp_path / "runs" / "ra-s0" / "summary.json").read_text() == first
+
+
+def test_arms_of_interest_run_first_and_remaining_is_reported(tmp_path):
+    qc = quality.QualityConfig(arms=list(quality.ARMS), seeds=[0, 1], out_dir=str(tmp_path), mqar=False)
+    order = quality.job_order(qc)
+    assert order[:8] == [(a, s) for s in (0, 1) for a in ("standard", "ra", "full", "output_gate")]
+    assert set(order[8:]) == {(a, s) for s in (0, 1) for a in ("seed", "ra_disc")}
+    for a in ("standard", "ra"):
+        for s in (0, 1):
+            _fake_run(tmp_path, a, s, 4.0 + s / 100)
+    res = quality.analyse(qc)
+    assert res["remaining"] == [f"{a}-s{s}" for a, s in order if a not in ("standard", "ra")]
+    assert not res["complete"] and "What remains:** 8 runs" in quality.markdown(res)
+
+
+def test_prior_study_is_one_row_and_cpu_report_says_cpu(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, loss in ((old, 4.4), (new, 3.9)):
+        for s in (0, 1):
+            _fake_run(root, "standard", s, loss + s / 100)
+            _fake_run(root, "ra", s, loss + 0.005 + s / 100)
+    qc_old = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(old), mqar=False)
+    quality.write_report(quality.analyse(qc_old), old)
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(new), mqar=False,
+                               prior=[str(old / "quality.json")])
+    res = quality.analyse(qc)
+    assert res["tokens_per_run"] == 1000 and len(res["prior_studies"]) == 1
+    md = quality.markdown(res)
+    assert "## Earlier studies" in md and "| 1,000 |" in md and "4.4100 (+0.0050)" in md
+    assert "share one GPU" not in md and "share the CPU cores" in md
+    with pytest.raises(ValueError, match="prior must name a readable quality.json"):
+        quality.load_prior([str(tmp_path / "missing.json")])

@@ -29,7 +29,8 @@ from .mqar import LiveProgress, MQARRun, train
 
 log = logging.getLogger(__name__)
 
-ARMS = ("standard", "ra", "ra_disc_channel", "full", "output_gate")
+ARMS = ("standard", "ra", "ra_disc_channel", "full", "output_gate")  # the grid's arms, in order of interest
+VALID_ARMS = ARMS + ("seed", "ra_disc")  # also accepted (the LM study's other arms)
 BASELINE = "standard"
 
 
@@ -55,9 +56,9 @@ class GridConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        bad = [a for a in self.arms if a not in ARMS]
+        bad = [a for a in self.arms if a not in VALID_ARMS]
         if bad:
-            raise ValueError(f"arms: unknown {bad}; valid arms: {', '.join(ARMS)}")
+            raise ValueError(f"arms: unknown {bad}; valid arms: {', '.join(VALID_ARMS)}")
         if BASELINE not in self.arms:
             raise ValueError(f"arms must include the baseline {BASELINE!r}")
         for name in ("seeds", "widths", "lrs"):
@@ -217,7 +218,7 @@ def _cell_text(by_seed: dict[int, float] | None, base: dict[int, float] | None) 
 def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None) -> str:
     """The report: per cell and arm, accuracy at the arm's best learning rate, seed range, paired differences."""
     table = cell_table(recs)
-    arms = [a for a in ARMS if any(r["arm"] == a for r in recs)]
+    arms = [a for a in VALID_ARMS if any(r["arm"] == a for r in recs)]
     devices = sorted({r["device"] for r in recs})
     lines = ["# MQAR: associative recall per arm", "",
              f"Device: {', '.join(devices) or '-'}. 2-layer probe models (PyTorch init, untied head); Zoology-style "
@@ -249,7 +250,7 @@ def plot(recs: list[dict[str, Any]], gc: GridConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = cell_table(recs)
-    colors = dict(zip(ARMS, ["k", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+    colors = dict(zip(VALID_ARMS, ["k", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red", "tab:cyan"]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     seq_w, kv_w = gc.width_task
     panels = [(axes[0], lambda c: c[1] == seq_w and c[2] == kv_w, 0, "d_model",
@@ -257,7 +258,7 @@ def plot(recs: list[dict[str, Any]], gc: GridConfig, path: Path) -> None:
               (axes[1], lambda c: c[0] == gc.kv_width, 2, "key-value pairs",
                f"accuracy vs pairs (width {gc.kv_width})")]
     for ax, keep, xi, xlabel, title in panels:
-        for i, arm in enumerate(ARMS):
+        for i, arm in enumerate(VALID_ARMS):
             pts = sorted((c[xi], list(v[arm].values())) for c, v in table.items() if keep(c) and arm in v)
             if not pts:
                 continue

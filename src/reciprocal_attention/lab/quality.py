@@ -1,7 +1,8 @@
 """``ra quality``: does RA help? A paired, multi-seed study with controls (RA-SPEC section 5).
 
-Arms differ only in the attention (``model.attn``): ``standard`` (baseline), ``seed``, ``ra``, ``ra_disc``,
-``full`` and ``output_gate`` (a control that adds learned per-head gating without any reciprocal term). Seed ``s``
+Arms differ only in the attention (``model.attn``), in order of interest: ``standard`` (baseline), ``ra``,
+``full``, ``output_gate`` (a control that adds learned per-head gating without any reciprocal term), then ``seed``
+and ``ra_disc``; the first four run first for every seed, so a study cut short has whole pairs of those. Seed ``s``
 gives every arm the same shared-parameter init and the same data order, so differences are paired by seed.
 
 Two lenses:
@@ -9,10 +10,13 @@ Two lenses:
   wall-clock with ``--equal wallclock``), per-arm mean and std, paired differences against the baseline, and the
   noise floor: the baseline against itself with another seed. A claim of "better" needs a paired difference
   larger than the noise floor in every seed;
-* multi-query associative recall (MQAR, :mod:`reciprocal_attention.lab.mqar`): accuracy per arm.
+* multi-query associative recall (MQAR, :mod:`reciprocal_attention.lab.mqar`): the probe grid's main cell
+  (``--mqar``; the full grid is :mod:`reciprocal_attention.lab.mqar_study`).
 
-Runs are separate processes (several share one GPU: ``--parallel``), each in its own run directory; the study is
-resumable: finished runs are kept, interrupted ones resume from their last checkpoint, and the report merges all.
+Runs are separate processes (several share one device: ``--parallel``), each in its own run directory; the study
+is resumable: finished runs are kept, interrupted ones (``--deadline``, ``--run-timeout``, a lost machine) resume
+from their last checkpoint, and the report merges all, says which runs remain, and keeps earlier studies
+(``--prior``) as one row each.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from typing import Any
 import torch
 
 from .config import load_config, to_toml
+from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
 
-ARMS = ("standard", "seed", "ra", "ra_disc", "full", "output_gate")
+ARMS = ("standard", "ra", "full", "output_gate", "seed", "ra_disc")  # in order of interest
+FIRST_ARMS = 4  # the arms of first interest: run for every seed before the rest
 BASELINE = "standard"
 
 
@@ -53,12 +59,16 @@ class QualityConfig:
     parallel: int = 1
     equal: str = "tokens"  # tokens | wallclock
     wall_seconds: float = 0.0  # per run, with equal="wallclock"
-    mqar: bool = True
-    mqar_steps: int = 300
+    mqar: bool = False
+    mqar_steps: int = 1000
     mqar_seq_len: int = 64
     mqar_kv: int = 8
+    mqar_width: int = 128
+    mqar_vocab: int = 8192
     run_timeout: float = 0.0  # seconds per training process; 0 = none
+    deadline_s: float = 0.0  # seconds for the whole call: then running jobs stop (resumable); 0 = none
     device_label: str = ""  # where the training runs ran, when the report is assembled elsewhere
+    prior: list[str] = field(default_factory=list)  # quality.json of earlier studies, kept as one row each
 
     def validate(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
@@ -74,6 +84,8 @@ class QualityConfig:
             raise ValueError("equal='wallclock' needs wall_seconds > 0")
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1; got {self.parallel}")
+        if self.deadline_s < 0 or self.run_timeout < 0:
+            raise ValueError(f"deadline_s and run_timeout must be >= 0; got {self.deadline_s}, {self.run_timeout}")
 
 
 def run_dir(qc: QualityConfig, arm: str, seed: int) -> Path:
@@ -107,13 +119,35 @@ def _launch(qc: QualityConfig, arm: str, seed: int) -> subprocess.Popen | None:
     return subprocess.Popen(cmd, stdout=open(d / "train.log", "a"), stderr=subprocess.STDOUT, env=env)
 
 
+def job_order(qc: QualityConfig) -> list[tuple[str, int]]:
+    """``(arm, seed)`` in launch order: the arms of first interest for every seed, then the others; seed-major
+    within each group, so a study cut short still has whole pairs."""
+    tier = {a: int(ARMS.index(a) >= FIRST_ARMS) for a in qc.arms}
+    return sorted(((a, s) for s in qc.seeds for a in qc.arms),
+                  key=lambda j: (tier[j[0]], qc.seeds.index(j[1]), ARMS.index(j[0])))
+
+
+def remaining(qc: QualityConfig) -> list[str]:
+    """The ``arm-sSEED`` runs of the study without a finished result, in launch order."""
+    return [f"{a}-s{s}" for a, s in job_order(qc) if not (run_dir(qc, a, s) / "summary.json").exists()]
+
+
 def run_study(qc: QualityConfig) -> None:
-    """Run every (arm, seed) training job, ``parallel`` at a time; finished ones are skipped."""
+    """Run every (arm, seed) training job, ``parallel`` at a time, until done or ``deadline_s``; finished ones are
+    skipped, stopped ones resume from their last checkpoint on the next call."""
     qc.validate()
-    jobs = [(a, s) for s in qc.seeds for a in qc.arms]  # seed-major: a partial study still has whole pairs
+    jobs = job_order(qc)
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     failed = []
+    deadline = time.time() + qc.deadline_s if qc.deadline_s else 0.0
     while jobs or running:
+        if deadline and time.time() > deadline:
+            for arm, seed, p, _ in running:
+                p.terminate()
+                p.wait()
+                log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next call", arm,
+                            seed, qc.deadline_s)
+            break
         while jobs and len(running) < qc.parallel:
             arm, seed = jobs.pop(0)
             p = _launch(qc, arm, seed)
@@ -139,49 +173,28 @@ def run_study(qc: QualityConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# MQAR lens
+# MQAR lens: the probe grid's main cell at the study's arms and seeds
 # --------------------------------------------------------------------------------------------------------------
 
-def run_mqar(qc: QualityConfig, arm: str, seed: int, device: torch.device) -> dict[str, Any]:
-    """Train a small GPT with ``arm`` attention on MQAR for ``mqar_steps`` steps; held-out accuracy."""
-    from ..model import GPT, GPTConfig
-    from .mqar import IGNORE, MQARSpec, accuracy, make_batch
+def mqar_grid(qc: QualityConfig) -> Any:
+    """The MQAR lens as a one-cell :class:`~reciprocal_attention.lab.mqar_study.GridConfig` under ``out/mqar``."""
+    from .mqar_study import GridConfig
 
-    out = Path(qc.out_dir) / "mqar" / f"{arm}-s{seed}.json"
-    if out.exists():
-        return json.loads(out.read_text())
-    spec = MQARSpec(seq_len=qc.mqar_seq_len, n_kv=qc.mqar_kv, n_queries=qc.mqar_kv, n_keys=4 * qc.mqar_kv,
-                    n_values=4 * qc.mqar_kv)
-    # one model size on every device (fp32), so results from a GPU and a CPU are the same experiment
-    mcfg = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=spec.seq_len, vocab_size=spec.vocab_size,
-                     dropout=0.0, bias=True, attn=arm, ra_layers="all")
-    model = GPT(mcfg, seed=seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    batch = 64
-    t0 = time.time()
-    for step in range(qc.mqar_steps):
-        x, y = make_batch(spec, batch, gen)
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
-    test_gen = torch.Generator().manual_seed(99_999)  # the same held-out set for every arm and seed
-    accs = []
-    with torch.no_grad():
-        for _ in range(4):
-            x, y = make_batch(spec, 128, test_gen)
-            logits, _ = model(x.to(device))
-            accs.append(accuracy(logits.float().cpu(), y))
-    res = {"arm": arm, "seed": seed, "accuracy": sum(accs) / len(accs), "steps": qc.mqar_steps,
-           "final_train_loss": float(loss.detach()), "seconds": time.time() - t0, "spec": asdict(spec),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    return res
+    return GridConfig(arms=list(qc.arms), seeds=list(qc.seeds), widths=[qc.mqar_width],
+                      width_task=(qc.mqar_seq_len, qc.mqar_kv), kv_width=qc.mqar_width, kv_sweep=[], lrs=[1e-3],
+                      steps=qc.mqar_steps, vocab_size=qc.mqar_vocab, out_dir=str(Path(qc.out_dir) / "mqar"),
+                      parallel=qc.parallel)
+
+
+def mqar_accuracy(qc: QualityConfig) -> dict[str, dict[int, float]]:
+    """``{arm: {seed: accuracy}}`` of the finished MQAR-lens runs."""
+    from .mqar_study import load_records
+
+    out: dict[str, dict[int, float]] = {}
+    if (Path(qc.out_dir) / "mqar" / "runs").exists():
+        for r in load_records(Path(qc.out_dir) / "mqar"):
+            out.setdefault(r["arm"], {})[r["seed"]] = r["accuracy"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,122 +253,18 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         else:
             verdicts[a] = (f"no difference that the data support: paired differences "
                            f"{', '.join(f'{d:+.4f}' for d in diffs.values())} vs noise floor {thr:.4f}")
-    mqar_dir = Path(qc.out_dir) / "mqar"
-    mqar: dict[str, Any] = {}
-    if mqar_dir.exists():
-        for f in sorted(mqar_dir.glob("*.json")):
-            r = json.loads(f.read_text())
-            mqar.setdefault(r["arm"], {})[r["seed"]] = r["accuracy"]
     curves = {f"{a}-s{s}": runs[(a, s)]["curve"] for a in qc.arms for s in qc.seeds if runs[(a, s)]}
     any_run = next((r for r in runs.values() if r), {})
-    return {"config": asdict(qc), "arms": arms, "noise_floor": noise, "verdicts": verdicts, "mqar": mqar,
+    tokens = sorted({r["tokens"] for r in runs.values() if r})
+    if len(tokens) > 1 and qc.equal == "tokens":
+        log.warning("finished runs differ in tokens (%s): tokens_per_run reports the largest", tokens)
+    return {"tokens_per_run": tokens[-1] if tokens else None, "config": asdict(qc), "arms": arms,
+            "noise_floor": noise, "verdicts": verdicts, "mqar": mqar_accuracy(qc), "remaining": remaining(qc),
+            "prior_studies": load_prior(qc.prior),
             "curves": curves, "device": any_run.get("device"), "dtype": any_run.get("dtype"),
             "params": any_run.get("params"), "torch": torch.__version__,
             "gpu": qc.device_label or (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
             "complete": all(runs.values())}
-
-
-def verdict_sentence(res: dict[str, Any]) -> str:
-    """One sentence that says only what the numbers support."""
-    better = [a for a, v in res["verdicts"].items() if v.startswith("better")]
-    worse = [a for a, v in res["verdicts"].items() if v.startswith("worse")]
-    if not res["complete"]:
-        return "The study is incomplete; no verdict."
-    n = len(res["config"]["seeds"])
-    parts = []
-    parts.append(f"better than the baseline in all {n} seeds beyond the noise floor: {', '.join(better)}" if better
-                 else f"no arm beat the baseline beyond the noise floor in all {n} seeds")
-    if worse:
-        parts.append(f"worse in every seed: {', '.join(worse)}")
-    return "At this scale, " + "; ".join(parts) + "."
-
-
-def _num(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _arm_row(arm: str, st: dict[str, Any], verdict: str) -> str:
-    """One markdown table row of per-arm statistics."""
-    if st["mean"] is None:
-        return f"| {arm} | no finished run | | | | | | |"
-    diffs = ", ".join(f"{d:+.4f}" for d in st.get("paired_diff", {}).values()) or "-"
-    rel = st.get("paired_diff_rel_mean")
-    rel_s = "-" if rel is None else f"{100 * rel:+.2f}%"
-    return (f"| {arm} | {st['mean']:.4f} | {_num(st['std'], '.4f')} | {st['ppl_mean']:.2f} | {diffs} | {rel_s} | "
-            f"{_num(st['tokens_per_s_mean'], ',.0f')} | {verdict} |")
-
-
-def markdown(res: dict[str, Any]) -> str:
-    qc = res["config"]
-    nf = res["noise_floor"]
-    lines = ["# RA quality study", "",
-             f"Device: {res.get('gpu') or res.get('device')}; dtype {res.get('dtype')}; report assembled with torch "
-             f"{res['torch']}; "
-             f"training preset `{qc['preset']}` with overrides {qc['overrides'] or 'none'}; model parameters "
-             f"{res.get('params')}; seeds {qc['seeds']} (paired: same init of shared weights, same data order); "
-             f"equal {qc['equal']}.", "",
-             f"**Verdict:** {verdict_sentence(res)}", "",
-             f"Noise floor (baseline vs baseline with another seed, |diff| of final val loss): mean "
-             f"{nf['mean'] if nf['mean'] is None else round(nf['mean'], 4)}, max "
-             f"{nf['max'] if nf['max'] is None else round(nf['max'], 4)}.", "",
-             "| arm | val loss mean | std | ppl | paired diff vs standard (per seed) | mean rel diff | tokens/s | "
-             "verdict |", "|---|---|---|---|---|---|---|---|"]
-    for a, st in res["arms"].items():
-        lines.append(_arm_row(a, st, res["verdicts"].get(a, "baseline")))
-    lines += ["", "tokens/s is per training process while several runs share one GPU: a record of the study, not a "
-              "speed comparison (see `ra bench`)."]
-    if res["mqar"]:
-        base = list(res["mqar"].get(BASELINE, {}).values())
-        spread = f"{max(base) - min(base):.3f}" if len(base) > 1 else "n/a"
-        lines += ["", "## MQAR accuracy (held-out, same test set for every arm)", "",
-                  f"Spread of the baseline across seeds (its noise floor): {spread}.", "",
-                  "| arm | accuracy per seed | mean |", "|---|---|---|"]
-        for a, d in res["mqar"].items():
-            lines.append(f"| {a} | {', '.join(f'{v:.3f}' for v in d.values())} | {statistics.fmean(d.values()):.3f} |")
-    lines += ["", "Loss curves: `quality.png`. Raw numbers: `quality.json`."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = dict(zip(ARMS, ["k", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
-    for name, curve in res["curves"].items():
-        arm = name.rsplit("-s", 1)[0]
-        if curve:
-            t, l = zip(*curve)
-            ax.plot(t, l, color=colors.get(arm), alpha=0.7, lw=1, label=arm if name.endswith("-s" + str(
-                res["config"]["seeds"][0])) else None)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("val loss")
-    ax.set_title("validation loss (each line one seed)")
-    ax.legend()
-    arms = [a for a in res["arms"] if a != BASELINE and res["arms"][a].get("paired_diff")]
-    for i, a in enumerate(arms):
-        d = list(res["arms"][a]["paired_diff"].values())
-        ax2.scatter([i] * len(d), d, color=colors.get(a))
-    nf = res["noise_floor"]["max"]
-    if nf is not None:
-        ax2.axhspan(-nf, nf, color="grey", alpha=0.2, label="noise floor (baseline vs baseline)")
-    ax2.axhline(0, color="k", lw=0.8)
-    ax2.set_xticks(range(len(arms)), arms)
-    ax2.set_ylabel("final val loss - baseline (paired by seed)")
-    ax2.legend()
-    fig.suptitle(f"RA quality study - {res.get('gpu') or res.get('device')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(res: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(res, indent=1))
-    (out / "quality.md").write_text(markdown(res))
-    plot(res, out / "quality.png")
 
 
 def study(qc: QualityConfig) -> dict[str, Any]:
@@ -363,50 +272,73 @@ def study(qc: QualityConfig) -> dict[str, Any]:
     qc.validate()
     Path(qc.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(qc.out_dir) / "study.json").write_text(json.dumps(asdict(qc), indent=1))
+    t0 = time.time()
     run_study(qc)
     if qc.mqar:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        for s in qc.seeds:
-            for a in qc.arms:
-                r = run_mqar(qc, a, s, device)
-                print(f"[quality] MQAR {a} seed {s}: accuracy {r['accuracy']:.3f}", flush=True)
+        from .mqar_study import run_grid
+
+        grid = mqar_grid(qc)
+        left = qc.deadline_s - (time.time() - t0)
+        if qc.deadline_s and left < 30:
+            log.warning("no time left for the MQAR lens before the deadline; it runs on the next call")
+        else:
+            grid.deadline_s = max(0.0, left) if qc.deadline_s else 0.0
+            run_grid(grid)
     res = analyse(qc)
     write_report(res, Path(qc.out_dir))
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ra quality`` options."""
     ap = argparse.ArgumentParser(prog="ra quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)} (a subset runs "
+                    "only those; the report covers what is finished)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--preset", default=None, help="training preset (default quality-gpu on CUDA, else quality-cpu)")
+    ap.add_argument("--preset", default=None, help="training preset (default quality-gpu on CUDA, else "
+                    "quality-cpu; quality-gpu-40m for the 40M-token study)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="training override applied to every run (e.g. budget.max_tokens=2000000)")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--parallel", type=int, default=None, help="runs at once (default: 6 on CUDA, 1 on CPU)")
     ap.add_argument("--equal", choices=("tokens", "wallclock"), default="tokens")
     ap.add_argument("--wall-seconds", type=float, default=0.0)
-    ap.add_argument("--no-mqar", action="store_true")
-    ap.add_argument("--mqar-steps", type=int, default=300)
-    ap.add_argument("--run-timeout", type=float, default=0.0)
+    ap.add_argument("--mqar", action="store_true", help="also run the MQAR probe's main cell per arm and seed")
+    ap.add_argument("--mqar-steps", type=int, default=1000)
+    ap.add_argument("--run-timeout", type=float, default=0.0, help="seconds per training run (it resumes later)")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds for this call: running jobs stop then and resume on the next call (0 = none)")
+    ap.add_argument("--prior", action="append", default=[], metavar="QUALITY_JSON",
+                    help="an earlier study's quality.json, kept in the report as one row")
     ap.add_argument("--report-only", action="store_true", help="only analyse finished runs and write the report")
     ap.add_argument("--device-label", default="", help="where the training runs ran (for a report made elsewhere)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ra quality``: run or resume the study with live progress of every run, then print the report."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cuda = torch.cuda.is_available()
-    qc = QualityConfig(arms=args.arms.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-                       preset=args.preset or ("quality-gpu" if cuda else "quality-cpu"), overrides=args.overrides,
-                       out_dir=args.out, parallel=args.parallel or (6 if cuda else 1), equal=args.equal,
-                       wall_seconds=args.wall_seconds, mqar=not args.no_mqar, mqar_steps=args.mqar_steps,
-                       run_timeout=args.run_timeout, device_label=args.device_label)
     try:
+        qc = QualityConfig(arms=args.arms.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+                           preset=args.preset or ("quality-gpu" if cuda else "quality-cpu"),
+                           overrides=args.overrides, out_dir=args.out, parallel=args.parallel or (6 if cuda else 1),
+                           equal=args.equal, wall_seconds=args.wall_seconds, mqar=args.mqar,
+                           mqar_steps=args.mqar_steps, run_timeout=args.run_timeout, deadline_s=args.deadline,
+                           device_label=args.device_label, prior=args.prior)
         qc.validate()
+        load_prior(qc.prior)
     except ValueError as e:
         ap.error(str(e))
     if args.report_only:
         res = analyse(qc)
         write_report(res, Path(qc.out_dir))
     else:
-        res = study(qc)
+        from .compare import RunProgress  # live progress of every run (step, loss, ETA), read from its metrics
+
+        with RunProgress(qc):
+            res = study(qc)
     print(markdown(res))
     return 0

@@ -1,0 +1,161 @@
+"""The quality study's report: ``quality.md`` (verdict, per-arm table, earlier studies as rows, what remains) and
+``quality.png`` (validation curves and paired differences), from :func:`reciprocal_attention.lab.quality.analyse`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+BASELINE = "standard"
+COLORS = {"standard": "k", "seed": "tab:red", "ra": "tab:blue", "ra_disc": "tab:green", "full": "tab:purple",
+          "output_gate": "tab:orange"}
+
+
+def verdict_sentence(res: dict[str, Any]) -> str:
+    """One sentence that says only what the numbers support."""
+    better = [a for a, v in res["verdicts"].items() if v.startswith("better")]
+    worse = [a for a, v in res["verdicts"].items() if v.startswith("worse")]
+    if not res["complete"]:
+        return "The study is incomplete; no verdict."
+    n = len(res["config"]["seeds"])
+    parts = [f"better than the baseline in all {n} seeds beyond the noise floor: {', '.join(better)}" if better
+             else f"no arm beat the baseline beyond the noise floor in all {n} seeds"]
+    if worse:
+        parts.append(f"worse in every seed: {', '.join(worse)}")
+    return "At this scale, " + "; ".join(parts) + "."
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _arm_row(arm: str, st: dict[str, Any], verdict: str) -> str:
+    """One markdown table row of per-arm statistics."""
+    if st["mean"] is None:
+        return f"| {arm} | no finished run | | | | | | |"
+    diffs = ", ".join(f"{d:+.4f}" for d in st.get("paired_diff", {}).values()) or "-"
+    rel = st.get("paired_diff_rel_mean")
+    rel_s = "-" if rel is None else f"{100 * rel:+.2f}%"
+    return (f"| {arm} | {st['mean']:.4f} | {_num(st['std'], '.4f')} | {st['ppl_mean']:.2f} | {diffs} | {rel_s} | "
+            f"{_num(st['tokens_per_s_mean'], ',.0f')} | {verdict} |")
+
+
+def study_row(res: dict[str, Any]) -> dict[str, Any]:
+    """A study reduced to one row: tokens per run, per-arm mean loss and paired difference, verdict, device."""
+    tokens = res.get("tokens_per_run")
+    if tokens is None:  # reports written before tokens_per_run existed: the runs' own token counts
+        counts = [t for st in res["arms"].values() for t in st.get("tokens", {}).values()]
+        tokens = max(counts) if counts else None
+    return {"tokens_per_run": tokens, "params": res.get("params"), "device": res.get("gpu") or res.get("device"),
+            "seeds": res["config"]["seeds"], "verdict": verdict_sentence(res),
+            "arms": {a: {"mean": st["mean"], "paired_diff_mean": st.get("paired_diff_mean")}
+                     for a, st in res["arms"].items()}}
+
+
+def load_prior(paths: list[str]) -> list[dict[str, Any]]:
+    """Rows of earlier studies from their ``quality.json`` (and the rows those already carried)."""
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        try:
+            old = json.loads(Path(p).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"prior must name a readable quality.json; {p}: {e}") from None
+        rows += old.get("prior_studies", [])
+        rows.append(old if "verdict" in old and "arms" in old and "config" not in old else study_row(old))
+    return rows
+
+
+def _prior_table(rows: list[dict[str, Any]], arms: list[str]) -> list[str]:
+    out = ["", "## Earlier studies (one row each: mean final val loss per arm, mean paired diff vs standard)", "",
+           "| tokens per run | params | seeds | " + " | ".join(arms) + " | verdict |", "|---" * (len(arms) + 4) + "|"]
+    for r in rows:
+        cells = []
+        for a in arms:
+            st = r["arms"].get(a)
+            if not st or st["mean"] is None:
+                cells.append("-")
+            else:
+                d = st.get("paired_diff_mean")
+                cells.append(f"{st['mean']:.4f}" + ("" if d is None else f" ({d:+.4f})"))
+        out.append(f"| {_num(r['tokens_per_run'], ',')} | {_num(r.get('params'), ',')} | {r['seeds']} | "
+                   + " | ".join(cells) + f" | {r['verdict']} |")
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The study's report as markdown."""
+    qc = res["config"]
+    nf = res["noise_floor"]
+    on_gpu = bool(res.get("gpu")) or str(res.get("device", "")).startswith("cuda")
+    lines = ["# RA quality study", "",
+             f"Device: {res.get('gpu') or res.get('device')}; dtype {res.get('dtype')}; report assembled with torch "
+             f"{res['torch']}; training preset `{qc['preset']}` with overrides {qc['overrides'] or 'none'}; model "
+             f"parameters {res.get('params')}; tokens per run {_num(res.get('tokens_per_run'), ',')}; seeds "
+             f"{qc['seeds']} (paired: same init of shared weights, same data order); equal {qc['equal']}.", "",
+             f"**Verdict:** {verdict_sentence(res)}", "",
+             f"Noise floor (baseline vs baseline with another seed, |diff| of final val loss): mean "
+             f"{_num(nf['mean'], '.4f')}, max {_num(nf['max'], '.4f')}.", "",
+             "| arm | val loss mean | std | ppl | paired diff vs standard (per seed) | mean rel diff | tokens/s | "
+             "verdict |", "|---|---|---|---|---|---|---|---|"]
+    for a, st in res["arms"].items():
+        lines.append(_arm_row(a, st, res["verdicts"].get(a, "baseline")))
+    share = "several runs share one GPU" if on_gpu else "several runs share the CPU cores"
+    lines += ["", f"tokens/s is per training process while {share}: a record of the study, not a speed comparison "
+              "(see `ra bench`)."]
+    if res.get("remaining"):
+        lines += ["", f"**What remains:** {len(res['remaining'])} runs have no finished result: "
+                  + ", ".join(res["remaining"]) + ". Rerun the same command with the same `--out` to resume them."]
+    if res.get("mqar"):
+        lines += ["", "## MQAR (the probe's main cell; the full grid is `python -m reciprocal_attention.lab."
+                  "mqar_study`)", "", "| arm | accuracy per seed | mean |", "|---|---|---|"]
+        for a, d in res["mqar"].items():
+            lines.append(f"| {a} | {', '.join(f'{v:.3f}' for v in d.values())} | {statistics.fmean(d.values()):.3f} |")
+    if res.get("prior_studies"):
+        lines += _prior_table(res["prior_studies"], list(res["arms"]))
+    lines += ["", "Loss curves: `quality.png`. Raw numbers: `quality.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Validation-loss curves per run, and the paired differences against the noise-floor band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    first = "-s" + str(res["config"]["seeds"][0])
+    for name, curve in res["curves"].items():
+        arm = name.rsplit("-s", 1)[0]
+        if curve:
+            t, loss = zip(*curve)
+            ax.plot(t, loss, color=COLORS.get(arm), alpha=0.7, lw=1, label=arm if name.endswith(first) else None)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("val loss")
+    ax.set_title("validation loss (each line one seed)")
+    ax.legend()
+    arms = [a for a in res["arms"] if a != BASELINE and res["arms"][a].get("paired_diff")]
+    for i, a in enumerate(arms):
+        d = list(res["arms"][a]["paired_diff"].values())
+        ax2.scatter([i] * len(d), d, color=COLORS.get(a))
+    nf = res["noise_floor"]["max"]
+    if nf is not None:
+        ax2.axhspan(-nf, nf, color="grey", alpha=0.2, label="noise floor (baseline vs baseline)")
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set_xticks(range(len(arms)), arms)
+    ax2.set_ylabel("final val loss - baseline (paired by seed)")
+    ax2.legend()
+    fig.suptitle(f"RA quality study - {res.get('gpu') or res.get('device')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(res: dict[str, Any], out: Path) -> None:
+    """``quality.json``, ``quality.md`` and ``quality.png`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(res, indent=1))
+    (out / "quality.md").write_text(markdown(res))
+    plot(res, out / "quality.png")
