@@ -88,15 +88,17 @@ def zoology_spec(seq_len: int, n_kv: int, vocab_size: int = 8192) -> MQARSpec:
     return MQARSpec(seq_len=seq_len, n_kv=n_kv, n_queries=n_kv, n_keys=half, n_values=half)
 
 
-def probe_config(arm: str, d_model: int, spec: MQARSpec, n_layer: int = 2, head_dim: int = 32) -> Any:
-    """The probe's :class:`~reciprocal_attention.model.GPTConfig`: PyTorch init, untied head with a bias."""
+def probe_config(arm: str, d_model: int, spec: MQARSpec, n_layer: int = 2, head_dim: int = 32,
+                 tie_embeddings: bool = False) -> Any:
+    """The probe's :class:`~reciprocal_attention.model.GPTConfig`: PyTorch init, untied head with a bias (or, with
+    ``tie_embeddings``, the head tied to the N(0, 1) embedding and no bias)."""
     from ..model import GPTConfig
 
     if d_model % head_dim:
         raise ValueError(f"d_model must be a multiple of head_dim={head_dim}; got {d_model}")
     return GPTConfig(n_layer=n_layer, n_head=d_model // head_dim, n_embd=d_model, block_size=spec.seq_len,
                      vocab_size=spec.vocab_size, dropout=0.0, bias=True, attn=arm, ra_layers="all",
-                     init="torch", tie_embeddings=False, head_bias=True)
+                     init="torch", tie_embeddings=tie_embeddings, head_bias=not tie_embeddings)
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,13 @@ class MQARRun:
     eval_sequences: int = 512
     stop_at: float = 0.99
     weight_decay: float = 0.0
+    tie_embeddings: bool = False
 
     @property
     def key(self) -> str:
         """A file-name-safe identifier of the run."""
         return (f"{self.arm}-d{self.d_model}-T{self.seq_len}-kv{self.n_kv}-V{self.vocab_size}-lr{self.lr:g}"
-                f"-n{self.steps}-s{self.seed}")
+                f"-n{self.steps}{'-tied' if self.tie_embeddings else ''}-s{self.seed}")
 
     def spec(self) -> MQARSpec:
         """The task of this run."""
@@ -211,7 +214,8 @@ def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = Tru
 
     device = torch.device(device)
     spec = run.spec()
-    model = GPT(probe_config(run.arm, run.d_model, spec, run.n_layer), seed=run.seed).to(device)
+    model = GPT(probe_config(run.arm, run.d_model, spec, run.n_layer, tie_embeddings=run.tie_embeddings),
+                seed=run.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
     gen = torch.Generator().manual_seed(10_000 + run.seed)
     bar = LiveProgress(run.steps, f"mqar {run.key}", enabled=progress)

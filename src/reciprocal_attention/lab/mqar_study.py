@@ -50,6 +50,7 @@ class GridConfig:
     vocab_size: int = 8192
     batch_size: int = 64
     eval_every: int = 250
+    tie_embeddings: bool = False
     out_dir: str = "runs/mqar"
     parallel: int = 1
     deadline_s: float = 0.0  # stop starting runs and end the workers after this many seconds; 0 = none
@@ -80,7 +81,7 @@ class GridConfig:
                     for arm in self.arms:
                         r = MQARRun(arm=arm, seed=seed, d_model=d, seq_len=seq_len, n_kv=n_kv, lr=lr,
                                     steps=self.steps, vocab_size=self.vocab_size, batch_size=self.batch_size,
-                                    eval_every=self.eval_every)
+                                    eval_every=self.eval_every, tie_embeddings=self.tie_embeddings)
                         out.setdefault(r.key, r)
         return list(out.values())
 
@@ -177,14 +178,14 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
 # --------------------------------------------------------------------------------------------------------------
 
 RECORD_KEYS = ("arm", "seed", "d_model", "seq_len", "n_kv", "lr", "steps", "accuracy", "best_lr", "steps_run",
-               "vocab_size", "seconds", "device")
-CELL_KEYS = ("d_model", "seq_len", "n_kv", "steps", "vocab_size")
+               "vocab_size", "tie_embeddings", "seconds", "device")
+CELL_KEYS = ("d_model", "seq_len", "n_kv", "steps", "vocab_size", "tie_embeddings")
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
     """Every finished run under ``out/runs``, with ``best_lr`` marked: per (arm, cell) the learning rate of the
     highest mean accuracy over seeds (ties: the smaller rate)."""
-    recs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
+    recs = [{"tie_embeddings": False, **json.loads(f.read_text())} for f in sorted((out / "runs").glob("*.json"))]
     groups: dict[tuple, dict[float, list[float]]] = {}
     for r in recs:
         groups.setdefault((r["arm"], *(r[k] for k in CELL_KEYS)), {}).setdefault(r["lr"], []).append(r["accuracy"])
@@ -226,8 +227,8 @@ def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None)
              "held-out accuracy over seeds at the arm's best learning rate, [min-max] over seeds, the number of "
              f"seeds, and the paired difference against `{BASELINE}` per seed (same init of shared weights, same "
              "data). The region that can show a difference is where the baseline is between 0.3 and 0.9.", "",
-             "| d_model | seq_len | n_kv | steps | vocab | " + " | ".join(arms) + " |",
-             "|---" * (5 + len(arms)) + "|"]
+             "| d_model | seq_len | n_kv | steps | vocab | tied head | " + " | ".join(arms) + " |",
+             "|---" * (6 + len(arms)) + "|"]
     for cell in sorted(table, key=lambda c: (c[2], c[1], c[0])):
         base = table[cell].get(BASELINE)
         lines.append("| " + " | ".join(str(c) for c in cell) + " | "
@@ -322,6 +323,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
     ap.add_argument("--vocab", type=int, default=d.vocab_size)
     ap.add_argument("--batch", type=int, default=d.batch_size)
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
+    ap.add_argument("--tie", action="store_true", help="tie the output layer to the embedding (no output bias)")
     ap.add_argument("--parallel", type=int, default=None, help="worker processes (default: 12 on CUDA, 1 on CPU)")
     ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole call (0 = none)")
     ap.add_argument("--plan", action="store_true", help="print the runs in priority order and exit")
@@ -333,7 +335,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
         gc = GridConfig(arms=_list(str, args.arms), seeds=_list(int, args.seeds), widths=_list(int, args.widths),
                         width_task=_pairs(args.width_task)[0], kv_width=args.kv_width,
                         kv_sweep=_pairs(args.kv_sweep), lrs=_list(float, args.lrs), steps=args.steps,
-                        vocab_size=args.vocab, batch_size=args.batch, eval_every=args.eval_every, out_dir=args.out,
+                        vocab_size=args.vocab, batch_size=args.batch, eval_every=args.eval_every,
+                        tie_embeddings=args.tie, out_dir=args.out,
                         parallel=args.parallel or (12 if torch.cuda.is_available() else 1),
                         deadline_s=args.deadline)
         gc.validate()

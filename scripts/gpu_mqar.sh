@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The MQAR grid on one GPU within a fixed time: worker processes share the card and claim runs in priority order
+# (the width sweep at the main learning rate first, then the n_kv sweep, then the other learning rates). Finished
+# runs are kept: calling it again with the same OUT_DIR resumes. The report (mqar.json/md/png) covers every finished
+# run and lists what remains; its table is printed last.
+# Usage: bash scripts/gpu_mqar.sh OUT_DIR
+# env: RA_MQAR_SECONDS (time for the grid, default 420), RA_MQAR_PAR (workers, default 12), RA_MQAR_STEPS (per run,
+#      default 2000; runs stop early at 0.99 accuracy), RA_MQAR_ARGS (more options for
+#      `python -m reciprocal_attention.lab.mqar_study`, e.g. "--widths 64,128 --lrs 1e-3 --tie").
+set -uo pipefail
+OUT="${1:?usage: gpu_mqar.sh OUT_DIR}"; mkdir -p "$OUT"
+SECS="${RA_MQAR_SECONDS:-420}"; PAR="${RA_MQAR_PAR:-12}"; STEPS="${RA_MQAR_STEPS:-2000}"
+export RA_FLASH_AUTOTUNE="${RA_FLASH_AUTOTUNE:-0}"  # fixed kernel configs: no autotuning under a shared card
+# the runner stops its workers at the deadline; the outer timeout guards against a hang after it (report included)
+# shellcheck disable=SC2086
+timeout --kill-after=20 $(( SECS + 90 )) python3 -m reciprocal_attention.lab.mqar_study --out "$OUT/grid" \
+  --report "$OUT" --parallel "$PAR" --deadline "$SECS" --steps "$STEPS" \
+  --arms standard,ra,ra_disc_channel,full,output_gate --seeds 0,1,2 --widths 64,128,256 --width-task 128:16 \
+  --kv-width 128 --kv-sweep 64:4,256:32,512:64 --lrs 1e-3,3e-3 --vocab 8192 ${RA_MQAR_ARGS:-} > "$OUT/mqar.log" 2>&1
+rc=$?
+[ "$rc" -ne 0 ] && { echo "mqar_study exited with $rc; the log ends:"; tail -n 30 "$OUT/mqar.log"; }
+# throughput of the finished runs, to size the next call
+python3 - "$OUT/grid/runs" <<'PY'
+import json, pathlib, sys
+recs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json")]
+if recs:
+    print(f"{len(recs)} finished runs; steps/s per worker: median "
+          f"{sorted(r['steps_per_s'] for r in recs)[len(recs) // 2]:.0f}; steps run: {sum(r['steps_run'] for r in recs)}")
+PY
+[ -f "$OUT/mqar.md" ] && cat "$OUT/mqar.md"
+exit "$rc"
