@@ -174,6 +174,8 @@ def test_ratio_plot_is_linear_around_one_with_labelled_bars():
             assert ticks and all(t.endswith("x") and "10^" not in t for t in ticks)
             labels = {t.get_text() for t in ax.texts}
             assert "17.00x \u2192" in labels and any(t in labels for t in ("0.97x", "1.02x", "1.10x"))
+        assert "hatched bars run past 3x" in fig._suptitle.get_text()
+        assert "CPU: not a result" in fig._suptitle.get_text()
     finally:
         import matplotlib.pyplot as plt
 
