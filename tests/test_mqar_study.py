@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from reciprocal_attention.lab import mqar_study as ms
 
 
@@ -52,9 +50,9 @@ def test_toy_grid_runs_resumes_and_reports(tmp_path):
     assert done[0].read_text() == first and done[-1].exists()
 
 
-def test_cli_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        ms.parse_args(["--kv-sweep", "128-16"])
-    assert e.value.code == 2 and "SEQ:KV" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        ms.parse_args(["--arms", "standard,magic"])
+def test_cli_errors_are_one_line_exit_2(capsys):
+    assert ms.main(["--kv-sweep", "128-16", "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "SEQ:KV" in err and len(err.strip().splitlines()) == 1
+    assert ms.main(["--arms", "standard,magic", "--plan"]) == 2
+    assert "arms: unknown ['magic']" in capsys.readouterr().err

@@ -99,3 +99,12 @@ def test_prior_study_is_one_row_and_cpu_report_says_cpu(tmp_path):
     assert "share one GPU" not in md and "share the CPU cores" in md
     with pytest.raises(ValueError, match="prior must name a readable quality.json"):
         quality.load_prior([str(tmp_path / "missing.json")])
+
+
+def test_cli_user_errors():
+    from reciprocal_attention.lab.errors import UserError
+
+    with pytest.raises(UserError, match="unknown arm"):
+        quality.main(["--arms", "standard,magic"])
+    with pytest.raises(UserError, match="seeds"):
+        quality.main(["--seeds", "0,0"])

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .mqar import LiveProgress, MQARRun, train
 
 log = logging.getLogger(__name__)
@@ -342,14 +343,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
         gc.validate()
         gc.runs()  # validates every task shape (MQARSpec)
     except (ValueError, IndexError) as e:
-        ap.error(str(e) or "bad grid arguments")
+        raise UserError(str(e) or "bad grid arguments") from None
     return args, gc
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the grid and write the report; ``--worker`` is the per-process entry of :func:`run_grid`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args, gc = parse_args(argv)
+    try:
+        args, gc = parse_args(argv)
+    except UserError as e:  # one line, exit 2, as the `ra` CLI does
+        print(f"mqar_study: error: {e}", file=sys.stderr)
+        return 2
     if args.worker:
         return worker(Path(args.out), args.deadline_at)
     if args.plan:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .config import load_config, to_toml
+from .errors import UserError
 from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         qc.validate()
         load_prior(qc.prior)
     except ValueError as e:
-        ap.error(str(e))
+        raise UserError(str(e)) from None
     if args.report_only:
         res = analyse(qc)
         write_report(res, Path(qc.out_dir))
