@@ -157,40 +157,6 @@ def activation_fold(
     return fq.transpose(1, 3).transpose(0, 1), fk.transpose(1, 3).transpose(0, 1)
 
 
-def seed_packed_attention(
-    Q: Tensor, K: Tensor, V: Tensor, w_std: Tensor, w_rec: Tensor, W_recip: Tensor, threshold: float = 0.1,
-) -> Tensor:
-    """RA Ultimate v2 exactly as the seed ran it: activation fold with routed head packs, host-synchronising.
-
-    Heads are gathered into an RA pack and a standard pack by boolean indexing (``.item()``/``nonzero`` sync the
-    host), each pack runs one SDPA, and the results are scattered back. Seed gates (``sqrt(clamp_min(w, 1e-8))``
-    on both sides). Discoverability off, as the seed's Flash path could take no mask. Kept for the benchmark's
-    "seed as it ran" row and as a fidelity check; use the module for anything else.
-    """
-    B, H, T, D = Q.shape
-    R = W_recip.shape[1]
-    ds = D - R
-    use_ra = w_rec > threshold
-    n_ra = int(use_ra.sum().item())
-    if n_ra == 0:
-        s = w_std.clamp_min(1e-8).sqrt().view(1, -1, 1, 1)
-        return F.scaled_dot_product_attention(Q * s, K * s, V, is_causal=True)
-    QW, KW = Q @ W_recip, K @ W_recip
-    idx_ra = torch.nonzero(use_ra, as_tuple=False).squeeze(1)
-    idx_bl = torch.nonzero(~use_ra, as_tuple=False).squeeze(1)
-    out = torch.empty_like(Q)
-    if idx_bl.numel() > 0:
-        s = w_std[idx_bl].clamp_min(1e-8).sqrt().view(1, -1, 1, 1)
-        out[:, idx_bl] = F.scaled_dot_product_attention(Q[:, idx_bl] * s, K[:, idx_bl] * s, V[:, idx_bl],
-                                                         is_causal=True)
-    s = w_std[idx_ra].clamp_min(1e-8).sqrt().view(1, -1, 1, 1)
-    r = w_rec[idx_ra].clamp_min(1e-8).sqrt().view(1, -1, 1, 1)
-    q_aug = torch.cat([s * Q[:, idx_ra, :, :ds], r * KW[:, idx_ra]], dim=-1).contiguous()
-    k_aug = torch.cat([s * K[:, idx_ra, :, :ds], r * QW[:, idx_ra]], dim=-1).contiguous()
-    out[:, idx_ra] = F.scaled_dot_product_attention(q_aug, k_aug, V[:, idx_ra], is_causal=True)
-    return out
-
-
 def channel_fold(q: Tensor, k: Tensor, col_bias: Tensor, scale: float, kappa: float = 1.0,
                  multiple: int = 8) -> tuple[Tensor, Tensor]:
     """Append one feature that adds ``col_bias`` exactly to every logit (RA-SPEC 3.3).

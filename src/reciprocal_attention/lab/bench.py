@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import fold as _fold
 from ..attention import ReciprocalAttention
+from .seed_algorithm import seed_packed_attention
 from .bench_report import PASSES, committed_gpu_table, markdown_report, plot, write_results  # noqa: F401
 from .errors import UserError
 
@@ -79,7 +80,7 @@ class SeedBlock(_WrappedBlock):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (t.contiguous() for t in self.heads(x))
         ra = self.ra
-        return self.project(_fold.seed_packed_attention(q, k, v, ra.w_std, ra.w_rec, ra.W_recip,
+        return self.project(seed_packed_attention(q, k, v, ra.w_std, ra.w_rec, ra.W_recip,
                                                         threshold=ra.routing_threshold))
 
 
