@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import GATES, SEED_GATE_FLOOR, VARIANTS, check_choice

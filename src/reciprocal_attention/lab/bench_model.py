@@ -269,7 +269,7 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
     if not records:
         return "No records.\n"
     v = records[0]
-    lines = [f"# Whole-model benchmark: GPT-2 training step and decoding", "",
+    lines = ["# Whole-model benchmark: GPT-2 training step and decoding", "",
              f"{v['device']}, torch {v['torch']}, triton {v['triton']}. Ratios are paired against the baseline "
              "in the same process (median of per-round ratios, min-max in brackets). Training step = forward + "
              "backward + fused AdamW + zero_grad, bf16 autocast, fp32 parameters.", "",
