@@ -8,9 +8,11 @@ come from disjoint vocabulary ranges: ``0`` is the filler, keys are ``1..n_keys`
 
 The probe model (:func:`probe_config`) is a 2-layer GPT with PyTorch's default initialisation, an untied output
 layer with a bias and N(0, 1) embeddings. With GPT-2's initialisation (every weight N(0, 0.02), tied head) the same
-model stays on the "most frequent value" shortcut (accuracy ~1/n_kv .. 0.34): the embedding scale and the weight
-scale both matter (N(0, 1) embeddings with GPT-2's 0.02 weights also stall), the output bias does not, and tying
-the head to N(0, 1) embeddings slows learning. :func:`train` is one probe run.
+model stays on the "most frequent value" shortcut (accuracy ~0.33 with 4 pairs). Both scales matter (CPU, 4 pairs,
+seq 32, width 128, 500 steps): N(0, 1) embeddings with GPT-2's 0.02 weights stall, so do PyTorch-scale weights with
+N(0, 0.02) embeddings, and GPT-2's init with both raised (N(0, 1) embeddings, every weight N(0, 0.05)) learns; the
+output bias makes no difference, lr 3e-3 does not rescue GPT-2's init, and tying the head to N(0, 1) embeddings
+slows learning. :func:`train` is one probe run.
 """
 
 from __future__ import annotations
