@@ -6,7 +6,7 @@
 # Usage: bash scripts/gpu_mqar.sh OUT_DIR
 # env: RA_MQAR_SECONDS (time for the grid, default 420), RA_MQAR_PAR (workers, default 12), RA_MQAR_STEPS (per run,
 #      default 2000; runs stop early at 0.99 accuracy), RA_MQAR_VOCAB (default 256; Zoology's large setting is 8192,
-#      where the baseline's accuracy was still 0 after 500 steps of batch 64 on CPU), RA_MQAR_ARGS (more options
+#      where the baseline's accuracy was still 0 after 800 steps of batch 256 on CPU), RA_MQAR_ARGS (more options
 #      for `python -m reciprocal_attention.lab.mqar_study`, e.g. "--widths 64,128 --lrs 3e-3 --tie").
 set -uo pipefail
 OUT="${1:?usage: gpu_mqar.sh OUT_DIR}"; mkdir -p "$OUT"
