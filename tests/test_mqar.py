@@ -63,9 +63,9 @@ def test_probe_setup_shares_weights_across_arms_and_keeps_gpt2_default():
     assert std.lm_head.weight is not std.transformer.wte.weight and std.lm_head.bias is not None
     assert 0.9 < float(std.transformer.wte.weight.detach().std()) < 1.1
     for lin in (std.lm_head, std.transformer.h[0].mlp.c_proj):
-        bound = 1 / lin.in_features ** 0.5
-        assert float(lin.weight.abs().max()) <= bound and float(lin.weight.abs().max()) > 0.9 * bound
-        assert float(lin.bias.abs().max()) > 0  # biases are drawn too, not zero
+        bound, w_max = 1 / lin.in_features ** 0.5, float(lin.weight.detach().abs().max())
+        assert 0.9 * bound < w_max <= bound
+        assert float(lin.bias.detach().abs().max()) > 0  # biases are drawn too, not zero
     gpt2 = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=257), seed=5)
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight and gpt2.lm_head.bias is None
     assert 0.015 < float(gpt2.transformer.wte.weight.detach().std()) < 0.025
