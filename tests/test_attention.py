@@ -523,3 +523,54 @@ def test_add_bias_channel_in_place_and_gradient():
     dw, dc = torch.autograd.grad(out, [w, c], g)
     torch.testing.assert_close(dw, g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, 7))
     torch.testing.assert_close(dc, torch.stack([g[..., H * Dp + h * Dp + Dp - 1].sum(0) for h in range(H)]) / 1.0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_empty_batch_gives_empty_output(preset, backend):
+    """B = 0 is a valid batch: every preset and backend returns [0, T, C]."""
+    m = ReciprocalAttention.from_preset(preset, n_embd=32, n_head=2, block_size=16, backend=backend)
+    y = m(torch.randn(0, 5, 32))
+    assert y.shape == (0, 5, 32)
+    q = torch.randn(0, 2, 5, 16)
+    W = torch.randn(16, 4)
+    g = torch.ones(2)
+    out = reciprocal_attention(q, q, q, variant="same_flop", W=W, w_std=g, w_rec=g, backend=backend)
+    assert out.shape == (0, 2, 5, 16)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(q=torch.zeros(1, 2, 5, 16, dtype=torch.int64)), TypeError, "q must be a floating-point tensor"),
+    (dict(k=torch.zeros(1, 2, 5, 16, dtype=torch.float64)), TypeError, "share one dtype"),
+    (dict(W=torch.zeros(17, 4)), ValueError, r"W of shape \[D, R\] with D = 16"),
+    (dict(W=torch.zeros(16, 20)), ValueError, r"1 <= R < D = 16"),
+    (dict(w_std=torch.ones(3)), ValueError, r"w_std must have shape \[H\] = \[2\]"),
+    (dict(col_bias=torch.zeros(2, 6)), ValueError, r"col_bias must have shape \[H, T\] = \[2, 5\]"),
+    (dict(dropout_p=-0.5), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite positive float"),
+])
+def test_functional_names_bad_inputs(change, error, match):
+    """Every bad input of the functional API is a named ValueError/TypeError, never a crash inside a kernel."""
+    args = dict(q=torch.randn(1, 2, 5, 16), k=torch.randn(1, 2, 5, 16), v=torch.randn(1, 2, 5, 16),
+                W=torch.randn(16, 4), w_std=torch.ones(2), w_rec=torch.ones(2), col_bias=None, dropout_p=0.0,
+                scale=None)
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(error, match=match):
+        reciprocal_attention(q, k, v, variant="same_flop", **args)
+
+
+def test_plan_follows_device_and_dtype_changes():
+    """The plan is chosen at construction and again on .to()/.double(), and setting backend or dropout re-plans."""
+    m = ReciprocalAttention.from_preset("ra_disc", n_embd=32, n_head=2, block_size=16)
+    assert (m.plan.qkv, m.plan.core, m.plan.bias) == ("fold", "sdpa", "feature")
+    m.backend = "reference"
+    assert (m.plan.qkv, m.plan.core, m.plan.bias) == ("linear", "reference", "logits")
+    m.backend = "sdpa"
+    m = m.double()
+    assert m.plan.core == "sdpa" and m.explain_backend()[0] == "sdpa"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        m.backend = "flash"
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        m.dropout = 1.5
