@@ -172,3 +172,24 @@ def test_entry_point_prints_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("ra: error: unknown preset")
     assert proc.stdout == ""
+
+
+def test_every_option_of_every_command_has_help():
+    """`ra COMMAND --help` explains every option of every command."""
+    import argparse
+    import importlib
+
+    from reciprocal_attention.lab.cli import COMMANDS
+
+    missing = []
+    for name, (module, _) in COMMANDS.items():
+        parser = importlib.import_module(module).build_parser()
+        stack = [parser]
+        while stack:
+            p = stack.pop()
+            for a in p._actions:
+                if isinstance(a, argparse._SubParsersAction):
+                    stack.extend(a.choices.values())
+                elif not a.help and not isinstance(a, argparse._HelpAction):
+                    missing.append(f"ra {name} {a.option_strings or a.dest}")
+    assert not missing, missing

@@ -295,17 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ra quality", description=__doc__.splitlines()[0])
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)} (a subset runs "
                     "only those; the report covers what is finished)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds; each arm runs once per seed (paired by seed)")
     ap.add_argument("--preset", default=None, help="training preset (default quality-gpu on CUDA, else "
                     "quality-cpu; quality-gpu-40m for the 40M-token study)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="training override applied to every run (e.g. budget.max_tokens=2000000)")
-    ap.add_argument("--out", default="runs/quality")
+    ap.add_argument("--out", default="runs/quality", help="study directory: one run directory per arm and seed, and the report")
     ap.add_argument("--parallel", type=int, default=None, help="runs at once (default: 6 on CUDA, 1 on CPU)")
-    ap.add_argument("--equal", choices=("tokens", "wallclock"), default="tokens")
-    ap.add_argument("--wall-seconds", type=float, default=0.0)
+    ap.add_argument("--equal", choices=("tokens", "wallclock"), default="tokens",
+                    help="compare arms at equal training tokens (default) or at equal wall-clock time (--wall-seconds)")
+    ap.add_argument("--wall-seconds", type=float, default=0.0, help="with --equal wallclock: training seconds per run")
     ap.add_argument("--mqar", action="store_true", help="also run the MQAR probe's main cell per arm and seed")
-    ap.add_argument("--mqar-steps", type=int, default=1000)
+    ap.add_argument("--mqar-steps", type=int, default=1000, help="with --mqar: training steps of each MQAR probe run")
     ap.add_argument("--run-timeout", type=float, default=0.0, help="seconds per training run (it resumes later)")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="seconds for this call: running jobs stop then and resume on the next call (0 = none)")
