@@ -11,7 +11,6 @@
 set -uo pipefail
 OUT="${1:?usage: gpu_mqar.sh OUT_DIR}"; mkdir -p "$OUT"
 SECS="${RA_MQAR_SECONDS:-420}"; PAR="${RA_MQAR_PAR:-12}"; STEPS="${RA_MQAR_STEPS:-2000}"
-export RA_FLASH_AUTOTUNE="${RA_FLASH_AUTOTUNE:-0}"  # fixed kernel configs: no autotuning under a shared card
 # the runner stops its workers at the deadline; the outer timeout guards against a hang after it (report included)
 # shellcheck disable=SC2086
 timeout --kill-after=20 $(( SECS + 90 )) python3 -m reciprocal_attention.lab.mqar_study --out "$OUT/grid" \

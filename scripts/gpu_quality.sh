@@ -14,8 +14,9 @@ SECS="${RA_QUALITY_SECONDS:-540}"; PAR="${RA_QUALITY_PAR:-9}"
 ARMS="${RA_QUALITY_ARMS:-standard,ra,full,output_gate,seed,ra_disc}"; SEEDS="${RA_QUALITY_SEEDS:-0,1,2}"
 PRESET="${RA_QUALITY_PRESET:-quality-gpu-40m}"
 PRIOR="${RA_QUALITY_PRIOR:-reports/quality/quality-4m.json}"
-export RA_FLASH_AUTOTUNE="${RA_FLASH_AUTOTUNE:-0}"  # fixed kernel configs: no autotuning under a shared card
-args=(--preset "$PRESET" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" --out "$OUT" --deadline "$SECS")
+# fixed Triton attention configs (ops.settings.flash_autotune): no autotuning races while runs share the card
+args=(--preset "$PRESET" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" --out "$OUT" --deadline "$SECS"
+      --set system.flash_autotune=false)
 [ -n "${RA_QUALITY_TOKENS:-}" ] && args+=(--set "budget.max_tokens=$RA_QUALITY_TOKENS")
 [ -f "$PRIOR" ] && args+=(--prior "$PRIOR")
 # the study stops its runs at the deadline; the outer timeout guards against a hang in the report after it

@@ -105,6 +105,9 @@ def worker(out: Path, deadline: float) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        from ..ops import settings
+
+        settings.flash_autotune = False  # workers share the card: one fixed config per Triton attention kernel
     else:
         torch.set_num_threads(1)  # several workers share the cores
     failures = 0
