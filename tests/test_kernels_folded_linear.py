@@ -223,3 +223,38 @@ def test_double_backward_matches_oracle(gates, thr):
     want = second_order(lambda: oracle(*ins, H, "same_flop", gates, thr))
     for name, a, e in zip(("x", "weight", "bias", "W", "w_std", "w_rec"), got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"d2 {n}: {m}")
+
+
+def test_cast_input_is_saved_once():
+    """A cast input (fp32 ``x``, bf16 fold: autocast) is kept by autograd once, in the fold's dtype: nothing of
+    ``x``'s own size and dtype stays alive for the backward (the eager whole model's peak memory)."""
+    H, D, R, N = 2, 16, 3, 9
+    x, weight, b, W, w_std, w_rec = make(H, D, R, N, True, seed=2, dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kfl.fused_folded_linear(x, weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
+    x_like = [dt for shape, dt in saved if shape == tuple(x.shape)]
+    assert x_like == [torch.bfloat16], saved
+
+
+def test_double_backward_through_cast_matches_oracle():
+    """create_graph=True with a cast input (float64 ``x``, float32 fold): second derivatives reach ``x`` through
+    the cast, as F.linear on a cast input would give them."""
+    H, D, R, N = 2, 8, 3, 5
+    x, weight, b, W, w_std, w_rec = make(H, D, R, N, True, seed=13)
+    params = [t.detach().float().requires_grad_() for t in (weight, b, W, w_std, w_rec)]
+
+    def second_order(y):
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), [x], create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [x, *params])
+
+    got = second_order(kfl.fused_folded_linear(x, *params, H, "same_flop", out_dtype=torch.float32)[0])
+    want = second_order(oracle(x.float(), *params, H, "same_flop", "signed", None))
+    for name, a, e in zip(("x", "weight", "bias", "W", "w_std", "w_rec"), got, want):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d2 {n}: {m}")

@@ -168,8 +168,9 @@ def time_pair(cfg: ModelBenchConfig, base: _Arm, arm: _Arm, batch: tuple[torch.T
             "tokens_per_s": B * T / (statistics.median(arm_ms) / 1e3)}
 
 
-def _decode_tokens_per_s(model: nn.Module, hf: bool, B: int, n_new: int, device: torch.device) -> float:
-    prompt = torch.randint(0, 1000, (B, 16), device=device)
+def _decode_tokens_per_s(model: nn.Module, hf: bool, B: int, n_new: int, device: torch.device,
+                         vocab: int) -> float:
+    prompt = torch.randint(0, min(1000, vocab), (B, 16), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.eval()
     with torch.no_grad(), amp:
@@ -188,13 +189,13 @@ def decode_pair(cfg: ModelBenchConfig, base: nn.Module, arm: nn.Module, hf: bool
                 rounds: int = 3) -> dict[str, Any]:
     """Greedy KV-cache decoding tokens/s of ``arm`` against ``base``, alternating rounds (one warm-up each)."""
     device = torch.device(cfg.device)
-    n = cfg.decode_tokens
-    _decode_tokens_per_s(base, hf, B, 8, device)
-    _decode_tokens_per_s(arm, hf, B, 8, device)
+    n, vocab = cfg.decode_tokens, cfg.overrides.get("vocab_size", 50257)
+    _decode_tokens_per_s(base, hf, B, 8, device, vocab)
+    _decode_tokens_per_s(arm, hf, B, 8, device, vocab)
     b, a = [], []
     for r in range(rounds):
         for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-            (b if which == 0 else a).append(_decode_tokens_per_s((base, arm)[which], hf, B, n, device))
+            (b if which == 0 else a).append(_decode_tokens_per_s((base, arm)[which], hf, B, n, device, vocab))
     return {"tokens_per_s": statistics.median(a), "baseline_tokens_per_s": statistics.median(b),
             "ratio_vs_baseline": statistics.median([x / y for x, y in zip(a, b)])}
 
@@ -210,8 +211,10 @@ def _versions(device: torch.device) -> dict[str, str]:
     return {"device": name, "torch": torch.__version__, "triton": triton_version}
 
 
-def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every (preset, mode, shape) training-step record, then the decoding records."""
+def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print,
+                    on_record: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every (preset, mode, shape) training-step record, then the decoding records. ``on_record(records)`` is
+    called after each new record (the CLI writes the results so far: a run cut short keeps what it measured)."""
     device = torch.device(cfg.device)
     versions = _versions(device)
     vocab = cfg.overrides.get("vocab_size", 50257)
@@ -240,6 +243,8 @@ def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print) -
                                preset="low_rank" if hf else preset, mode=mode, B=B, T=T, rounds=cfg.rounds,
                                steps=cfg.steps, peak_mem_bytes=peak, baseline_peak_mem_bytes=base_peak, **versions)
                     records.append(rec)
+                    if on_record is not None:
+                        on_record(records)
                     log(f"  {rec['model']:8s} {rec['preset']:16s} {mode:18s} {B}x{T:<5d} {rec['ms_median']:8.2f} ms  "
                         f"{rec['ratio_vs_baseline']:.3f}x  ({time.perf_counter() - t0:.0f} s)")
                     del arm
@@ -258,6 +263,8 @@ def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print) -
                        mode="eager", B=B, T=cfg.decode_tokens, ms_median=1e3 * B / rec["tokens_per_s"],
                        peak_mem_bytes=None, **versions)
             records.append(rec)
+            if on_record is not None:
+                on_record(records)
             log(f"  decode {rec['model']:8s} {rec['preset']:10s} B={B}: {rec['tokens_per_s']:.0f} tok/s "
                 f"({rec['ratio_vs_baseline']:.3f}x)")
         del base, arm
@@ -335,7 +342,7 @@ def _shapes(value: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         out = ()
     if not out or any(len(s) != 2 or min(s) < 1 for s in out):
-        raise UserError(f"--shapes must be a comma list of BxT, e.g. 8x1024,2x4096; got {value!r}")
+        raise UserError(f"--model-shapes must be a comma list of BxT, e.g. 8x1024,2x4096; got {value!r}")
     return out  # type: ignore[return-value]
 
 
@@ -369,14 +376,20 @@ def run_from_args(args: Any) -> int:
         raise UserError("--model-modes: compile modes of the whole model are timed on CUDA only; use "
                         "--model-modes eager on a CPU")
     print(f"[bench --model] {len(cfg.presets)} arms x {len(cfg.modes)} modes x {len(cfg.shapes)} shapes on {device}")
-    records = run_model_bench(cfg)
-    md = render_markdown(records)
-    print(md)
-    if args.out is not None:
-        out = Path(args.out)
+    out = Path(args.out) if args.out is not None else None
+
+    def write(records: list[dict[str, Any]], final: bool = False) -> None:
+        if out is None:
+            return
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
-        (out / "model.md").write_text(md)
-        render_png(records, out / "model.png")
+        (out / "model.md").write_text(render_markdown(records))
+        if final:
+            render_png(records, out / "model.png")
+
+    records = run_model_bench(cfg, on_record=write)
+    print(render_markdown(records))
+    write(records, final=True)
+    if out is not None:
         print(f"wrote {out / 'model.json'}, model.md, model.png")
     return 0

@@ -50,28 +50,22 @@ def _side_stream(t: Tensor) -> Optional["torch.cuda.Stream"]:
 
 
 def _forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor, w_std: Tensor, w_rec: Tensor,
-             wf: Tensor, bf: Optional[Tensor], cfg: tuple) -> tuple[Tensor, ...]:
-    """``(y,)`` or, when ``x2d`` is cast, ``(y, x2d cast)``: ``y = x2d @ wf^T + bf`` with ``(wf, bf)`` the fold of
-    ``(weight, bias, W, w_std, w_rec)`` under ``cfg`` ``(n_head, variant, gate_mode, threshold, bias_channel)``
-    (``wf, bf`` are inputs without gradient). The cast is an output so the backward reuses it."""
-    if x2d.dtype == wf.dtype:
-        return (torch.addmm(bf, x2d, wf.t()) if bf is not None else torch.mm(x2d, wf.t()),)
-    xc = x2d.to(wf.dtype)  # autocast: the cast F.linear would make
-    return (torch.addmm(bf, xc, wf.t()) if bf is not None else torch.mm(xc, wf.t())), xc
+             wf: Tensor, bf: Optional[Tensor], cfg: tuple) -> tuple[Tensor]:
+    """``(y,)``: ``y = x2d @ wf^T + bf`` with ``(wf, bf)`` the fold of ``(weight, bias, W, w_std, w_rec)`` under
+    ``cfg`` ``(n_head, variant, gate_mode, threshold, bias_channel)`` (``wf, bf`` are inputs without gradient;
+    ``x2d`` already has ``wf``'s dtype)."""
+    return (torch.addmm(bf, x2d, wf.t()) if bf is not None else torch.mm(x2d, wf.t()),)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x2d, weight, bias, W, w_std, w_rec, wf, bf, cfg = inputs
-    cast = len(output) == 2
-    if cast:
-        ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1] if cast else x2d, wf, weight, bias, W, w_std, w_rec, x2d if cast else None)
+    ctx.save_for_backward(x2d, wf, weight, bias, W, w_std, w_rec)
     ctx.cfg = cfg
 
 
 def _grads(ctx, _backward, gy: Tensor, *_) -> tuple:
     """Gradients to ``x2d`` and the parameters; the fold's backward forks onto the side stream (module docstring)."""
-    xc, wf, weight, bias, W, w_std, w_rec, _ = ctx.saved_tensors
+    xc, wf, weight, bias, W, w_std, w_rec = ctx.saved_tensors
     need = ctx.needs_input_grad
     if not any(need[1:6]):
         return gy.mm(wf), None, None, None, None, None, None, None, None
@@ -107,8 +101,7 @@ def _differentiable_grads(ctx, gy: Tensor, *_) -> tuple:
     """The gradients as a differentiable function of the inputs (double backward: Hessian-vector products, gradient
     penalties): the readable PyTorch fold (``fold.fold_qkv_weight``) and ``F.linear`` differentiated by autograd.
     Only used when the backward itself records a graph; the Triton kernels have no backward of their own."""
-    xc, wf, weight, bias, W, w_std, w_rec, x2d = ctx.saved_tensors
-    x2d = x2d if x2d is not None else xc
+    x2d, wf, weight, bias, W, w_std, w_rec = ctx.saved_tensors
     out_dtype = wf.dtype
     from ..fold import fold_qkv_weight
     from ..fold import gate_sides, routed_heads
@@ -145,6 +138,9 @@ def folded_linear(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], W: Tensor
         if bias is None:
             folded = (folded[0], None)
     cfg = (n_head, variant, gate_mode, threshold, bias_channel)
+    # The cast autocast's F.linear would make, outside the node: its autograd op keeps nothing, so the node
+    # saves only the cast input (not the caller's fp32 one too) and a double backward still reaches x2d.
+    x2d = x2d.to(folded[0].dtype)
     return _FOLDED_LINEAR(x2d, weight, bias, W, w_std, w_rec, folded[0], folded[1], cfg)[0], folded
 
 

@@ -1,0 +1,91 @@
+"""``ra bench --model gpt2`` (``lab/bench_model.py``) on CPU at a tiny size: the record contract the README and
+``benchmarks/results/<card>/model.json`` rely on, the paired timing, decoding, and its user errors."""
+
+import functools
+import json
+
+import pytest
+
+from reciprocal_attention.lab import bench_model as bm
+from reciprocal_attention.lab import cli
+
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 96}
+FIELDS = ("model", "preset", "mode", "B", "T", "ms_median", "ratio_vs_baseline", "peak_mem_bytes", "device",
+          "torch", "triton")
+
+
+def test_records_have_the_contract_fields():
+    cfg = bm.ModelBenchConfig(presets=("standard", "ra", "hf-gpt2"), modes=("eager",), shapes=((2, 16),),
+                              rounds=2, steps=1, warmup=1, decode_batches=(1, 2), decode_tokens=4, device="cpu",
+                              overrides=TINY)
+    records = bm.run_model_bench(cfg, log=lambda s: None)
+    steps = [r for r in records if r["kind"] == "train_step"]
+    dec = [r for r in records if r["kind"] == "decode"]
+    assert [(r["model"], r["preset"]) for r in steps] == [("gpt2", "ra"), ("hf-gpt2", "low_rank")]
+    assert sorted((r["model"], r["B"]) for r in dec) == [("gpt2", 1), ("gpt2", 2), ("hf-gpt2", 1), ("hf-gpt2", 2)]
+    for r in records:
+        assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
+        assert r["device"] == "cpu" and r["ms_median"] > 0 and r["ratio_vs_baseline"] > 0
+    for r in steps:
+        assert (r["B"], r["T"], r["mode"]) == (2, 16, "eager")
+        assert r["ratio_min"] <= r["ratio_vs_baseline"] <= r["ratio_max"]
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["ms_median"] / 1e3))
+    for r in dec:
+        assert r["tokens_per_s"] > 0 and r["baseline_tokens_per_s"] > 0
+    md = bm.render_markdown(records)
+    assert md.count("| gpt2 | ra | eager | 2 x 16 |") == 1 and "decoding" in md
+    json.dumps(records, allow_nan=False)
+
+
+def test_time_pair_alternates_and_pairs_rounds():
+    """Round r times (base, arm) for even r and (arm, base) for odd r; the ratio is the median of per-round
+    ratios, not the ratio of medians."""
+    calls = []
+
+    class Fake:
+        def __init__(self, name, ms):
+            self.name, self.ms, self.device = name, list(ms), bm.torch.device("cpu")
+
+    base, arm = Fake("base", [10, 10, 10]), Fake("arm", [11, 30, 12])
+
+    def fake_time(a, batch, steps):
+        calls.append(a.name)
+        return a.ms.pop(0)
+
+    orig = bm._time_steps
+    bm._time_steps = fake_time
+    try:
+        cfg = bm.ModelBenchConfig(rounds=3, device="cpu")
+        rec = bm.time_pair(cfg, base, arm, (bm.torch.zeros(2, 4), None))
+    finally:
+        bm._time_steps = orig
+    assert calls == ["base", "arm", "arm", "base", "base", "arm"]
+    assert rec["ratio_vs_baseline"] == pytest.approx(1.2) and rec["ratio_max"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model-presets", "ra,nope"], "--model-presets"),
+    (["--model-modes", "jit"], "--model-modes"),
+    (["--model-shapes", "8by1024"], "--model-shapes"),
+    (["--model-modes", "compile", "--device", "cpu"], "CUDA only"),
+])
+def test_user_errors(capsys, argv, match):
+    try:
+        code = cli.main(["bench", "--model", "gpt2", "--no-progress", *argv])
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("ra: error:") and match in err[0], err
+
+
+def test_cli_writes_results(tmp_path, capsys, monkeypatch):
+    """The CLI path end to end on CPU (a tiny GPT-2, one tiny shape): model.json / .md / .png under ``--out``."""
+    monkeypatch.setattr(bm, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
+    code = cli.main(["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager", "--model-presets", "ra",
+                     "--model-shapes", "1x8", "--model-rounds", "1", "--no-decode", "--no-progress",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    records = json.loads((tmp_path / "model.json").read_text())
+    assert [(r["model"], r["preset"], r["mode"], r["B"], r["T"]) for r in records] == [("gpt2", "ra", "eager", 1, 8)]
+    assert (tmp_path / "model.png").stat().st_size > 0 and "| gpt2 | ra | eager | 1 x 8 |" in \
+        (tmp_path / "model.md").read_text()
