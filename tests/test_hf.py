@@ -587,3 +587,59 @@ def test_init_from_vocab_mismatch(tmp_path):
 
     with pytest.raises(ConfigError, match="vocab_size 300 differs from the corpus tokenizer's 257"):
         _init_run(tmp_path / "run", tmp_path / "hf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Causal-only calls: the flash path even where transformers materialises the causal mask (torch.compile)
+
+def _sdpa_calls(monkeypatch):
+    """Record ``(attn_mask is None, is_causal)`` of every SDPA call of the converted layers."""
+    from reciprocal_attention.hf import modeling
+
+    calls, real = [], modeling.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_causal_only_call_skips_the_materialised_mask(base64, ids, monkeypatch):
+    """With transformers forced to build its 4-D causal mask (what it does while compiling on torch < 2.14), a call
+    without mask, cache or positions still runs the layers with ``is_causal`` and gives the same logits as the
+    masked path; a padding mask, positions or a cache keep the mask."""
+    from transformers import masking_utils
+
+    m = convert_gpt2(copy.deepcopy(base64)).to(torch.float32)
+    m.config._attn_implementation = "sdpa"
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
+    calls = _sdpa_calls(monkeypatch)
+    got = logits(m, ids)
+    assert calls and all(c == (True, True) for c in calls), calls
+    state = m.transformer._ra_call_state
+    assert state.causal_only and all(blk.attn.call_state is state for blk in m.transformer.h)
+    calls.clear()
+    want = logits(m, ids, attention_mask=torch.ones_like(ids))  # same function through the 4-D mask
+    assert calls and all(c == (False, False) for c in calls), calls
+    assert not state.causal_only
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    torch.testing.assert_close(logits(m, ids, position_ids=pos), want, rtol=1e-5, atol=1e-5)
+    assert calls and all(c == (False, False) for c in calls), calls
+    # generate passes a cache: the mask path (left padding and offsets are the mask's job)
+    calls.clear()
+    greedy(m, ids, n=3)
+    assert calls and all(c == (False, False) for c in calls), calls
+
+
+def test_call_state_follows_conversion(base64):
+    m = convert_gpt2(copy.deepcopy(base64), layers=[1])
+    assert m.transformer.h[1].attn.call_state is m.transformer._ra_call_state
+    assert len(m.transformer._forward_pre_hooks) == 1
+    clone = copy.deepcopy(m)  # the copy's layers share the copy's state
+    assert clone.transformer.h[1].attn.call_state is clone.transformer._ra_call_state is not m.transformer._ra_call_state
+    unconvert_gpt2(m)
+    assert not m.transformer._forward_pre_hooks and not hasattr(m.transformer, "_ra_call_state")

@@ -177,6 +177,24 @@ def channel_fold(q: Tensor, k: Tensor, col_bias: Tensor, scale: float, kappa: fl
     return torch.cat(pads_q, dim=-1), torch.cat(pads_k, dim=-1)
 
 
+@torch.library.custom_op("reciprocal_attention::add_channel_columns_", mutates_args=("qkv",))
+def _add_channel_columns_(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
+    """``qkv [B*T, N]`` in place: ``+= kappa`` on the Q channel columns (unless 0), ``+= c_t`` on the K ones.
+
+    An op that declares its mutation, so torch.compile keeps it in place: traced as plain view updates, the
+    functionalised graph rebuilds all of ``qkv`` around the few columns (one full read and write per layer)."""
+    T = c_t.shape[-2]
+    v = qkv.view(-1, T, qkv.shape[-1])
+    if kappa:  # 0: the folded bias already put kappa there
+        v[..., q0:q0 + n * step:step].add_(kappa)
+    v[..., k0:k0 + n * step:step].add_(c_t)
+
+
+@_add_channel_columns_.register_fake
+def _(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
+    return None
+
+
 class _AddBiasChannel(torch.autograd.Function):
     """In place on the 2-D GEMM output ``[B*T, N]``: ``+= kappa`` on the Q channel columns and ``+= c_t`` on the K
     channel columns; the gradient passes through unchanged (an addition) and ``c_t``'s is the K columns' gradient.
@@ -185,13 +203,9 @@ class _AddBiasChannel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> Tensor:
-        T = c_t.shape[-2]
-        v = qkv.view(-1, T, qkv.shape[-1])
-        if kappa:  # 0: the folded bias already put kappa there
-            v[..., q0:q0 + n * step:step].add_(kappa)
-        v[..., k0:k0 + n * step:step].add_(c_t)
+        _add_channel_columns_(qkv, c_t, q0, k0, step, n, kappa)
         ctx.mark_dirty(qkv)
-        ctx.cols = (k0, step, n, T, c_t.dim() == 2)
+        ctx.cols = (k0, step, n, c_t.shape[-2], c_t.dim() == 2)
         return qkv
 
     @staticmethod

@@ -26,7 +26,7 @@ from transformers.models.gpt2 import modeling_gpt2 as _gpt2
 
 from ..attention import PRESETS, ReciprocalAttention
 from .config import DEFAULT_PRESET, GPT2ReciprocalConfig, layer_indices, make_plain, make_reciprocal
-from .modeling import GPT2ReciprocalAttention
+from .modeling import GPT2ReciprocalAttention, attach_call_state
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def convert_layers(base: GPT2Model, plan: dict[int, tuple[str, dict[str, Any]]],
         new[i] = wrapper
     for i, w in new.items():
         base.h[i].attn = w
+    attach_call_state(base)
 
 
 def record_conversion(model: nn.Module, base: GPT2Model, seed: int) -> None:

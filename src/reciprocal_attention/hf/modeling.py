@@ -92,6 +92,48 @@ def sdpa_mask(attention_mask: Any, Tq: int, Tk: int, device: torch.device) -> tu
     return mask, False
 
 
+class CallState:
+    """What the caller of the ``GPT2Model`` holding converted layers passed, for the current call.
+
+    ``causal_only``: no ``attention_mask``, cache, ``position_ids`` or encoder states came in, so the mask
+    transformers builds is exactly the causal one. Under torch.compile transformers materialises that mask (with
+    torch < 2.14 it cannot tell tracing from export), which sends SDPA to a masked kernel; at the converted width
+    ``D + R`` (72 for GPT-2 small) that kernel runs at head dim 128, 2x the cost of the baseline's at 64. Knowing
+    the call is causal-only, the layers use ``is_causal`` instead (the flash kernel), exactly the same function.
+    """
+
+    __slots__ = ("causal_only",)
+
+    def __init__(self) -> None:
+        self.causal_only = False
+
+
+_CALL_INPUTS = ("attention_mask", "cache", "past_key_values", "position_ids", "encoder_hidden_states")
+
+
+def _note_call(base: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of the ``GPT2Model``: records :attr:`CallState.causal_only` for this call (positional
+    arguments past ``input_ids`` count as "not causal-only": the safe answer)."""
+    base._ra_call_state.causal_only = len(args) <= 1 and all(kwargs.get(k) is None for k in _CALL_INPUTS)
+
+
+def attach_call_state(base: nn.Module) -> None:
+    """Give ``base`` (a ``GPT2Model``) a :class:`CallState` filled by a forward pre-hook and share it with its
+    converted layers; removed again when no layer is converted."""
+    layers = [blk.attn for blk in base.h if isinstance(blk.attn, GPT2ReciprocalAttention)]
+    handle = getattr(base, "_ra_call_hook", None)
+    if not layers:
+        if handle is not None:
+            handle.remove()
+            del base._ra_call_hook, base._ra_call_state
+        return
+    if handle is None:
+        base._ra_call_state = CallState()
+        base._ra_call_hook = base.register_forward_pre_hook(_note_call, with_kwargs=True)
+    for layer in layers:
+        layer.call_state = base._ra_call_state
+
+
 class GPT2ReciprocalAttention(nn.Module):
     """Drop-in replacement for one ``GPT2Attention`` (self-attention), computing RA with ``self.ra``'s parameters.
 
@@ -113,6 +155,7 @@ class GPT2ReciprocalAttention(nn.Module):
         self.is_cross_attention = False
         self.is_causal = True
         self.scaling = gpt2_scaling(config, layer_idx, ra.head_dim)
+        self.call_state: CallState | None = None  # set by attach_call_state when the layer is in a GPT2Model
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, preset={self.preset!r}, scaling={self.scaling:.6g}"
@@ -162,7 +205,11 @@ class GPT2ReciprocalAttention(nn.Module):
             self._check_cache_layer(cache, k)
             k, v = cache.update(k, v, self.layer_idx)
 
-        mask, causal = sdpa_mask(attention_mask, q.shape[2], k.shape[2], q.device)
+        state = self.call_state
+        if state is not None and state.causal_only and q.shape[2] == k.shape[2]:
+            mask, causal = None, True  # transformers' mask is the causal one (see CallState)
+        else:
+            mask, causal = sdpa_mask(attention_mask, q.shape[2], k.shape[2], q.device)
         dropout_p = ra.dropout if self.training else 0.0
         eager = getattr(self.config, "_attn_implementation", "eager") == "eager"
         upcast = eager and bool(getattr(self.config, "reorder_and_upcast_attn", False))

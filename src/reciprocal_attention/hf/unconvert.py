@@ -10,7 +10,7 @@ from transformers.models.gpt2 import modeling_gpt2 as _gpt2
 from .. import fold as _fold
 from ..fold import gate_sides, routed_heads
 from .convert import base_model, converted_layers, record_conversion
-from .modeling import GPT2ReciprocalAttention
+from .modeling import GPT2ReciprocalAttention, attach_call_state
 
 
 @torch.no_grad()
@@ -106,5 +106,6 @@ def unconvert_gpt2(model: nn.Module) -> nn.Module:
     new = {i: gpt2_attention_from(base.h[i].attn) for i in converted_layers(model)}
     for i, attn in new.items():
         base.h[i].attn = attn
+    attach_call_state(base)
     record_conversion(model, base, 0)
     return model
