@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
-#   stages: tests compiletests flashtests foldtests foldsweep check model profile_model bench bench_amp profile ncu overlap
+#   stages: tests compiletests flashtests foldtests foldsweep check model model2 profile_model profile_decode bench bench_amp profile ncu overlap
 #   eager ddp train mqar quality (default: tests model profile_model check bench)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
@@ -42,6 +42,10 @@ for s in $STAGES; do
     compiletests) stage compiletests "${RA_COMPILETESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -m gpu --timeout=240 -o addopts="" -rfE ;;
     model)   stage model "${RA_MODEL_TIMEOUT:-420}" $PY -m reciprocal_attention.lab.cli bench --model gpt2 --out "$RES/model" ${RA_MODEL_ARGS:-}
              cp "$RES"/model/model.* "$OUT/" 2>/dev/null ;;
+    model2)  stage model2 "${RA_MODEL2_TIMEOUT:-420}" $PY -m reciprocal_attention.lab.cli bench --model gpt2 --out "$RES/model2" ${RA_MODEL2_ARGS:-}
+             mkdir -p "$OUT/model2"; cp "$RES"/model2/model.* "$OUT/model2/" 2>/dev/null ;;
+    profile_decode) stage profile_decode "${RA_PROFILE_DECODE_TIMEOUT:-150}" $PY tools/profile_decode.py "$RES/profile_decode" ${RA_PROFILE_DECODE_ARGS:-}
+             cp "$RES"/profile_decode/profile_decode.md "$OUT/" 2>/dev/null ;;
     profile_model) stage profile_model "${RA_PROFILE_MODEL_TIMEOUT:-240}" $PY tools/profile_model.py "$RES/profile_model" ${RA_PROFILE_MODEL_ARGS:-}
              cp "$RES"/profile_model/profile_model.* "$OUT/" 2>/dev/null ;;
     mqar)    stage mqar "${RA_MQAR_TIMEOUT:-540}" bash scripts/gpu_mqar.sh "$RES/mqar" ;;

@@ -222,9 +222,14 @@ class GPT2ReciprocalAttention(nn.Module):
             if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
                 # SDPA wants the query's dtype; clamp so an fp32 "min" mask does not round to -inf (NaN rows)
                 mask = mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
-            vp = F.pad(v, (0, q.shape[-1] - v.shape[-1])) if v.shape[-1] != q.shape[-1] else v
+            # V is zero-padded to the Q/K width only where SDPA can then use its flash kernels (no mask, several
+            # queries: training, prefill); masked or single-query calls (decoding) take V as it is, which saves
+            # a copy of the whole cached V and of the output per token
+            pad = v.shape[-1] != q.shape[-1] and mask is None and q.shape[2] > 1
+            vp = F.pad(v, (0, q.shape[-1] - v.shape[-1])) if pad else v
             y = F.scaled_dot_product_attention(q, k, vp, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-                                               scale=self.scaling)[..., :v.shape[-1]]
+                                               scale=self.scaling)
+            y = y[..., :v.shape[-1]] if pad else y
         if record is not None:
             record.append(weights)
         return ra.project_out(y), (weights if output_attentions else None)
