@@ -89,3 +89,34 @@ def test_cli_writes_results(tmp_path, capsys, monkeypatch):
     assert [(r["model"], r["preset"], r["mode"], r["B"], r["T"]) for r in records] == [("gpt2", "ra", "eager", 1, 8)]
     assert (tmp_path / "model.png").stat().st_size > 0 and "| gpt2 | ra | eager | 1 x 8 |" in \
         (tmp_path / "model.md").read_text()
+
+
+def test_merge_replaces_only_what_is_measured_again():
+    def rec(preset, mode, ms, kind="train_step"):
+        return {"kind": kind, "model": "gpt2", "preset": preset, "mode": mode, "B": 8, "T": 1024, "ms_median": ms}
+
+    old = [rec("ra", "eager", 1.0), rec("ra", "compile", 2.0), rec("full", "eager", 3.0)]
+    new = [rec("ra", "compile", 20.0), rec("seed", "eager", 4.0)]
+    got = bm.merge_records(old, new)
+    assert [(r["preset"], r["mode"], r["ms_median"]) for r in got] == [
+        ("ra", "eager", 1.0), ("ra", "compile", 20.0), ("full", "eager", 3.0), ("seed", "eager", 4.0)]
+
+
+def test_cli_merge_keeps_other_records(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bm, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
+    kept = {"kind": "train_step", "model": "gpt2", "preset": "full", "mode": "compile", "B": 8, "T": 1024,
+            "ms_median": 1.0, "ratio_vs_baseline": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "peak_mem_bytes": None,
+            "device": "cpu", "torch": "x", "triton": "y"}
+    (tmp_path / "model.json").write_text(json.dumps([kept]))
+    argv = ["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager", "--model-presets", "ra",
+            "--model-shapes", "1x8", "--model-rounds", "1", "--no-decode", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv + ["--model-merge"]) == 0
+    records = json.loads((tmp_path / "model.json").read_text())
+    assert [(r["preset"], r["mode"]) for r in records] == [("full", "compile"), ("ra", "eager")]
+    (tmp_path / "model.json").write_text("{not json")
+    try:
+        code = cli.main(argv + ["--model-merge"])
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and "--model-merge" in err[-1], err

@@ -324,6 +324,18 @@ def render_png(records: list[dict[str, Any]], path: Any) -> None:
     plt.close(fig)
 
 
+def record_key(r: dict[str, Any]) -> tuple:
+    """What a record measures: two records with one key are the same claim (the newer one is current)."""
+    return r["kind"], r["model"], r["preset"], r["mode"], r["B"], r["T"]
+
+
+def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with every record ``new`` measures again replaced, in ``old``'s order, then ``new``'s other records."""
+    fresh = {record_key(r): r for r in new}
+    out = [fresh.pop(record_key(r), r) for r in old]
+    return out + [r for r in new if record_key(r) in fresh]
+
+
 def _csv(value: str, option: str, valid: tuple[str, ...]) -> tuple[str, ...]:
     from .errors import UserError
 
@@ -356,6 +368,9 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--model-shapes", default="8x1024,2x4096", help="with --model: comma list of BxT training shapes")
     ap.add_argument("--model-rounds", type=int, default=7, help="with --model: alternating timing rounds per arm")
     ap.add_argument("--no-decode", action="store_true", help="with --model: skip the KV-cache decoding records")
+    ap.add_argument("--model-merge", action="store_true",
+                    help="with --model and --out: keep the records of OUT/model.json this run does not measure again "
+                         "(same kind, model, preset, mode, B, T: the new record replaces the old)")
 
 
 def run_from_args(args: Any) -> int:
@@ -377,10 +392,22 @@ def run_from_args(args: Any) -> int:
                         "--model-modes eager on a CPU")
     print(f"[bench --model] {len(cfg.presets)} arms x {len(cfg.modes)} modes x {len(cfg.shapes)} shapes on {device}")
     out = Path(args.out) if args.out is not None else None
+    old: list[dict[str, Any]] = []
+    if getattr(args, "model_merge", False):
+        if out is None:
+            raise UserError("--model-merge needs --out DIR (the model.json to merge into)")
+        if (out / "model.json").exists():
+            try:
+                old = json.loads((out / "model.json").read_text())
+                [record_key(r) for r in old]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"--model-merge: {out / 'model.json'} is not a list of model records ({e}); "
+                                f"move it away or drop --model-merge") from None
 
     def write(records: list[dict[str, Any]], final: bool = False) -> None:
         if out is None:
             return
+        records = merge_records(old, records)
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
         (out / "model.md").write_text(render_markdown(records))
@@ -388,7 +415,7 @@ def run_from_args(args: Any) -> int:
             render_png(records, out / "model.png")
 
     records = run_model_bench(cfg, on_record=write)
-    print(render_markdown(records))
+    print(render_markdown(records))  # this run's records; the files hold the merged ones
     write(records, final=True)
     if out is not None:
         print(f"wrote {out / 'model.json'}, model.md, model.png")
