@@ -32,6 +32,7 @@ def test_records_have_the_contract_fields():
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["ms_median"] / 1e3))
     for r in dec:
         assert r["tokens_per_s"] > 0 and r["baseline_tokens_per_s"] > 0
+        assert r["ratio_min"] <= r["ratio_vs_baseline"] <= r["ratio_max"] and r["rounds"] == 5
     md = bm.render_markdown(records)
     assert md.count("| gpt2 | ra | eager | 2 x 16 |") == 1 and "decoding" in md
     json.dumps(records, allow_nan=False)
