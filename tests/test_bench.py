@@ -275,13 +275,14 @@ def _study(tmp_path):
 def test_run_progress_reports_step_loss_and_eta(tmp_path, capsys):
     """Without a terminal each run prints a line per tenth of its steps (step/total, loss, ETA) and one at its end,
     read from the run's metrics.jsonl while the study runs."""
-    from reciprocal_attention.lab import compare, quality
+    from reciprocal_attention.lab import progress as lab_progress, quality
 
     qc = _study(tmp_path)
     d = quality.run_dir(qc, "ra", 0)
     d.mkdir(parents=True)
     (d / "requested.toml").write_text("[budget]\nmax_steps = 0\nmax_tokens = 40960\n")  # 40 steps of 1024
-    progress = compare.RunProgress(qc, tty=False)
+    progress = lab_progress.RunProgress({("ra", 0): d, ("standard", 0): quality.run_dir(qc, "standard", 0)},
+                                        tty=False)
     recs = [{"kind": "train", "step": s, "tokens": 1024 * s, "loss": 6.0 - s / 10} for s in (4, 8, 12)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tr')  # a torn line
     progress.poll()
@@ -298,14 +299,14 @@ def test_run_progress_reports_step_loss_and_eta(tmp_path, capsys):
 
 
 def test_run_progress_bars_on_a_terminal(tmp_path):
-    from reciprocal_attention.lab import compare, quality
+    from reciprocal_attention.lab import progress as lab_progress, quality
 
     qc = _study(tmp_path)
     d = quality.run_dir(qc, "standard", 0)
     d.mkdir(parents=True)
     (d / "requested.toml").write_text("[budget]\nmax_steps = 40\nmax_tokens = 0\n")
     (d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 20, "tokens": 20480, "loss": 5.0}) + "\n")
-    with compare.RunProgress(qc, tty=True, interval=60) as progress:
+    with lab_progress.RunProgress({("standard", 0): d}, tty=True, interval=60) as progress:
         progress.poll()
         bar = progress.bars[("standard", 0)]
         assert (bar.n, bar.total) == (20, 40) and "loss=5.000" in bar.postfix

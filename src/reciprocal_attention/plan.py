@@ -20,7 +20,7 @@ that torch.compile cannot trace would split the compiled graph).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Optional, Protocol
 
 import torch
 
@@ -28,8 +28,16 @@ from . import fold as _fold
 from .functional import TRITON_HEAD_DIMS
 from .ops import TRITON_AVAILABLE
 
-if TYPE_CHECKING:
-    from .attention import ReciprocalAttention
+
+class AttentionConfig(Protocol):
+    """What a plan reads of the module (``ReciprocalAttention``'s configuration attributes)."""
+
+    backend: str
+    variant: str
+    discoverability: Optional[str]
+    bias_channel: bool
+    head_dim: int
+    dropout: float
 
 QKV_PLANS = ("linear", "fold", "fused_fold")
 CORE_PLANS = ("sdpa", "triton", "reference")
@@ -62,7 +70,7 @@ def fused_channel_usable(device: torch.device) -> bool:
     return device.type == "cuda" and TRITON_AVAILABLE
 
 
-def _core(m: "ReciprocalAttention", device: torch.device) -> tuple[str, str]:
+def _core(m: AttentionConfig, device: torch.device) -> tuple[str, str]:
     """``(core, reason)`` for ``backend="auto"`` or the requested backend."""
     if m.backend != "auto":
         return m.backend, "requested explicitly"
@@ -83,7 +91,7 @@ def _core(m: "ReciprocalAttention", device: torch.device) -> tuple[str, str]:
     return "triton", "CUDA + column bias or full-rank S+S^T: the fused kernel computes it without T x T memory"
 
 
-def choose_plan(m: "ReciprocalAttention", device: torch.device, dtype: torch.dtype) -> Plan:
+def choose_plan(m: AttentionConfig, device: torch.device, dtype: torch.dtype) -> Plan:
     """The plan of module ``m`` with parameters on ``device`` in ``dtype``."""
     core, reason = _core(m, device)
     folded = m.variant in _fold.FOLDED_VARIANTS and core != "reference"

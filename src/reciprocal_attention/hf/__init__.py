@@ -15,7 +15,8 @@ Importing this package registers ``model_type = "gpt2-reciprocal"`` with ``AutoC
 with fresh attention weights.
 
 Modules: :mod:`.config` (the registered config, layer selection), :mod:`.modeling` (the attention wrapper),
-:mod:`.convert` / :mod:`.unconvert` (GPT-2 <-> RA, exact), :mod:`.auto` (the registered model classes),
+:mod:`.convert` / :mod:`.unconvert` (one layer GPT-2 <-> RA, exact), :mod:`.retrofit` (:func:`convert_gpt2`,
+:func:`unconvert_gpt2`: the whole model), :mod:`.auto` (the registered model classes),
 :mod:`.io` (local save/load), :mod:`.nanogpt` (weights for :class:`reciprocal_attention.model.GPT`).
 """
 
@@ -30,12 +31,12 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess by t
 
 from .auto import GPT2ReciprocalLMHeadModel, GPT2ReciprocalModel
 from .config import DEFAULT_PRESET, MODEL_TYPE, GPT2ReciprocalConfig, layer_indices
-from .convert import CONVERTIBLE_PRESETS, convert_gpt2, converted_layers
+from .convert import CONVERTIBLE_PRESETS, converted_layers
 from .io import (load_converted, load_pretrained, load_pretrained_gpt2, read_config, read_gpt2_config,
                  save_converted)
 from .modeling import GPT2ReciprocalAttention
 from .nanogpt import GPT_ACTIVATIONS, check_gpt_init, gpt_activation, gpt_state_from_hf, init_gpt_from_hf
-from .unconvert import unconvert_gpt2
+from .retrofit import convert_gpt2, unconvert_gpt2
 
 __all__ = ["CONVERTIBLE_PRESETS", "DEFAULT_PRESET", "GPT2ReciprocalAttention", "GPT2ReciprocalConfig",
            "GPT2ReciprocalLMHeadModel", "GPT2ReciprocalModel", "GPT_ACTIVATIONS", "MODEL_TYPE", "check_gpt_init",

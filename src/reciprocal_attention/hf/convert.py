@@ -1,4 +1,5 @@
-"""Convert a Hugging Face GPT-2 to Reciprocal Attention in place, exactly, and back.
+"""Convert the layers of a Hugging Face GPT-2 to Reciprocal Attention in place, exactly (the model-level calls are
+in :mod:`.retrofit`).
 
 Why ``low_rank`` is the default conversion preset: RA must start *exactly* at the pretrained function and still be
 able to move away from it. The logit of ``low_rank`` is ``scale * (a q_i.k_j + b (k_i W).(q_j W))`` over width
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,10 +25,7 @@ from transformers import GPT2Config, GPT2Model
 from transformers.models.gpt2 import modeling_gpt2 as _gpt2
 
 from ..attention import PRESETS, ReciprocalAttention
-from .config import DEFAULT_PRESET, GPT2ReciprocalConfig, layer_indices, make_plain, make_reciprocal
 from .modeling import GPT2ReciprocalAttention, attach_call_state
-
-log = logging.getLogger(__name__)
 
 #: Module presets with an exact, trainable function-preserving init (``ra_disc`` only with ``variant=`` low_rank
 #: or full; the check is on the resolved configuration, so overrides decide).
@@ -180,50 +177,3 @@ def convert_layers(base: GPT2Model, plan: dict[int, tuple[str, dict[str, Any]]],
     for i, w in new.items():
         base.h[i].attn = w
     attach_call_state(base)
-
-
-def record_conversion(model: nn.Module, base: GPT2Model, seed: int) -> None:
-    """Make ``model`` (and its config) the registered RA classes so ``save_pretrained`` round-trips, or plain
-    GPT-2 again when no layer is converted."""
-    from .auto import plain_class, reciprocal_class
-
-    per_layer = {str(i): {"preset": base.h[i].attn.preset, "overrides": base.h[i].attn.overrides}
-                 for i in converted_layers(base)}
-    if not per_layer:
-        if isinstance(base.config, GPT2ReciprocalConfig):
-            make_plain(base.config)
-            model.__class__ = plain_class(type(model))
-        return
-    target = reciprocal_class(type(model))
-    if target is None:
-        log.warning("convert_gpt2: %s has no registered RA class; model.save_pretrained will not record the "
-                    "conversion (use save_converted on a GPT2LMHeadModel / GPT2Model)", type(model).__name__)
-        return
-    make_reciprocal(base.config, per_layer, seed)
-    model.__class__ = target
-
-
-def convert_gpt2(model: nn.Module, layers: str | Iterable[int] = "all", preset: str = DEFAULT_PRESET, *,
-                 seed: int = 0, **overrides: Any) -> nn.Module:
-    """Replace the chosen blocks' ``attn`` with RA wrappers, in place; returns ``model``.
-
-    ``model``: a ``GPT2LMHeadModel``, ``GPT2Model`` or any model with a ``GPT2Model`` at ``.transformer``; a
-    ``GPT2LMHeadModel`` / ``GPT2Model`` becomes a :class:`~reciprocal_attention.hf.GPT2ReciprocalLMHeadModel` /
-    ``GPT2ReciprocalModel`` whose config records the conversion, so ``save_pretrained`` / ``from_pretrained``
-    round-trip. ``layers``: ``"all"`` | ``"none"`` | ``"middle"`` (middle third) | any sequence of integer
-    indices (list, range, numpy array, integer tensor).
-    ``preset``: a :data:`~reciprocal_attention.attention.PRESETS` name whose resolved configuration (after
-    ``overrides``, :meth:`ReciprocalAttention.from_preset` keyword arguments such as ``rank=16``,
-    ``variant='low_rank'``, ``discoverability='positional'``) has an exact function-preserving init: variants
-    ``low_rank`` (default, see the module docstring for why) and ``full`` with signed gates and no routing at
-    ``w_rec = 0``, plus ``standard``/``output_gate``. The gates are set to ``w_std = 1``, ``w_rec = 0``,
-    ``d_bias = 0``, content ``w_disc = 0``, ``out_gate = 0``; ``W_recip`` follows the preset's init from a
-    generator seeded by ``(seed, layer)``. ``n_embd``, ``n_head``, ``block_size`` (``n_positions``) and dropout
-    (``attn_pdrop``/``resid_pdrop``) come from the model's config.
-    """
-    _check_request(preset, overrides)
-    base = base_model(model)
-    idx = layer_indices(layers, len(base.h))
-    convert_layers(base, {i: (preset, dict(overrides)) for i in idx}, seed)
-    record_conversion(model, base, getattr(base.config, "ra_seed", seed))
-    return model

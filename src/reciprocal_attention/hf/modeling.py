@@ -282,10 +282,3 @@ class GPT2ReciprocalAttention(nn.Module):
                 f"layer {self.layer_idx} caches folded keys of width {k.shape[-1]} (head_dim {self.head_dim} + RA "
                 f"features), but the cache layer {type(layer).__name__} preallocates head_dim; use a DynamicCache "
                 f"(generate's default cache_implementation)")
-
-    def to_gpt2_attention(self) -> nn.Module:
-        """A plain ``GPT2Attention`` computing this layer's function, or ``ValueError`` when none exists
-        (see :func:`reciprocal_attention.hf.unconvert.gpt2_attention_from`)."""
-        from .unconvert import gpt2_attention_from
-
-        return gpt2_attention_from(self)

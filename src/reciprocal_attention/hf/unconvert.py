@@ -9,8 +9,7 @@ from transformers.models.gpt2 import modeling_gpt2 as _gpt2
 
 from .. import fold as _fold
 from ..fold import gate_sides, routed_heads
-from .convert import base_model, converted_layers, record_conversion
-from .modeling import GPT2ReciprocalAttention, attach_call_state
+from .modeling import GPT2ReciprocalAttention
 
 
 @torch.no_grad()
@@ -93,19 +92,3 @@ def gpt2_attention_from(wrapper: GPT2ReciprocalAttention) -> nn.Module:
         attn.c_proj.bias.zero_()
     attn.train(wrapper.training)
     return attn
-
-
-def unconvert_gpt2(model: nn.Module) -> nn.Module:
-    """Back to plain ``GPT2Attention`` in every converted block, in place; returns ``model`` (a plain
-    ``GPT2LMHeadModel`` / ``GPT2Model`` with a plain ``GPT2Config`` again once no layer is converted).
-
-    Each layer must compute a function standard attention can (see :func:`gpt2_attention_from`); otherwise
-    ``ValueError`` naming the layer and parameter, and no layer is changed.
-    """
-    base = base_model(model)
-    new = {i: gpt2_attention_from(base.h[i].attn) for i in converted_layers(model)}
-    for i, attn in new.items():
-        base.h[i].attn = attn
-    attach_call_state(base)
-    record_conversion(model, base, 0)
-    return model

