@@ -166,3 +166,44 @@ def test_ra_train_two_processes_equal_one_and_resume_on_another_n(tmp_path):
     summary = T.train(TrainConfig.from_dict(cfg), resume=run)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
     close(losses(run), losses(two))  # the resumed run continues the 2-process run
+
+
+def _on_master_worker(rank: int, store: str, out_dir: str) -> None:
+    import json
+
+    from reciprocal_attention.lab.errors import RunLockedError
+    from reciprocal_attention.lab.runtime import Dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    seen = []
+    try:
+        d = Dist(rank, rank, WORLD)
+        assert d.on_master(lambda: 42, "answering") == (42 if rank == 0 else None)
+
+        def fail() -> None:
+            raise RunLockedError("run directory held by pid 1234")
+
+        for what, fn in (("locking the run directory", fail), ("dividing", lambda: 1 // 0)):
+            try:
+                d.on_master(fn, what)
+                seen.append(["no error"])
+            except Exception as e:  # noqa: BLE001 - the test records what each rank raised
+                seen.append([type(e).__name__, str(e)])
+        with open(os.path.join(out_dir, f"on_master{rank}.json"), "w") as f:
+            json.dump(seen, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_failure_stops_every_rank(tmp_path):
+    """Work only rank 0 does (the run lock, the run directory, a checkpoint, the fixture corpus): when it fails,
+    every rank raises at once instead of waiting at a barrier for a rank that has gone; a user error stays one."""
+    import json
+
+    mp.spawn(_on_master_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (json.loads((tmp_path / f"on_master{r}.json").read_text()) for r in range(WORLD))
+    assert r0 == [["RunLockedError", "run directory held by pid 1234"],
+                  ["ZeroDivisionError", "integer division or modulo by zero"]]
+    assert r1 == [["UserError", "rank 0 failed while locking the run directory: RunLockedError: run directory held "
+                                "by pid 1234"],
+                  ["RuntimeError", "rank 0 failed while dividing: ZeroDivisionError: integer division or modulo by zero"]]

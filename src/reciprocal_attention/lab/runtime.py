@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
+
+R = TypeVar("R")
 
 # Dense peak FLOP/s per device: (bf16/fp16 tensor core, tf32).
 PEAK_FLOPS = {"H200": (989e12, 494.5e12), "H100 PCIe": (756e12, 378e12), "H100": (989e12, 494.5e12),
@@ -35,6 +38,27 @@ class Dist:
         """Wait for every rank (a no-op for one process)."""
         if self.enabled:
             torch_dist.barrier()
+
+    def on_master(self, fn: Callable[[], R], what: str) -> R | None:
+        """Run ``fn`` on rank 0 while the other ranks wait, then let every rank know how it went: where rank 0
+        failed, every rank raises (none is left waiting at a barrier for a rank that has gone). Rank 0 raises its
+        own exception; the others raise a :class:`UserError` (rank 0's was a user error) or ``RuntimeError``
+        naming ``what`` and rank 0's message. Returns ``fn()``'s result on rank 0, None elsewhere."""
+        result, error = None, None
+        if self.master:
+            try:
+                result = fn()
+            except BaseException as e:  # every rank must hear of it, whatever it is
+                error = e
+        if self.enabled:
+            news = [None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}")]
+            torch_dist.broadcast_object_list(news, src=0)
+            if news[0] is not None and not self.master:
+                user, message = news[0]
+                raise (UserError if user else RuntimeError)(f"rank 0 failed while {what}: {message}")
+        if error is not None:
+            raise error
+        return result
 
 
 def setup_distributed(device_pref: str) -> Dist:

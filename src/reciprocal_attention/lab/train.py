@@ -215,14 +215,18 @@ def checkpoint_hook(run: Run, prog: Progress, last: bool) -> None:
         raise NonFiniteError(f"step {prog.step}: weight {bad} is not finite; no checkpoint written, the last "
                              f"committed one is {run.last_ckpt or 'none'}. Lower optim.lr or set optim.grad_clip")
     rank_rng = gather_rank_rng(run.device, run.dist)
-    if run.dist.master:
+
+    def save() -> Path:
         extra = {"world_size": run.dist.world_size, "rank_rng": rank_rng, "config": run.cfg.to_dict(),
                  "model": {"params": run.raw_model.num_params(False)}}
-        run.last_ckpt = ckpt.save_checkpoint(run.out / "checkpoints", prog.step, run.raw_model, run.optimizer,
-                                             {**prog.state(), **extra}, scaler=run.scaler,
-                                             keep_last=run.cfg.checkpoint.keep_last)
+        return ckpt.save_checkpoint(run.out / "checkpoints", prog.step, run.raw_model, run.optimizer,
+                                    {**prog.state(), **extra}, scaler=run.scaler,
+                                    keep_last=run.cfg.checkpoint.keep_last)
+
+    saved = run.dist.on_master(save, f"writing the step-{prog.step} checkpoint")
+    if run.dist.master:
+        run.last_ckpt = saved
     run.saved_step = prog.step
-    run.dist.barrier()
 
 
 def log_hook(run: Run, prog: Progress, res: StepResult, pbar: tqdm) -> dict[str, Any] | None:
@@ -302,8 +306,7 @@ def _summary(run: Run, prog: Progress, val_loss: float | None, rec: dict | None)
 
 def _run_locked(cfg: TrainConfig, resume: str | os.PathLike | None, out: Path, dist: Dist) -> dict[str, Any]:
     """The run, once this process may write ``out`` (rank 0 holds its lock)."""
-    state = rundir.prepare(out, resume) if dist.master else None
-    dist.barrier()
+    state = dist.on_master(lambda: rundir.prepare(out, resume), f"preparing the run directory {out}")
     if not dist.master and resume is not None:
         state = rundir.committed_state(resume)
     if state is not None:
@@ -326,11 +329,13 @@ def _run_locked(cfg: TrainConfig, resume: str | os.PathLike | None, out: Path, d
     finally:
         run.metrics.close()
     summary = _summary(run, prog, val_loss, rec)
-    if dist.master:
+
+    def finish() -> None:
         plot_loss_curve(run.metrics.path, out / "loss_curve.png",
                         f"{cfg.model.preset} attn={cfg.model.attn} seed={cfg.system.seed}")
         write_json(out / "summary.json", summary)
-    dist.barrier()
+
+    dist.on_master(finish, "writing the run's summary")
     return summary
 
 
@@ -360,7 +365,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
         validate_model(cfg)
     dist = setup_distributed(cfg.system.device)
     try:
-        with RunLock(out) if dist.master else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:  # rank 0 holds the run's lock; every rank stops if it cannot
+            dist.on_master(lambda: held.enter_context(RunLock(out)), f"locking the run directory {out}")
             return _run_locked(cfg, resume, out, dist)
     finally:
         if dist.enabled and torch_dist.is_initialized():

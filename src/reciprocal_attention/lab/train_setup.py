@@ -114,7 +114,8 @@ def data_dir(cfg: TrainConfig, dist: Dist) -> Path:
     if not cfg.data.fixture:
         return Path(cfg.data.dir)
     d = Path(cfg.system.out_dir) / "data"
-    if dist.master:
+
+    def build() -> None:
         if (d / "manifest.json").is_file():
             have = load_manifest(d)["tokenizer"]["name"]
             if have != cfg.data.tokenizer:
@@ -122,7 +123,8 @@ def data_dir(cfg: TrainConfig, dist: Dist) -> Path:
                                   f"use another system.out_dir or delete {d}")
         else:
             prepare_fixture(d, tokenizer=cfg.data.tokenizer)
-    dist.barrier()
+
+    dist.on_master(build, f"building the fixture corpus in {d}")
     return d
 
 
