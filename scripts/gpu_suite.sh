@@ -28,6 +28,8 @@ stage() {  # stage NAME SECONDS CMD...
   return 0
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/device.txt"
+# the card's results folder (benchmarks/results/h100, h200): the model stages merge their records into its model.json
+CARD="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o 'H[0-9]\+' | head -n 1 | tr 'H' 'h')"
 $PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$RES/device.txt"
 for s in $STAGES; do
   case "$s" in
@@ -40,10 +42,13 @@ for s in $STAGES; do
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
     compiletests) stage compiletests "${RA_COMPILETESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -m gpu --timeout=240 -o addopts="" -rfE ;;
-    model)   stage model "${RA_MODEL_TIMEOUT:-420}" $PY -m reciprocal_attention.lab.cli bench --model gpt2 --out "$RES/model" ${RA_MODEL_ARGS:-}
-             cp "$RES"/model/model.* "$OUT/" 2>/dev/null ;;
-    model2)  stage model2 "${RA_MODEL2_TIMEOUT:-420}" $PY -m reciprocal_attention.lab.cli bench --model gpt2 --out "$RES/model2" ${RA_MODEL2_ARGS:-}
-             mkdir -p "$OUT/model2"; cp "$RES"/model2/model.* "$OUT/model2/" 2>/dev/null ;;
+    model|model2)  # model2: a second set of arms (RA_MODEL2_ARGS) in the same call; both merge into the card's records
+             seed="benchmarks/results/$CARD/model.json"; [ "$s" = model2 ] && [ -f "$RES/model/model.json" ] && seed="$RES/model/model.json"
+             mkdir -p "$RES/$s"; [ -f "$seed" ] && cp "$seed" "$RES/$s/model.json"
+             if [ "$s" = model ]; then args="${RA_MODEL_ARGS:-}"; secs="${RA_MODEL_TIMEOUT:-420}"; else args="${RA_MODEL2_ARGS:-}"; secs="${RA_MODEL2_TIMEOUT:-420}"; fi
+             # shellcheck disable=SC2086
+             stage "$s" "$secs" $PY -m reciprocal_attention.lab.cli bench --model gpt2 --out "$RES/$s" --model-merge $args
+             mkdir -p "$OUT/$s"; cp "$RES/$s"/model.* "$OUT/$s/" 2>/dev/null ;;
     profile_decode) stage profile_decode "${RA_PROFILE_DECODE_TIMEOUT:-150}" $PY tools/profile_decode.py "$RES/profile_decode" ${RA_PROFILE_DECODE_ARGS:-}
              cp "$RES"/profile_decode/profile_decode.md "$OUT/" 2>/dev/null ;;
     profile_model) stage profile_model "${RA_PROFILE_MODEL_TIMEOUT:-240}" $PY tools/profile_model.py "$RES/profile_model" ${RA_PROFILE_MODEL_ARGS:-}
@@ -69,6 +74,6 @@ find "$RES" -type d -name checkpoints -prune -exec rm -rf {} +   # weights don't
 tar -C "$ROOT/.gpuout" -czf "$OUT/results.tar.gz" results
 cp "$summary" "$OUT/summary.txt"
 echo "=== summary"; cat "$summary"
-[ -f "$RES/model/model.md" ] && cat "$RES/model/model.md"
+for m in model model2; do [ -f "$RES/$m/model.md" ] && cat "$RES/$m/model.md"; done
 [ -f "$RES/bench/bench.md" ] && head -n 40 "$RES/bench/bench.md"
 exit 0
