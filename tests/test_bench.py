@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from reciprocal_attention.lab import bench, bench_report
+from reciprocal_attention.lab import bench, bench_arms, bench_report
 from reciprocal_attention.lab.errors import UserError
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of the command line")
@@ -63,12 +63,12 @@ def test_peer_arms_compute_the_module_function():
     disc = ReciprocalAttention.from_preset("ra_disc", n_embd=64, n_head=4, block_size=16).double()
     with torch.no_grad():
         disc.d_bias.normal_()
-    assert torch.allclose(bench.MaskBiasBlock(disc)(x), disc(x), atol=1e-12)
+    assert torch.allclose(bench_arms.MaskBiasBlock(disc)(x), disc(x), atol=1e-12)
     plain = ReciprocalAttention.from_preset("ra", n_embd=64, n_head=4, block_size=16).double()
-    assert torch.allclose(bench.ActivationFoldBlock(plain)(x), plain(x), atol=1e-12)
+    assert torch.allclose(bench_arms.ActivationFoldBlock(plain)(x), plain(x), atol=1e-12)
     for pct in (100, 50, 25):
-        seed = bench._seed_routed(pct)(64, 4, 16, False).double()
-        assert torch.allclose(bench.SeedBlock(seed)(x), seed(x), atol=1e-12)
+        seed = bench_arms._seed_routed(pct)(64, 4, 16, False).double()
+        assert torch.allclose(bench_arms.SeedBlock(seed)(x), seed(x), atol=1e-12)
 
 
 def test_arms_filter_keeps_baselines_and_cleans_partial(tmp_path):
