@@ -133,8 +133,10 @@ def test_explicit_scale_and_large_logits():
 def _tuner(kernel, block_m, block_n):
     import triton
 
+    from reciprocal_attention.ops import flash_kernels
+
     return triton.autotune(configs=[triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4)],
-                           key=flash._AUTOTUNE_KEY)(kernel)
+                           key=flash_kernels._AUTOTUNE_KEY)(kernel)
 
 
 @interpreter
@@ -142,10 +144,12 @@ def _tuner(kernel, block_m, block_n):
 def test_non_square_blocks(monkeypatch, mix):
     """The GPU configs use BLOCK_M != BLOCK_N: check the diagonal/off-diagonal stage bounds of all three kernels
     with a 32-row owner block and 16-row steps, and the reverse."""
+    from reciprocal_attention.ops import flash_kernels
+
     big, small = (32, 16) if mix == "owner_large" else (16, 32)
-    fwd = _tuner(flash._ra_fwd_kernel, big, small)  # owns BLOCK_M query rows
-    col = _tuner(flash._ra_bwd_col_kernel, small, big)  # owns BLOCK_N key columns
-    row = _tuner(flash._ra_bwd_row_kernel, big, small)  # owns BLOCK_M query rows
+    fwd = _tuner(flash_kernels._ra_fwd_kernel, big, small)  # owns BLOCK_M query rows
+    col = _tuner(flash_kernels._ra_bwd_col_kernel, small, big)  # owns BLOCK_N key columns
+    row = _tuner(flash_kernels._ra_bwd_row_kernel, big, small)  # owns BLOCK_M query rows
     monkeypatch.setattr(flash, "_FWD", (fwd, fwd))
     monkeypatch.setattr(flash, "_BWD_COL", (col, col))
     monkeypatch.setattr(flash, "_BWD_ROW", (row, row))
@@ -462,6 +466,7 @@ def test_import_without_triton():
 
 COMPILE_CHECK = textwrap.dedent("""
     from reciprocal_attention.ops import flash as F
+    from reciprocal_attention.ops import flash_kernels as K
 
     B, H, T, D = 2, 3, 100, int(sys.argv[1])
     q = torch.zeros(B, H, T, D, dtype=torch.bfloat16)
@@ -475,16 +480,16 @@ COMPILE_CHECK = textwrap.dedent("""
         cb, a, b = (torch.zeros(H, T) if bias else q), (torch.ones(H) if has_a else q), (torch.ones(H) if recip else q)
         bs = (0, T, 1) if bias else (0, 0, 0)
         for tuner, kern, args in [
-            (F._FWD, F._ra_fwd_kernel, (q, q, q, q, lse, cb, a, b, *st, *bs)),
-            (F._BWD_COL, F._ra_bwd_col_kernel, (q, q, q, q, lse, lse, cb, a, b, f32 if recip else q, q, f32, lse,
+            (K._FWD, K._ra_fwd_kernel, (q, q, q, q, lse, cb, a, b, *st, *bs)),
+            (K._BWD_COL, K._ra_bwd_col_kernel, (q, q, q, q, lse, lse, cb, a, b, f32 if recip else q, q, f32, lse,
                                                 *st, *bs, *gs)),
-            (F._BWD_ROW, F._ra_bwd_row_kernel, (q, q, q, q, lse, lse, cb, a, b, q, q, f32, f32, lse, lse, *st, *bs,
+            (K._BWD_ROW, K._ra_bwd_row_kernel, (q, q, q, q, lse, lse, cb, a, b, q, q, f32, f32, lse, lse, *st, *bs,
                                                 *gs)),
         ]:
             for cfg in tuner[1].configs:  # the fixed (settings.flash_autotune off) config of each kernel
                 kern.warmup(*args, H, T, 0.125, **flags, **cfg.all_kwargs(), grid=(1,))
                 n += 1
-    F._bwd_delta_kernel.warmup(q, q, lse, *F._strides3(q), *F._strides3(q), H, T, D=D, BLOCK=64, grid=(1,))
+    K._bwd_delta_kernel.warmup(q, q, lse, *F._strides3(q), *F._strides3(q), H, T, D=D, BLOCK=64, grid=(1,))
     print("OK", n + 1)
 """)
 
