@@ -177,17 +177,19 @@ def channel_fold(q: Tensor, k: Tensor, col_bias: Tensor, scale: float, kappa: fl
     return torch.cat(pads_q, dim=-1), torch.cat(pads_k, dim=-1)
 
 
-@torch.library.custom_op("reciprocal_attention::add_channel_columns_", mutates_args=("qkv",))
-def _add_channel_columns_(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
-    """``qkv [B*T, N]`` in place: ``+= kappa`` on the Q channel columns (unless 0), ``+= c_t`` on the K ones.
-
-    An op that declares its mutation, so torch.compile keeps it in place: traced as plain view updates, the
-    functionalised graph rebuilds all of ``qkv`` around the few columns (one full read and write per layer)."""
+def _add_channel_columns_body(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
+    """``qkv [B*T, N]`` in place: ``+= kappa`` on the Q channel columns (unless 0), ``+= c_t`` on the K ones."""
     T = c_t.shape[-2]
     v = qkv.view(-1, T, qkv.shape[-1])
     if kappa:  # 0: the folded bias already put kappa there
         v[..., q0:q0 + n * step:step].add_(kappa)
     v[..., k0:k0 + n * step:step].add_(c_t)
+
+
+# The same as an op that declares its mutation, for torch.compile: traced as plain view updates, the functionalised
+# graph rebuilds all of ``qkv`` around the few columns (one full read and write per layer); this op stays in place.
+_add_channel_columns_ = torch.library.custom_op("reciprocal_attention::add_channel_columns_",
+                                                mutates_args=("qkv",))(_add_channel_columns_body)
 
 
 @_add_channel_columns_.register_fake
@@ -203,7 +205,9 @@ class _AddBiasChannel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> Tensor:
-        _add_channel_columns_(qkv, c_t, q0, k0, step, n, kappa)
+        # traced: the op that declares its mutation; eager: its body directly (no custom-op dispatch per call)
+        (_add_channel_columns_ if torch.compiler.is_compiling() else _add_channel_columns_body)(
+            qkv, c_t, q0, k0, step, n, kappa)
         ctx.mark_dirty(qkv)
         ctx.cols = (k0, step, n, c_t.shape[-2], c_t.dim() == 2)
         return qkv

@@ -384,6 +384,7 @@ def run_from_args(args: Any) -> int:
     import json
     from pathlib import Path
 
+    from .atomic import write_text
     from .errors import UserError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,7 +406,8 @@ def run_from_args(args: Any) -> int:
         if (out / "model.json").exists():
             try:
                 old = json.loads((out / "model.json").read_text())
-                [record_key(r) for r in old]
+                for r in old:
+                    record_key(r)
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"--model-merge: {out / 'model.json'} is not a list of model records ({e}); "
                                 f"move it away or drop --model-merge") from None
@@ -415,8 +417,9 @@ def run_from_args(args: Any) -> int:
             return
         records = merge_records(old, records)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "model.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
-        (out / "model.md").write_text(render_markdown(records))
+        # atomic: a run killed mid-write keeps the previous file (with --model-merge, every earlier record)
+        write_text(out / "model.json", json.dumps(records, indent=1, allow_nan=False) + "\n")
+        write_text(out / "model.md", render_markdown(records))
         if final:
             render_png(records, out / "model.png")
 
