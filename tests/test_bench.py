@@ -312,6 +312,21 @@ def test_run_progress_bars_on_a_terminal(tmp_path):
         assert (bar.n, bar.total) == (20, 40) and "loss=5.000" in bar.postfix
 
 
+def test_run_progress_total_from_evals_when_no_train_record_yet(tmp_path):
+    """A short run (log interval past its last step) writes only evals: their tokens still give the total."""
+    from reciprocal_attention.lab import progress as lab_progress, quality
+
+    qc = _study(tmp_path)
+    d = quality.run_dir(qc, "ra", 0)
+    d.mkdir(parents=True)
+    (d / "requested.toml").write_text("[budget]\nmax_steps = 0\nmax_tokens = 16384\n")  # 2 steps of 8192
+    recs = [{"kind": "eval", "step": s, "tokens": 8192 * s, "loss": 10.0 - s} for s in (0, 1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with lab_progress.RunProgress({("ra", 0): d}, tty=True, interval=60) as progress:
+        progress.poll()
+        assert progress.bars[("ra", 0)].total == 2
+
+
 def test_summary_says_what_ran_and_what_it_is():
     from reciprocal_attention.lab import compare
 

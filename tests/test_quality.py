@@ -44,6 +44,19 @@ def test_incomplete_study_gives_no_verdict(tmp_path):
     assert quality.verdict_sentence(res) == "The study is incomplete; no verdict."
 
 
+def test_one_seed_has_no_noise_floor_and_no_verdict(tmp_path):
+    """A single seed gives paired differences but no baseline-vs-baseline spread: the report says so."""
+    _fake_run(tmp_path, "standard", 0, 4.0)
+    _fake_run(tmp_path, "ra", 0, 3.0)
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0], out_dir=str(tmp_path), mqar=False)
+    res = quality.analyse(qc)
+    assert res["noise_floor"]["max"] is None and res["arms"]["ra"]["paired_diff"] == {0: -1.0}
+    assert res["verdicts"]["ra"].startswith("no verdict: the noise floor needs")
+    assert quality.verdict_sentence(res).startswith("No verdict: the noise floor needs")
+    quality.write_report(res, tmp_path)
+    assert "No verdict" in (tmp_path / "quality.md").read_text()
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown arm"):
         quality.QualityConfig(arms=["standard", "magic"]).validate()

@@ -95,7 +95,9 @@ class RunProgress:
         recs = _read_metrics(d / "metrics.jsonl")
         train = [r for r in recs if r.get("kind") == "train"]
         evals = [r for r in recs if r.get("kind") == "eval" and r.get("loss") is not None]
-        tps = train[-1]["tokens"] // train[-1]["step"] if train and train[-1].get("tokens") else None
+        # tokens per step from the newest record past step 0 (an eval counts: short runs may log no train record)
+        paced = [r for r in recs if r.get("step") and r.get("tokens")]
+        tps = paced[-1]["tokens"] // paced[-1]["step"] if paced else None
         st["total"] = _total_steps(d, tps)
         post = {}
         if train and train[-1].get("loss") is not None:

@@ -251,8 +251,10 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         arms[a]["paired_diff_mean"] = statistics.fmean(diffs.values()) if diffs else None
         arms[a]["paired_diff_rel_mean"] = (statistics.fmean(diffs[s] / base[s] for s in diffs) if diffs else None)
         thr = noise["max"]
-        if not diffs or thr is None or len(diffs) < len(qc.seeds):
+        if not diffs or len(diffs) < len(qc.seeds):
             verdicts[a] = "incomplete: not every seed has a finished run of both arms"
+        elif thr is None:
+            verdicts[a] = f"no verdict: the noise floor needs finished {BASELINE} runs of at least 2 seeds"
         elif all(d < -thr for d in diffs.values()):
             verdicts[a] = f"better than {BASELINE}: lower loss in every seed by more than the noise floor ({thr:.4f})"
         elif all(d > thr for d in diffs.values()):

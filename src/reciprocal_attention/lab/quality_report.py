@@ -19,6 +19,8 @@ def verdict_sentence(res: dict[str, Any]) -> str:
     worse = [a for a, v in res["verdicts"].items() if v.startswith("worse")]
     if not res["complete"]:
         return "The study is incomplete; no verdict."
+    if res["noise_floor"]["max"] is None:
+        return "No verdict: the noise floor needs the baseline trained with at least 2 seeds."
     n = len(res["config"]["seeds"])
     parts = [f"better than the baseline in all {n} seeds beyond the noise floor: {', '.join(better)}" if better
              else f"no arm beat the baseline beyond the noise floor in all {n} seeds"]
@@ -143,10 +145,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
     nf = res["noise_floor"]["max"]
     if nf is not None:
         ax2.axhspan(-nf, nf, color="grey", alpha=0.2, label="noise floor (baseline vs baseline)")
+        ax2.legend()
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_xticks(range(len(arms)), arms)
     ax2.set_ylabel("final val loss - baseline (paired by seed)")
-    ax2.legend()
     fig.suptitle(f"RA quality study - {res.get('gpu') or res.get('device')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
