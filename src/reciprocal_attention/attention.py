@@ -52,7 +52,8 @@ class LayerKVCache:
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    kind = "cuda" if x.is_cuda else x.device.type  # is_cuda: no device object per call (decoding is host-bound)
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 class ReciprocalAttention(FoldedProjection, nn.Module):

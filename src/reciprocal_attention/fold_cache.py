@@ -59,7 +59,8 @@ class FoldedProjection:
         qr, kr = gate_sides(self.w_rec, self.gates)
         return qs, ks, qr, kr
 
-    def folded_weight(self, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    def folded_weight(self, out_dtype: torch.dtype | None = None,
+                      params: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """The folded ``c_attn`` weight/bias emitting ``[Q~ | K~ | V]``, rebuilt only when a parameter changed.
 
         The fold is cached under a key of every parameter's version counter, storage and dtype plus the global
@@ -69,9 +70,9 @@ class FoldedProjection:
         writes the cache while a CUDA graph is captured (a training replay must rebuild the fold from the
         parameters). Nothing is cached while torch.compile traces. Writes through ``param.data`` (manual
         ``p.data.sub_(...)`` updates, some EMA code) bypass version counters in training too: call
-        ``invalidate_cache()`` after them.
+        ``invalidate_cache()`` after them. ``params``: :meth:`_fold_params` when the caller already has them.
         """
-        params = self._fold_params()
+        params = self._fold_params() if params is None else params
         weight, W, w_std, w_rec = params[:4]
         bias = params[4] if len(params) == 5 else None
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -106,8 +107,8 @@ class FoldedProjection:
             return None
         # id(p) as well: the cache holds no reference to the parameters, and a parameter replaced by a new one
         # can get the old one's storage address and version; a match then also needs the old object's id
-        return tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (
-            out_dtype, _OPTIMIZER_STEPS[0])
+        # no device: under unified addressing a pointer names one device's memory (a list: faster than a genexpr)
+        return tuple([(id(p), p._version, p.data_ptr(), p.dtype) for p in params]) + (out_dtype, _OPTIMIZER_STEPS[0])
 
     def _cached_fold(self, key: tuple | None) -> tuple[Tensor, Tensor | None] | None:
         """The cached fold under ``key``; a stale entry is dropped first (peak memory: freed before the new fold is
@@ -144,5 +145,5 @@ class FoldedProjection:
             thr = float(self.routing_threshold) if self.routing_threshold is not None else None
             return folded_linear(x2d, weight, bias, *params[1:4], self.n_head, self.variant, GATE_MODES[self.gates],
                                  thr, self.bias_channel, hit[0].dtype, hit)[0]
-        wf, bf = self.folded_weight(out_dtype=out_dtype)
+        wf, bf = self.folded_weight(out_dtype=out_dtype, params=params)
         return F.linear(x2d, wf, bf)
