@@ -19,7 +19,7 @@ def verdict_sentence(res: dict[str, Any]) -> str:
     worse = [a for a, v in res["verdicts"].items() if v.startswith("worse")]
     if not res["complete"]:
         return "The study is incomplete; no verdict."
-    if res["noise_floor"]["max"] is None:
+    if res["verdicts"] and all(v.startswith("no verdict") for v in res["verdicts"].values()):
         return "No verdict: the noise floor needs the baseline trained with at least 2 seeds."
     n = len(res["config"]["seeds"])
     parts = [f"better than the baseline in all {n} seeds beyond the noise floor: {', '.join(better)}" if better
