@@ -4,12 +4,17 @@
 # the running ones stop and resume from their last checkpoint on the next call with the same OUT_DIR. Arms in order
 # of interest (standard, ra, full, output_gate for every seed, then seed, ra_disc). The report (quality.json/md/png)
 # says what remains; an earlier study's quality.json (RA_QUALITY_PRIOR) is kept in it as one row.
-# Usage: bash scripts/gpu_quality.sh OUT_DIR
+# Usage: bash scripts/gpu_quality.sh OUT_DIR   (needs data/corpus: the GPU machine has no internet, so build it with
+#        `ra data prepare --out data/corpus` beforehand and send data/corpus/{manifest.json,train.bin,val.bin,test.bin})
 # env: RA_QUALITY_SECONDS (time for this call, default 540), RA_QUALITY_PAR (runs at once, default 9),
 #      RA_QUALITY_ARMS, RA_QUALITY_SEEDS, RA_QUALITY_PRESET (default quality-gpu-40m), RA_QUALITY_TOKENS (override the
 #      preset's tokens per run), RA_QUALITY_PRIOR (default reports/quality/quality-4m.json when it exists).
 set -uo pipefail
 OUT="${1:?usage: gpu_quality.sh OUT_DIR}"; mkdir -p "$OUT"
+if [ ! -f data/corpus/manifest.json ]; then
+  echo "gpu_quality.sh: data/corpus/manifest.json not found; build it with \`ra data prepare --out data/corpus\` and send data/corpus/{manifest.json,train.bin,val.bin,test.bin} along" >&2
+  exit 2
+fi
 SECS="${RA_QUALITY_SECONDS:-540}"; PAR="${RA_QUALITY_PAR:-9}"
 ARMS="${RA_QUALITY_ARMS:-standard,ra,full,output_gate,seed,ra_disc}"; SEEDS="${RA_QUALITY_SEEDS:-0,1,2}"
 PRESET="${RA_QUALITY_PRESET:-quality-gpu-40m}"
