@@ -65,23 +65,45 @@ def _lm_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
 
 
-def test_bias_channel_stays_in_place_under_inductor():
-    """The bias channel writes its few columns into the GEMM output itself under torch.compile: the compiled
-    forward calls the mutating op on the buffer the addmm wrote, with no copy of it (a functionalised view update
-    would rebuild all of ``qkv``: one full read and write per layer, 2% of a GPT-2 step on an H100)."""
-    import re
+def test_bias_channel_touches_only_the_keys_when_traced():
+    """Traced, the bias channel is one pointwise add over K~ (``fold.add_bias_channel_heads``): in the forward
+    graph AOTAutograd hands to inductor nothing writes into the GEMM output ``qkv`` (an in-place update of it is
+    functionalised into a ``slice_scatter`` rebuild of all of it, one full read and write per layer) and no opaque
+    op mutates it (one slowed the compiled GPT-2 step by 1.1-1.5x on an H100); the add reads K~ only."""
+    from torch._functorch.aot_autograd import aot_module_simplified
 
-    from torch._inductor.utils import run_and_get_code
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def fw(g, _inputs):
+            graphs.append(g)
+            return g.forward
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw, bw_compiler=lambda g, _i: g.forward)
 
     torch._dynamo.reset()
     model = _tiny_gpt("ra_disc_channel")
-    idx = torch.randint(0, 97, (2, 16))
-    _, codes = run_and_get_code(torch.compile(model, fullgraph=True), idx, idx)
-    code = "\n".join(codes)
-    calls = re.findall(r"add_channel_columns_\.default\((buf\d+)", code)
-    assert calls, "the channel op is not in the compiled code"
-    gemm_outs = set(re.findall(r"extern_kernels\.(?:addmm|mm)\([^\n]*out=(buf\d+)\)", code))
-    assert set(calls) <= gemm_outs, (calls, gemm_outs)
+    B, T = 2, 16
+    idx = torch.randint(0, 97, (B, T))
+    torch.compile(model, fullgraph=True, backend=backend)(idx, idx)
+    (g,) = graphs
+    targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "scatter" in t or "auto_functionalized" in t or "copy_" in t], targets
+    attn = model.transformer.h[0].attn
+    n_qkv, n_k = attn.c_attn.weight.shape[0], attn.n_head * attn.head_dim
+    gemms = [n for n in g.graph.nodes if str(n.target) in ("aten.addmm.default", "aten.mm.default")
+             and n.meta["val"].shape == (B * T, n_qkv)]
+    assert len(gemms) == model.config.n_layer, targets
+    for gemm in gemms:  # qkv -> view -> split -> (view, transpose) ...; the K~ head view feeds one add
+        adds = []
+        frontier = list(gemm.users)
+        while frontier:
+            n = frontier.pop()
+            if str(n.target).startswith(("aten.view", "aten.split", "aten.getitem", "aten.transpose",
+                                         "aten.permute", "aten._unsafe_view", "<built-in function getitem>")):
+                frontier.extend(n.users)
+            elif str(n.target) == "aten.add.Tensor":
+                adds.append(n)
+        assert len(adds) == 1 and adds[0].meta["val"].numel() == B * T * n_k, [a.meta["val"].shape for a in adds]
 
 
 @pytest.mark.parametrize("preset", ["ra", "ra_disc_channel", "full"])

@@ -297,13 +297,15 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
             return q, k, v, self._column_bias(k, T)
         qkv = self._qkv(x.reshape(B * T, C), _autocast_dtype(x))  # 2-D: a base tensor the bias channel updates
         k_raw = self._raw_keys(x) if self.discoverability == "content" else None
-        col_bias = None
-        if self._plan.bias in ("channel", "channel_fused"):
+        channel = self._plan.bias in ("channel", "channel_fused")
+        traced = torch.compiler.is_compiling()  # a constant to dynamo: the compiled graph has one of the two
+        if channel and not traced:  # in place on the GEMM output
             qkv = self._add_bias_channel(qkv, k_raw, T)
-        else:
-            col_bias = self._column_bias(k_raw, T)
         q, k, v = self._split_heads(qkv, B, T, _fold.folded_width(self.variant, self.head_dim, self.rank))
-        return q, k, v, col_bias
+        if channel and traced:  # out of place on the heads (fold.add_bias_channel_heads says why)
+            q, k = _fold.add_bias_channel_heads(q, k, self._column_bias(k_raw, T), self.scale,
+                                                q_channel=self.c_attn.bias is None)
+        return q, k, v, (None if channel else self._column_bias(k_raw, T))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, col_bias: Tensor | None) -> Tensor:
         """The plan's attention core -> ``[B, H, T, D]``."""
@@ -333,6 +335,7 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
         zero-pad it for SDPA."""
         B, T, C = x.shape
         scale = self.scale if scale is None else scale
+        in_place_channel = self.bias_channel and not torch.compiler.is_compiling()  # see _project
         if self.variant in _fold.FOLDED_VARIANTS:
             qkv = self._qkv(x.reshape(B * T, C), _autocast_dtype(x))
         else:
@@ -344,11 +347,13 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
                 col = _fold.positional_bias(self.w_disc, self.d_bias, positions)
             else:
                 col = _fold.content_bias(self.w_disc, self.u, self._raw_keys(x))
-            if self.bias_channel:  # the reserved feature of the folded head
+            if in_place_channel:  # the reserved feature of the folded head
                 qkv = _fold.add_bias_channel(qkv, col, self.n_head, self.head_dim, scale,
                                              q_channel=self.c_attn.bias is None)
         width = _fold.folded_width(self.variant, self.head_dim, self.rank) if self.rank else self.head_dim
         q, k, v = self._split_heads(qkv, B, T, width)
+        if self.discoverability is not None and self.bias_channel and not in_place_channel:
+            q, k = _fold.add_bias_channel_heads(q, k, col, scale, q_channel=self.c_attn.bias is None)
         if self.variant == "full":
             q, k = _fold.full_qk(q, k, *self._gate_sides(), routed=self._routed())
         if self.discoverability is not None and not self.bias_channel:

@@ -177,7 +177,7 @@ def channel_fold(q: Tensor, k: Tensor, col_bias: Tensor, scale: float, kappa: fl
     return torch.cat(pads_q, dim=-1), torch.cat(pads_k, dim=-1)
 
 
-def _add_channel_columns_body(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
+def _add_channel_columns(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
     """``qkv [B*T, N]`` in place: ``+= kappa`` on the Q channel columns (unless 0), ``+= c_t`` on the K ones."""
     T = c_t.shape[-2]
     v = qkv.view(-1, T, qkv.shape[-1])
@@ -186,28 +186,16 @@ def _add_channel_columns_body(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: 
     v[..., k0:k0 + n * step:step].add_(c_t)
 
 
-# The same as an op that declares its mutation, for torch.compile: traced as plain view updates, the functionalised
-# graph rebuilds all of ``qkv`` around the few columns (one full read and write per layer); this op stays in place.
-_add_channel_columns_ = torch.library.custom_op("reciprocal_attention::add_channel_columns_",
-                                                mutates_args=("qkv",))(_add_channel_columns_body)
-
-
-@_add_channel_columns_.register_fake
-def _(qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> None:
-    return None
-
-
 class _AddBiasChannel(torch.autograd.Function):
     """In place on the 2-D GEMM output ``[B*T, N]``: ``+= kappa`` on the Q channel columns and ``+= c_t`` on the K
     channel columns; the gradient passes through unchanged (an addition) and ``c_t``'s is the K columns' gradient.
     In place on a base tensor: the out-of-place form, or any in-place update of a view (autograd's ``CopySlices``),
-    copies all of ``qkv`` (measured: four full copies, +100 us per block fwd+bwd on an H100)."""
+    copies all of ``qkv`` (measured: four full copies, +100 us per block fwd+bwd on an H100). Eager calls only:
+    traced calls take :func:`add_bias_channel_heads`."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, c_t: Tensor, q0: int, k0: int, step: int, n: int, kappa: float) -> Tensor:
-        # traced: the op that declares its mutation; eager: its body directly (no custom-op dispatch per call)
-        (_add_channel_columns_ if torch.compiler.is_compiling() else _add_channel_columns_body)(
-            qkv, c_t, q0, k0, step, n, kappa)
+        _add_channel_columns(qkv, c_t, q0, k0, step, n, kappa)
         ctx.mark_dirty(qkv)
         ctx.cols = (k0, step, n, c_t.shape[-2], c_t.dim() == 2)
         return qkv
@@ -239,6 +227,27 @@ def add_bias_channel(qkv: Tensor, col_bias: Tensor, n_head: int, width: int, sca
     c_t = (col_bias / (scale * kappa)).transpose(-1, -2).to(qkv.dtype)  # [T, H] or [B, T, H]
     q0 = width - 1
     return _AddBiasChannel.apply(qkv, c_t, q0, n_head * width + q0, width, n_head, kappa if q_channel else 0.0)
+
+
+def add_bias_channel_heads(q: Tensor, k: Tensor, col_bias: Tensor, scale: float, kappa: float = 1.0,
+                           q_channel: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`add_bias_channel` on the split heads, out of place: ``Q~, K~ [B, H, T, width]`` whose last feature
+    is zero -> ``Q~`` with ``kappa`` there (``q_channel``) and ``K~`` with ``c_hj / (scale * kappa)``.
+
+    The form for traced calls (torch.compile): inductor fuses it into one pointwise kernel over K~, a third of the
+    GEMM output. An in-place update of the GEMM output is functionalised there into a rebuild of all of ``qkv``
+    (+269 us per GPT-2 small step at 8 x 1024 on an H100), and an opaque op that mutates it slowed the compiled
+    step by 1.1-1.5x with a wide spread, where CUDA graphs did not (so host-side, not kernel time).
+    ``col_bias``: ``[H, T]`` or ``[B, H, T]``; rounded to K~'s dtype once, as :func:`add_bias_channel` does.
+    """
+    if q.shape[-1] != k.shape[-1] or q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, T, width] with one width; got {list(q.shape)} and {list(k.shape)}")
+    width = k.shape[-1]
+    c = (col_bias / (scale * kappa)).to(k.dtype).unsqueeze(-1)
+    k = k + torch.nn.functional.pad(c, (width - 1, 0))
+    if q_channel:
+        q = q + torch.nn.functional.pad(q.new_full((1,), kappa), (width - 1, 0))
+    return q, k
 
 
 def full_qk(q: Tensor, k: Tensor, qa: Tensor, ka: Tensor, qb: Tensor, kb: Tensor,
