@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
-#   stages: tests compiletests flashtests foldtests foldsweep check model model2 profile_model profile_decode bench bench_amp profile ncu overlap
+#   stages: tests compiletests flashtests foldtests foldsweep check model model2 profile_model profile_decode bench bench_amp bench_ab profile ncu overlap
 #   eager ddp train mqar quality (default: tests model profile_model check bench)
 # Every stage has its own timeout and log; the full results land in OUT_DIR/results.tar.gz, and a short
 # summary is printed last. Runs on the GPU image's python3 (torch 2.11 / triton 3.6) with src/ on PYTHONPATH.
@@ -61,6 +61,15 @@ for s in $STAGES; do
              # training precision: fp32 parameters under bf16 autocast (the fused fold replaces F.linear's cast)
              [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
+    bench_ab)  # the block bench of another commit's src (RA_AB_SRC; its CLI module RA_AB_MODULE) and of this tree, one
+               # after the other in this call, same arguments: a code change's effect on the same card
+             if [ -z "${RA_AB_SRC:-}" ] || [ ! -d "$RA_AB_SRC" ]; then
+               note "stage bench_ab: set RA_AB_SRC to a src folder, e.g. git archive COMMIT src | tar -x -C build/ab"; continue; fi
+             read -r -a ab_args <<< "${RA_AB_ARGS:---groups core --shapes 8x1024,2x4096 --widths= --modes graph}"
+             stage bench_ab_prev "${RA_AB_TIMEOUT:-150}" env PYTHONPATH="$ROOT/$RA_AB_SRC" $PY -m "${RA_AB_MODULE:-reciprocal_attention.lab.cli}" \
+               bench --out "$RES/bench_ab/prev" --no-progress "${ab_args[@]}"
+             stage bench_ab_new "${RA_AB_TIMEOUT:-150}" $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_ab/new" --no-progress "${ab_args[@]}"
+             mkdir -p "$OUT/bench_ab"; for w in prev new; do cp "$RES/bench_ab/$w/bench.json" "$OUT/bench_ab/$w.json" 2>/dev/null; done ;;
     overlap) stage overlap 200 $PY tools/overlap_ab.py "$RES/overlap_ab.json" --trace --rounds 15 --memory ;;
     eager)   stage eager 150 $PY tools/eager_overhead.py "$RES/eager_overhead.json"
              cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
