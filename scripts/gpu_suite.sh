@@ -36,9 +36,8 @@ for s in $STAGES; do
     tests)   stage tests "${RA_TESTS_TIMEOUT:-420}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/ --timeout=300 -o addopts="" -rfE
              ;;
     flashtests) stage flashtests "${RA_FLASHTESTS_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_flash.py --timeout=90 -o addopts="" -rfE ${RA_FLASHTESTS_K:+-k "$RA_FLASHTESTS_K"} ;;
-    foldtests)  stage foldtests "${RA_FOLDTESTS_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_fold.py --timeout=150 -o addopts="" -rfE -k "not benchmark_printout" ;;
-    foldsweep)  stage foldsweep 180 $PY -m pytest -q -p no:cacheprovider "tests/test_gpu_fold.py::test_benchmark_printout" -s -o addopts=""
-                ;;
+    foldtests)  stage foldtests "${RA_FOLDTESTS_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_fold.py --timeout=150 -o addopts="" -rfE ;;
+    foldsweep)  stage foldsweep 180 $PY tools/fold_bench.py "$RES/fold_bench.json" ;;
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
     compiletests) stage compiletests "${RA_COMPILETESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -m gpu --timeout=240 -o addopts="" -rfE ;;

@@ -1,4 +1,4 @@
-"""Fused weight-space fold on the GPU: exactness at GPT-2 sizes, torch.compile, CUDA graphs, and a timing printout.
+"""Fused weight-space fold on the GPU: exactness at GPT-2 sizes, torch.compile, CUDA graphs.
 
 Run on the lent machine (``pytest -m gpu tests/test_gpu_fold.py -s``); skipped without CUDA (conftest.py).
 References are ``fold.fold_qkv_weight`` in float64 with float64 autograd. Tolerances are stated per test:
@@ -6,12 +6,8 @@ References are ``fold.fold_qkv_weight`` in float64 with float64 autograd. Tolera
 * folded weight in bf16: one bf16 rounding (2^-8 relative) of the fp32 value, plus 1e-6 absolute;
 * gradients (fp32 params, bf16 output grads): 2e-5 of the largest magnitude of each gradient (fp32 sums of up
   to C * H terms).
-The benchmark prints microseconds per call (CUDA events; eager and CUDA-graph replay) and asserts nothing; with
-``RA_RESULTS_DIR`` set it also writes ``fold_bench.json`` there.
+Its timing (microseconds per call and the tile sweep) is ``tools/fold_bench.py``, not a test.
 """
-import json
-import os
-import statistics
 
 import pytest
 import torch
@@ -285,123 +281,6 @@ def test_module_graph_with_overlap_matches_eager(pass_):
         err = (p0.grad.float() - p1.grad.float()).abs().max().item()
         assert err <= 2e-2 * p1.grad.float().abs().max().item() + 1e-4, f"d{name}: {err:.3g}"
         torch.testing.assert_close(p0.float(), p1.float(), rtol=1e-2, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Micro-benchmark (printout only)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _time_us(fn, inner=50, reps=7, graph=False):
-    """Median, min, max microseconds per call of ``fn`` (CUDA events around ``inner`` calls, ``reps`` times)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(inner):
-                fn()
-        run = g.replay
-    else:
-        def run():
-            for _ in range(inner):
-                fn()
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(times), min(times), max(times)
-
-
-def test_benchmark_printout(capsys):
-    import triton
-
-    H, D, R = GPT2["H"], GPT2["D"], GPT2["R"]
-    C = H * D
-    weight, b, W, w_std, w_rec = make_inputs(H, D, R, seed=11)
-    ins = [weight, b, W, w_std, w_rec]
-    rows_f = 2 * H * D + C
-    gwf = torch.randn(rows_f, C, device=DEV).to(torch.bfloat16)
-    gbf = torch.randn(rows_f, device=DEV).to(torch.bfloat16)
-    gwc = torch.randn(3 * C, C, device=DEV).to(torch.bfloat16)
-    gbc = torch.randn(3 * C, device=DEV).to(torch.bfloat16)
-
-    def fused():  # the module's path: signed gate sides formed in the kernels
-        return fused_fold_gated(weight, b, W, w_std, w_rec, H, "same_flop", out_dtype=torch.bfloat16)
-
-    def ref():
-        w, bb = oracle_fold(weight, b, W, w_std, w_rec, H, "same_flop")
-        return w.to(torch.bfloat16), bb.to(torch.bfloat16)
-
-    def cast():
-        return weight.to(torch.bfloat16), b.to(torch.bfloat16)
-
-    arms = [("fused gated fold (bf16 out)", fused, gwf, gbf), ("fold.fold_qkv_weight + cast", ref, gwf, gbf),
-            ("plain weight.to(bf16) cast", cast, gwc, gbc)]
-    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-             f"C={C} H={H} R={R} same_flop, fp32 params, bias; us per call, median (min-max) of 7 x 50 calls"]
-    lines.append(f"{'arm':32s} {'mode':6s} {'fwd (no_grad)':>24s} {'fwd+bwd':>24s}")
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "shape": {"C": C, "H": H, "R": R, "variant": "same_flop", "bias": True}, "unit": "us per call",
-              "arms": [], "sweep": []}
-    for name, fn, gw_, gb_ in arms:
-        def fwd():
-            with torch.no_grad():
-                fn()
-
-        def fwd_bwd_():
-            w, bb = fn()
-            torch.autograd.grad([w, bb], ins, [gw_, gb_], allow_unused=True)
-
-        for mode in ("eager", "graph"):
-            f = _time_us(fwd, graph=mode == "graph")
-            fb = _time_us(fwd_bwd_, graph=mode == "graph")
-            lines.append(f"{name:32s} {mode:6s} {f[0]:9.2f} ({f[1]:6.2f}-{f[2]:6.2f}) "
-                         f"{fb[0]:9.2f} ({fb[1]:6.2f}-{fb[2]:6.2f})")
-            record["arms"].append({"arm": name, "mode": mode, "fwd": f, "fwd_bwd": fb})
-    # Tile sweep of the raw kernels (graph replay), to pick the defaults on this card.
-    signed = (H, "same_flop", kfold.GATE_MODES["signed"], None, False)
-    args = (*(t.detach() for t in ins), *signed)
-    lines.append("tile sweep (graph replay, us): BLOCK_C x num_warps -> forward kernel | backward kernels")
-    default_f = kfold._config(D, R, C)
-    default_b = kfold._config(D, R, C, bwd=True)
-    lines.append(f"  defaults: forward BLOCK_C={default_f['BLOCK_C']} warps={default_f['num_warps']}; "
-                 f"backward BLOCK_D={default_b['BLOCK_D']} BLOCK_C={default_b['BLOCK_C']} "
-                 f"warps={default_b['num_warps']}")
-    for bc in (32, 64, 128):
-        for nw in (4, 8):
-            tf = _time_us(lambda: kfold._fold_forward_impl(*args, torch.bfloat16, block_c=bc, num_warps=nw),
-                          graph=True)
-            lines.append(f"  forward BLOCK_C={bc:3d} warps={nw}: {tf[0]:7.2f}")
-            record["sweep"].append({"kernel": "fwd", "BLOCK_C": bc, "num_warps": nw, "us": tf})
-    # backward: fp32 parameters (tf32x3 dots; "bwd") and bf16 parameters (one tf32 product; "bwd16")
-    args16 = (*(t.detach().to(torch.bfloat16) for t in ins), *signed)
-    for kernel, a in (("bwd", args), ("bwd16", args16)):
-        for bd in (16, 32, 64):
-            for bc in (32, 64):
-                for nw in (2, 4, 8):
-                    tb = _time_us(lambda: kfold._fold_backward_impl(gwf, gbf, *a, block_c=bc, num_warps=nw,
-                                                                    block_d=bd), graph=True)
-                    lines.append(f"  {kernel} BLOCK_D={bd:3d} BLOCK_C={bc:3d} warps={nw}: {tb[0]:7.2f}")
-                    record["sweep"].append({"kernel": kernel, "BLOCK_D": bd, "BLOCK_C": bc, "num_warps": nw,
-                                            "us": tb})
-    out_dir = os.environ.get("RA_RESULTS_DIR")
-    if out_dir:  # machine-readable copy for the results folder
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "fold_bench.json"), "w") as fh:
-            json.dump(record, fh, indent=1)
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
 
 
 @pytest.mark.parametrize("gates", ["signed", "seed"])
