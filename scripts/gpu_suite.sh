@@ -68,7 +68,8 @@ for s in $STAGES; do
              stage bench_ab_prev "${RA_AB_TIMEOUT:-150}" env PYTHONPATH="$ROOT/$RA_AB_SRC" $PY -m "${RA_AB_MODULE:-reciprocal_attention.lab.cli}" \
                bench --out "$RES/bench_ab/prev" --no-progress "${ab_args[@]}"
              stage bench_ab_new "${RA_AB_TIMEOUT:-150}" $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_ab/new" --no-progress "${ab_args[@]}"
-             mkdir -p "$OUT/bench_ab"; for w in prev new; do cp "$RES/bench_ab/$w/bench.json" "$OUT/bench_ab/$w.json" 2>/dev/null; done ;;
+             mkdir -p "$OUT/bench_ab"; for w in prev new; do cp "$RES/bench_ab/$w/bench.json" "$OUT/bench_ab/$w.json" 2>/dev/null; done
+             $PY tools/bench_ab.py "$OUT/bench_ab/prev.json" "$OUT/bench_ab/new.json" "$OUT/bench_ab/bench_ab.md" | tee -a "$summary" ;;
     overlap) stage overlap 200 $PY tools/overlap_ab.py "$RES/overlap_ab.json" --trace --rounds 15 --memory ;;
     eager)   stage eager 150 $PY tools/eager_overhead.py "$RES/eager_overhead.json"
              cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
