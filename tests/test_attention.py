@@ -525,6 +525,43 @@ def test_add_bias_channel_in_place_and_gradient():
     torch.testing.assert_close(dc, torch.stack([g[..., H * Dp + h * Dp + Dp - 1].sum(0) for h in range(H)]) / 1.0)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["bias_HT", "bias_BHT"])
+@pytest.mark.parametrize("q_channel", [True, False])
+@pytest.mark.parametrize("T", [1, 6])
+def test_add_bias_channel_heads_equals_the_in_place_form(T, q_channel, shared):
+    """The traced form (out of place on the split heads) gives the in-place form's Q~, K~ and every gradient
+    (of the GEMM weight, through all of qkv, and of the column bias) in float64."""
+    B, H, Dp, C, scale = 3, 2, 5, 10, 0.37
+    kappa = 1.7 if q_channel else 1.0
+    torch.manual_seed(T)
+    w = torch.randn(2 * H * Dp + C, 7, dtype=F64, requires_grad=True)
+    x = torch.randn(B * T, 7, dtype=F64)
+    c = torch.randn(*((H, T) if shared else (B, H, T)), dtype=F64, requires_grad=True)
+    gq, gk = torch.randn(B, H, T, Dp, dtype=F64), torch.randn(B, H, T, Dp, dtype=F64)
+
+    def heads(qkv):
+        q, k, _ = qkv.view(B, T, -1).split([H * Dp, H * Dp, C], dim=2)
+        return q.view(B, T, H, Dp).transpose(1, 2), k.view(B, T, H, Dp).transpose(1, 2)
+
+    def zero_channel(w):  # the fold leaves the reserved rows zero
+        keep = torch.ones(w.shape[0], 1, dtype=F64)
+        keep[[h * Dp + Dp - 1 for h in range(2 * H)]] = 0
+        return w * keep
+
+    q1, k1 = heads(fold.add_bias_channel(torch.nn.functional.linear(x, zero_channel(w)), c, H, Dp, scale, kappa=kappa,
+                                         q_channel=q_channel))
+    q2, k2 = fold.add_bias_channel_heads(*heads(torch.nn.functional.linear(x, zero_channel(w))), c, scale, kappa=kappa,
+                                         q_channel=q_channel)
+    torch.testing.assert_close(q2, q1, rtol=0, atol=1e-15)
+    torch.testing.assert_close(k2, k1, rtol=0, atol=1e-15)
+    g1 = torch.autograd.grad((q1 * gq).sum() + (k1 * gk).sum(), [w, c])
+    g2 = torch.autograd.grad((q2 * gq).sum() + (k2 * gk).sum(), [w, c])
+    for a, b, name in zip(g2, g1, ("w", "col_bias")):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=name)
+    with pytest.raises(ValueError, match=r"q and k must be \[B, H, T, width\]"):
+        fold.add_bias_channel_heads(q2[..., :-1], k2, c, scale)
+
+
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_empty_batch_gives_empty_output(preset, backend):
