@@ -1,4 +1,5 @@
-"""KV-cache decoding profile (greedy, bf16 autocast, GPT-2 small): tokens/s, device and host time per token, for the project's GPT (``standard`` vs ``ra``) and transformers' GPT-2 vs its ``convert_gpt2`` conversion.
+"""KV-cache decoding profile (greedy, bf16 autocast, GPT-2 small): tokens/s, device and host time per token, for
+the project's GPT (``standard`` vs ``ra``) and transformers' GPT-2 vs its ``convert_gpt2`` conversion.
 
     python tools/profile_decode.py OUT_DIR [--tokens 128] [--batch 1] [--rounds 3]
 
