@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from reciprocal_attention.lab import bench, bench_arms, bench_report
+from reciprocal_attention.lab import bench, bench_arms, bench_cli, bench_report, timing
 from reciprocal_attention.lab.errors import UserError
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of the command line")
@@ -16,7 +16,7 @@ REQUIRED = {"impl", "variant", "heads_pct", "B", "T", "C", "H", "pass", "mode", 
 
 
 def test_cpu_bench_writes_records_and_reports(tmp_path, capsys):
-    rc = bench.main(["--out", str(tmp_path), "--repeats", "1", "--inner", "1", "--groups", "core,evolution",
+    rc = bench_cli.main(["--out", str(tmp_path), "--repeats", "1", "--inner", "1", "--groups", "core,evolution",
                      "--shapes", "1x16", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_peer_arms_compute_the_module_function():
 def test_arms_filter_keeps_baselines_and_cleans_partial(tmp_path):
     """--arms runs only the named impls plus the baselines (their ratios need them); the per-record partial file
     that survives a cut run is removed once the full results are written."""
-    rc = bench.main(["--out", str(tmp_path), "--repeats", "1", "--inner", "1", "--groups", "core,kernels",
+    rc = bench_cli.main(["--out", str(tmp_path), "--repeats", "1", "--inner", "1", "--groups", "core,kernels",
                      "--arms", "ra_fast,channel_bias", "--shapes", "1x16", "--widths", "", "--no-progress"])
     assert rc == 0
     records = json.loads((tmp_path / "bench.json").read_text())
@@ -97,7 +97,7 @@ def test_paired_timing_alternates_and_enters_each_context():
         entered.append(name)
         yield
 
-    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=4, inner=2)
+    timer = timing.Timer(torch.device("cpu"), warmup=1, repeats=4, inner=2)
     ta, tb = timer.measure_paired((lambda: order.append("a"), lambda: ctx("a")),
                                   (lambda: order.append("b"), lambda: ctx("b")))
     assert len(ta) == len(tb) == 4 and all(t > 0 for t in ta + tb)
@@ -189,7 +189,7 @@ def test_ratio_plot_is_linear_around_one_with_labelled_bars():
 def test_every_option_has_help():
     from reciprocal_attention.lab import compare
 
-    for parser in (bench.build_parser(), compare.build_parser()):
+    for parser in (bench_cli.build_parser(), compare.build_parser()):
         missing = [a.option_strings for a in parser._actions if not (a.help or "").strip()]
         assert not missing, f"{parser.prog}: options without help {missing}"
 
@@ -206,7 +206,7 @@ def test_every_option_has_help():
 ])
 def test_bench_refuses_bad_options(argv, match, tmp_path):
     with pytest.raises(UserError, match=match):
-        bench.main(argv + ["--out", str(tmp_path)])
+        bench_cli.main(argv + ["--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())  # refused before any timing
 
 
@@ -220,23 +220,23 @@ def test_bench_refuses_bad_options(argv, match, tmp_path):
 ])
 def test_bench_on_cpu_refuses_what_needs_cuda(argv, match, tmp_path):
     with pytest.raises(UserError, match=match):
-        bench.main(argv + ["--out", str(tmp_path)])
+        bench_cli.main(argv + ["--out", str(tmp_path)])
 
 
 @cpu_only
 def test_bench_on_cpu_honours_explicit_counts():
-    args = bench.build_parser().parse_args(["--repeats", "11", "--inner", "4", "--shapes", "1x32", "--widths",
+    args = bench_cli.build_parser().parse_args(["--repeats", "11", "--inner", "4", "--shapes", "1x32", "--widths",
                                             "128/4", "--precision", "amp"])
-    cfg = bench.config_from_args(args)
+    cfg = bench_cli.config_from_args(args)
     assert (cfg.repeats, cfg.inner, cfg.shapes, cfg.scaling_widths, cfg.precision, cfg.modes) == \
         (11, 4, [(1, 32)], [(128, 4)], "amp", ("eager",))
 
 
 def test_render_refuses_timing_options_and_missing_json(tmp_path):
     with pytest.raises(UserError, match=r"--shapes do\(es\) not apply"):
-        bench.main(["--render", str(tmp_path), "--shapes", "1x16"])
+        bench_cli.main(["--render", str(tmp_path), "--shapes", "1x16"])
     with pytest.raises(UserError, match="no bench.json there"):
-        bench.main(["--render", str(tmp_path)])
+        bench_cli.main(["--render", str(tmp_path)])
 
 
 def test_user_error_reaches_the_cli_as_one_line(capsys):

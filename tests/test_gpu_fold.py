@@ -258,7 +258,7 @@ def test_module_graph_with_overlap_matches_eager(pass_):
     side stream beside the input-gradient GEMM, replayed several times: the same losses and gradients as the same
     calls made eagerly on one stream, within SDPA's own run-to-run spread (its backward is not deterministic)."""
     from reciprocal_attention import ReciprocalAttention
-    from reciprocal_attention.lab.bench import _make_step
+    from reciprocal_attention.lab.timing import make_step
 
     torch.manual_seed(0)
     C, H, B, T = 768, 12, 4, 1023
@@ -267,9 +267,9 @@ def test_module_graph_with_overlap_matches_eager(pass_):
     mods[1].load_state_dict(mods[0].state_dict())
     x = torch.randn(B, T, C, device=DEV, dtype=torch.bfloat16)
     torch.manual_seed(1)
-    graph_fn = _make_step(mods[0], x, pass_)
+    graph_fn = make_step(mods[0], x, pass_)
     torch.manual_seed(1)
-    eager_fn = _make_step(mods[1], x, pass_)  # the same output gradient
+    eager_fn = make_step(mods[1], x, pass_)  # the same output gradient
     g, _ = capture(graph_fn, warmup=1)
     eager_fn()  # as many calls as the graph's warm-up
     for _ in range(3):

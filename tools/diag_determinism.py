@@ -3,7 +3,7 @@ import torch
 
 from reciprocal_attention import ReciprocalAttention
 from reciprocal_attention import plan as attention_plan
-from reciprocal_attention.lab.bench import sdpa_context
+from reciprocal_attention.lab.timing import sdpa_context
 from reciprocal_attention.ops import settings
 
 

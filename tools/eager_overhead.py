@@ -17,7 +17,7 @@ import time
 import torch
 
 from reciprocal_attention import ReciprocalAttention
-from reciprocal_attention.lab.bench import _versions, sdpa_context
+from reciprocal_attention.lab.timing import machine_versions, sdpa_context
 from reciprocal_attention.ops import settings
 
 ARMS = (("baseline", "standard", "sdpa", True), ("ra_fast", "ra", "sdpa", True),
@@ -60,7 +60,7 @@ def main() -> None:
     a = ap.parse_args()
     x = torch.randn(8, 1024, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
-    res = {"versions": _versions(), "unit": "ms per eager call (wall, synchronised), B=8 T=1024 C=768 bf16, cuDNN",
+    res = {"versions": machine_versions(), "unit": "ms per eager call (wall, synchronised), B=8 T=1024 C=768 bf16, cuDNN",
            "rounds": a.rounds, "inner": a.inner, "arms": {}}
     with sdpa_context("cudnn"):
         fns = {}

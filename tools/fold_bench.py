@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from reciprocal_attention import fold
-from reciprocal_attention.lab.bench import _versions
+from reciprocal_attention.lab.timing import machine_versions
 from reciprocal_attention.ops import fold as kfold
 from reciprocal_attention.ops.fold import fused_fold_gated
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fold_bench: needs a CUDA GPU (run it in scripts/gpu_suite.sh, stage foldsweep)", file=sys.stderr)
         return 2
     ins = inputs()
-    record = {**_versions(), "shape": {"C": C, "H": H, "R": R, "variant": "same_flop", "bias": True},
+    record = {**machine_versions(), "shape": {"C": C, "H": H, "R": R, "variant": "same_flop", "bias": True},
               "unit": "us per call", "arms": [], "sweep": []}
     print(f"{record['device']}, torch {record['torch']}, triton {record['triton']}; C={C} H={H} R={R}; us per call")
     for name, fn, rows in arms(ins):

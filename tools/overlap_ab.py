@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from reciprocal_attention import ReciprocalAttention
-from reciprocal_attention.lab.bench import Timer, _make_step, _versions, _warm_workspaces, sdpa_context
+from reciprocal_attention.lab import timing
+from reciprocal_attention.lab.timing import Timer, machine_versions, sdpa_context, warm_workspaces
 from reciprocal_attention.ops import settings
 
 
@@ -35,10 +36,10 @@ def build(preset: str) -> torch.nn.Module:
 
 
 def make_step(module: torch.nn.Module, x: torch.Tensor, pass_: str):
-    """``bench._make_step``, plus ``step0``: a step that ends in ``zero_grad(set_to_none=True)`` (the usual training
+    """``timing.make_step``, plus ``step0``: a step that ends in ``zero_grad(set_to_none=True)`` (the usual training
     loop: gradients are stolen by AccumulateGrad instead of added into existing ones)."""
     if pass_ != "step0":
-        return _make_step(module, x, pass_)
+        return timing.make_step(module, x, pass_)
     gy = torch.randn(x.shape, device=x.device, dtype=x.dtype)
     xg = x.detach().clone().requires_grad_(True)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True, capturable=True)
@@ -70,7 +71,7 @@ def peaks(x: torch.Tensor) -> dict:
             m._qkv = two_node_qkv.__get__(m)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        fn = _make_step(m, x, "fwd+bwd")
+        fn = make_step(m, x, "fwd+bwd")
         fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -98,9 +99,9 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also the peak memory of eager fwd+bwd at each T")
     a = ap.parse_args()
     dev = torch.device("cuda")
-    _warm_workspaces(dev)
+    warm_workspaces(dev)
     timer = Timer(dev, warmup=3, repeats=1, inner=a.inner)
-    results = {"versions": _versions(), "unit": "ms per call; ratio = median over rounds of arm/baseline",
+    results = {"versions": machine_versions(), "unit": "ms per call; ratio = median over rounds of arm/baseline",
                "rows": []}
     for sdpa in a.sdpa:
         for T in a.T:

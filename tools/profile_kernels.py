@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from reciprocal_attention import ReciprocalAttention
-from reciprocal_attention.lab.bench import _versions, sdpa_context
+from reciprocal_attention.lab.timing import machine_versions, sdpa_context
 
 
 def _kernel_table(fn, iters: int = 10, warmup: int = 5) -> list[dict]:
@@ -52,7 +52,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    res: dict = {"versions": _versions(), "blocks": [], "core": []}
+    res: dict = {"versions": machine_versions(), "blocks": [], "core": []}
     arms = [("baseline_cudnn", "standard", "sdpa", "cudnn", False), ("ra_fast", "ra", "sdpa", "cudnn", False),
             ("seed_fast", "seed", "sdpa", "cudnn", False),
             ("triton_bias", "ra_disc", "triton", "any", True), ("channel_bias", "ra_disc_channel", "sdpa", "cudnn", True),

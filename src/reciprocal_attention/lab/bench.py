@@ -10,156 +10,32 @@ captured, then replayed: pure GPU time) and ``compile`` (``torch.compile``). Pas
 folded weight is rebuilt every step).
 
 On a CPU the same code runs at small shapes, eager fp32, with the arms that need no CUDA, and says so: CPU numbers
-are not the protocol's numbers, and the report (``bench_report``) shows only paired ratios. Options it cannot honour
-are refused with a ``UserError`` that names the valid choices.
+are not the protocol's numbers, and the report (``bench_report``) shows only paired ratios. The command line is
+``bench_cli`` (every option honoured or refused with a ``UserError`` that names the valid choices), the timing
+``timing``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
-import platform
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
 
 from .bench_arms import MODES, Arm, default_arms
-from .bench_report import PASSES, committed_gpu_table, markdown_report, plot, write_results  # noqa: F401
-from .errors import UserError
+from .bench_report import PASSES
+from .timing import Timer, machine_versions, make_step, sdpa_context, warm_workspaces
 
 log = logging.getLogger(__name__)
 
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------------------
-
-def sdpa_context(name: str):
-    """Context manager restricting SDPA to one backend (``any`` leaves PyTorch's choice)."""
-    if name == "any":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([backend])
-
-
-def _make_step(module: nn.Module, x: Tensor, pass_: str) -> Callable[[], None]:
-    """The callable timed for one pass."""
-    if pass_ == "fwd":
-        def fwd() -> None:
-            with torch.no_grad():
-                module(x)
-        return fwd
-    gy = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=None)
-    xg = x.detach().clone().requires_grad_(True)
-    if pass_ == "fwd+bwd":
-        def fwd_bwd() -> None:
-            module(xg).backward(gy)
-        return fwd_bwd
-    params = [p for p in module.parameters() if p.requires_grad]
-    cuda = x.device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda, capturable=cuda)
-
-    def step() -> None:
-        module(xg).backward(gy)
-        opt.step()
-    return step
-
-
-class Timer:
-    """CUDA-event (or perf_counter on CPU) timing of ``fn`` in a mode, per call in milliseconds."""
-
-    def __init__(self, device: torch.device, warmup: int, repeats: int, inner: int) -> None:
-        self.device, self.warmup, self.repeats, self.inner = device, warmup, repeats, inner
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def measure(self, fn: Callable[[], None]) -> list[float]:
-        for _ in range(self.warmup):
-            fn()
-        self._sync()
-        return [self._block(fn) for _ in range(self.repeats)]
-
-    def _block(self, fn: Callable[[], None]) -> float:
-        """ms per call of ``inner`` back-to-back calls."""
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(self.inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / self.inner
-        import time
-
-        t0 = time.perf_counter()
-        for _ in range(self.inner):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / self.inner
-
-    def measure_paired(self, a: tuple[Callable[[], None], Callable[[], Any]],
-                       b: tuple[Callable[[], None], Callable[[], Any]]) -> tuple[list[float], list[float]]:
-        """Time two ``(fn, context factory)`` pairs in alternating rounds (the order flips every round); per-round
-        ms per call of each. A fresh context (e.g. an SDPA backend choice) is entered around each block."""
-        for fn, ctx in (a, b):
-            with ctx():
-                for _ in range(self.warmup):
-                    fn()
-        self._sync()
-        ta, tb = [], []
-        for i in range(self.repeats):
-            for fn, ctx, out in ((a[0], a[1], ta), (b[0], b[1], tb))[:: 1 if i % 2 == 0 else -1]:
-                with ctx():
-                    out.append(self._block(fn))
-        return ta, tb
-
-    def graphed(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Capture ``fn`` in one CUDA graph (after side-stream warm-up) and return its replay."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-
-        def replay(fn: Callable[[], None] = fn) -> None:  # holds fn (its module and inputs: the graph's memory)
-            g.replay()
-        return replay
-
-
-def _versions() -> dict[str, str]:
-    try:
-        import triton
-
-        triton_v = triton.__version__
-    except Exception:
-        triton_v = "not installed"
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
-    return {"device": dev, "torch": torch.__version__, "triton": triton_v,
-            "cuda": torch.version.cuda or "none", "python": platform.python_version()}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class BenchConfig:
@@ -246,12 +122,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
     jobs = _plan(cfg, arms)
     baselines = {a.impl: a for a in arms if a.impl.startswith("baseline")}
     paired_fns: dict[tuple, Callable[[], None]] = {}  # baselines, prepared once per (impl, shape, pass, mode)
-    versions = _versions()
+    versions = machine_versions()
     timer = Timer(device, cfg.warmup, cfg.repeats, cfg.inner)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     records: list[dict[str, Any]] = []
     if cuda:
-        _warm_workspaces(device)
+        warm_workspaces(device)
     try:
         from tqdm import tqdm
 
@@ -290,21 +166,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True, partial: Path | None = No
     return records
 
 
-def _warm_workspaces(device: torch.device) -> None:
-    """cuBLAS and the SDPA backends allocate their workspaces on first use and keep them: do that before any arm's
-    memory baseline, or the first arm's peak carries them."""
-    x = torch.randn(256, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-    torch.nn.functional.linear(x, x).sum().backward()
-    q = torch.randn(1, 2, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-    for backend in ("flash", "cudnn", "efficient"):
-        try:
-            with sdpa_context(backend):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
-        except RuntimeError:  # a backend this card/build lacks: its arms record the error themselves
-            pass
-    torch.cuda.synchronize(device)
-
-
 def _prepare(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cfg: BenchConfig,
              device: torch.device, dtype: torch.dtype, amp) -> tuple[Callable[[], None], int | None]:
     """Build ``arm``'s block and the timed callable, and make the first call (compiles, allocates grads/optimizer
@@ -316,7 +177,7 @@ def _prepare(arm: Arm, B: int, T: int, C: int, H: int, pass_: str, mode: str, cf
     x = torch.randn(B, T, C, device=device, dtype=dtype)
     target = torch.compile(module) if mode == "compile" else module
     with sdpa_context(arm.sdpa), amp:
-        fn = _make_step(target, x, pass_)
+        fn = make_step(target, x, pass_)
         peak = None
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -432,186 +293,3 @@ def run_core_tflops(cfg: BenchConfig, device: torch.device, timer: Timer, versio
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------
-
-GROUPS = ("core", "heads", "evolution", "kernels")
-CPU_SHAPES = [(2, 64), (1, 128)]
-CPU_WIDTH = (64, 4)
-TIMING_OPTIONS = ("device", "groups", "shapes", "arms", "widths", "modes", "passes", "precision", "repeats",
-                  "inner", "out")
-
-
-def _choices(value: str, option: str, valid: tuple[str, ...]) -> list[str]:
-    """A comma list whose every item is one of ``valid``; a ``UserError`` naming the option otherwise."""
-    items = [s.strip() for s in value.split(",") if s.strip()]
-    bad = [s for s in items if s not in valid]
-    if bad or not items:
-        raise UserError(f"{option}: unknown value(s) {', '.join(bad) or repr(value)}; valid: {', '.join(valid)}")
-    return items
-
-
-def _pairs(value: str, option: str, sep: str, form: str) -> list[tuple[int, int]]:
-    """``"8x1024,2x4096"`` -> ``[(8, 1024), (2, 4096)]`` (positive ints), else a ``UserError`` naming ``form``."""
-    out = []
-    for item in (s.strip() for s in value.split(",") if s.strip()):
-        parts = item.split(sep)
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise UserError(f"{option}: expected {form} (positive integers, comma-separated); got {item!r}")
-        out.append((int(parts[0]), int(parts[1])))
-    return out
-
-
-def _arm_groups() -> dict[str, str]:
-    """Every arm name -> the first group that runs it (``core_triton``: the attention-core TFLOP/s table)."""
-    where = {a.impl: "core" for a in default_arms({"core"})}
-    for g in GROUPS[1:]:
-        for a in default_arms({g}):
-            where.setdefault(a.impl, g)
-    where["core_triton"] = "kernels"
-    return where
-
-
-def _check_arms(names: list[str], groups: set[str], cuda: bool) -> None:
-    """Named arms must exist, belong to a selected group and (on a CPU) run without CUDA."""
-    where = _arm_groups()
-    missing = [a for a in names if where[a] != "core" and where[a] not in groups]  # core arms always run
-    if missing:
-        raise UserError("--arms: " + ", ".join(f"{a} is in group {where[a]!r}" for a in missing)
-                        + f", not in --groups {','.join(sorted(groups))}; add the group or drop the arm")
-    if not cuda:
-        cpu_ok = {a.impl for a in default_arms(set(GROUPS)) if not needs_cuda(a)}
-        gpu_only = [a for a in names if a not in cpu_ok]
-        if gpu_only:
-            raise UserError(f"--arms: {', '.join(gpu_only)} need(s) CUDA (cuDNN, fused Triton kernels or "
-                            f"FlexAttention); arms that run on a CPU: {', '.join(sorted(cpu_ok))}")
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """The :class:`BenchConfig` an ``ra bench`` command line asks for. Every option is honoured or refused with a
-    ``UserError``: nothing the user set is dropped (a CPU runs eager fp32 at small shapes by default and refuses
-    ``--modes graph/compile`` and ``--precision bf16``)."""
-    cuda_here = torch.cuda.is_available()
-    device = args.device or ("cuda" if cuda_here else "cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device: expected cpu, cuda or cuda:N; got {device!r}")
-    cuda = device.startswith("cuda")
-    if cuda and not cuda_here:
-        raise UserError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
-    groups = set(_choices(args.groups, "--groups", GROUPS)) if args.groups else set(GROUPS)
-    arms = None
-    if args.arms:
-        arms = set(_choices(args.arms, "--arms", tuple(_arm_groups())))
-        _check_arms(sorted(arms), groups, cuda)
-    modes = tuple(_choices(args.modes, "--modes", MODES)) if args.modes else (MODES if cuda else ("eager",))
-    if not cuda and set(modes) - {"eager"}:
-        raise UserError(f"--modes {args.modes}: graph (CUDA graphs) and compile are timed on CUDA only; a CPU "
-                        "runs --modes eager")
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    if not cuda and precision == "bf16":
-        raise UserError("--precision bf16: a CPU runs fp32 (or amp: fp32 parameters under bf16 autocast)")
-    if cuda and precision == "fp32":
-        raise UserError("--precision fp32: the flash and cuDNN SDPA backends need bf16; use bf16 or amp on CUDA")
-    for name in ("repeats", "inner"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name}: expected an integer >= 1; got {getattr(args, name)}")
-    cfg = BenchConfig(device=device, groups=groups, precision=precision, bias=not args.no_bias, arms=arms,
-                      modes=modes, passes=tuple(_choices(args.passes, "--passes", PASSES)) if args.passes else PASSES,
-                      repeats=args.repeats or 7, inner=args.inner or (20 if cuda else 3), warmup=5 if cuda else 1)
-    if args.shapes is not None:
-        cfg.shapes = _pairs(args.shapes, "--shapes", "x", "BxT, e.g. 8x1024,2x4096")
-        if not cfg.shapes:
-            raise UserError("--shapes: expected at least one BxT, e.g. 8x1024")
-    elif not cuda:
-        cfg.shapes = list(CPU_SHAPES)
-    cfg.full_matrix_shape = cfg.shapes[0]
-    if not cuda:
-        cfg.widths = [CPU_WIDTH]
-    if args.widths is not None:
-        cfg.scaling_widths = _pairs(args.widths, "--widths", "/", "C/H, e.g. 1024/16,1280/20 ('' for none)")
-        bad = [f"{c}/{h}" for c, h in cfg.scaling_widths if c % h]
-        if bad:
-            raise UserError(f"--widths: the width C must be a multiple of the heads H; got {', '.join(bad)}")
-    elif not cuda:
-        cfg.scaling_widths = []
-    return cfg
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ra bench`` argument parser (every option with its help)."""
-    ap = argparse.ArgumentParser(
-        prog="ra bench", description="Benchmark RA against the baseline attention block (docs/RA-SPEC.md section 4).",
-        epilog="Without CUDA: small shapes, eager mode, fp32, and only the arms that run on a CPU; the report then "
-               "shows paired ratios and says CPU timings are not a result.")
-    from .bench_model import add_arguments as add_model_arguments
-
-    add_model_arguments(ap)
-    ap.add_argument("--out", type=Path, default=None,
-                    help="folder for bench.json, bench.md and bench.png (default benchmarks/results/local)")
-    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
-    ap.add_argument("--groups", default=None, help=f"comma list of arm groups: {', '.join(GROUPS)} (default all)")
-    ap.add_argument("--shapes", default=None,
-                    help="block input shapes BxT, e.g. 8x1024,2x4096,1x8192 (the default on CUDA; "
-                         f"{','.join(f'{b}x{t}' for b, t in CPU_SHAPES)} on a CPU); the first gets the full matrix")
-    ap.add_argument("--arms", default=None,
-                    help="only these arms, e.g. ra_fast,channel_bias (the baselines always run: ratios need them); "
-                         "unknown names are an error that lists the valid ones")
-    ap.add_argument("--widths", default=None,
-                    help="extra widths C/H timed at the first shape, e.g. 1024/16,1280/20; '' for none (default "
-                         "1024/16,1280/20 on CUDA, none on a CPU)")
-    ap.add_argument("--modes", default=None,
-                    help=f"comma list of: {', '.join(MODES)} (default all on CUDA; a CPU runs eager only)")
-    ap.add_argument("--passes", default=None, help=f"comma list of: {', '.join(PASSES)} (default all)")
-    ap.add_argument("--precision", choices=("bf16", "amp", "fp32"), default=None,
-                    help="bf16 parameters (CUDA default), amp (fp32 parameters under bf16 autocast) or fp32 "
-                         "(the CPU default)")
-    ap.add_argument("--no-bias", action="store_true", help="bias-free c_attn/c_proj (the seed's table)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="timings per row; each is the mean of --inner calls (default 7)")
-    ap.add_argument("--inner", type=int, default=None, help="calls per timing (default 20 on CUDA, 3 on a CPU)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
-    ap.add_argument("--render", type=Path, default=None, metavar="DIR",
-                    help="re-render DIR/bench.md and bench.png from DIR/bench.json (no timing; no other option "
-                         "applies)")
-    return ap
-
-
-def _render(args: argparse.Namespace) -> int:
-    """``--render DIR``: rewrite the reports from an existing ``bench.json``."""
-    set_ = [f"--{k.replace('_', '-')}" for k in TIMING_OPTIONS + ("no_bias",) if getattr(args, k) not in (None, False)]
-    if set_:
-        raise UserError(f"--render re-renders existing results without timing: {', '.join(set_)} do(es) not apply")
-    src = args.render / "bench.json"
-    if not src.is_file():
-        raise UserError(f"--render {args.render}: no bench.json there (a cut run leaves bench.partial.json: rename "
-                        "it to bench.json to render what it measured)")
-    try:
-        records = json.loads(src.read_text())
-    except ValueError as exc:
-        raise UserError(f"--render: {src} is not valid JSON ({exc})") from exc
-    fill_ratios(records)
-    write_results(records, args.render)
-    print(f"re-rendered {args.render}/bench.md and bench.png from {len(records)} records")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``ra bench``: time the plan, write ``bench.json/md/png`` and print the report."""
-    args = build_parser().parse_args(argv)
-    if args.render is not None:
-        return _render(args)
-    if args.model is not None:
-        from .bench_model import run_from_args
-
-        return run_from_args(args)
-    cfg = config_from_args(args)
-    out = args.out if args.out is not None else Path("benchmarks/results/local")
-    partial = out / "bench.partial.json"
-    records = run_bench(cfg, progress=not args.no_progress and sys.stderr.isatty(), partial=partial)
-    write_results(records, out)
-    partial.unlink(missing_ok=True)
-    print(markdown_report(records))
-    if not cfg.device.startswith("cuda"):
-        print(committed_gpu_table({r["impl"] for r in records}))
-    print(f"wrote {out}/bench.json, bench.md, bench.png ({len(records)} records)")
-    return 0

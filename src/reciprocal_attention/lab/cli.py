@@ -16,7 +16,7 @@ from .errors import UserError
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("reciprocal_attention.lab.check", "check every variant and backend against the float64 reference"),
-    "bench": ("reciprocal_attention.lab.bench", "benchmark RA against the baseline block (docs/RA-SPEC.md section 4)"),
+    "bench": ("reciprocal_attention.lab.bench_cli", "benchmark RA against the baseline block (docs/RA-SPEC.md section 4)"),
     "data": ("reciprocal_attention.lab.data.cli", "build the offline corpus: `ra data prepare --out DIR`"),
     "train": ("reciprocal_attention.lab.train", "train GPT-2 with RA"),
     "quality": ("reciprocal_attention.lab.quality", "paired multi-seed quality study (docs/RA-SPEC.md section 5)"),

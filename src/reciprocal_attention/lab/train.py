@@ -124,7 +124,7 @@ def nonfinite_guard(run: Run, prog: Progress, loss: torch.Tensor, grad_norm: tor
         log.warning("step %d: non-finite %s; skipping the update (%d of train.max_skips=%d)", step, what,
                     prog.skipped + 1, limit)
         return True
-    why = (f"train.on_nonfinite='stop'" if policy == "stop" else f"more than train.max_skips={limit} skipped steps")
+    why = ("train.on_nonfinite='stop'" if policy == "stop" else f"more than train.max_skips={limit} skipped steps")
     raise NonFiniteError(f"step {step}: non-finite {what}; training stopped ({why}) before updating the weights; "
                          f"the last committed checkpoint is {run.last_ckpt or 'none'}. Lower optim.lr or set "
                          f"optim.grad_clip, then resume or restart")
