@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from reciprocal_attention import fold
-from reciprocal_attention.lab.timing import machine_versions
+from reciprocal_attention.lab.timing import Timer, machine_versions
 from reciprocal_attention.ops import fold as kfold
 from reciprocal_attention.ops.fold import fused_fold_gated
 
@@ -32,32 +32,12 @@ C = H * D
 def time_us(fn: Callable[[], object], graph: bool, inner: int = 50, reps: int = 7) -> tuple[float, float, float]:
     """Median, min, max microseconds per call of ``fn`` (CUDA events around ``inner`` calls, ``reps`` times); with
     ``graph`` the ``inner`` calls are captured in one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-
-    def loop() -> None:
-        for _ in range(inner):
-            fn()
-    run = loop
+    dev = torch.device("cuda")
     if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            loop()
-        run = g.replay
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
+        replay = Timer(dev, 0, 0, 0).graphed(lambda: [fn() for _ in range(inner)])
+        times = [t * 1e3 / inner for t in Timer(dev, warmup=1, repeats=reps, inner=1).measure(replay)]
+    else:
+        times = [t * 1e3 for t in Timer(dev, warmup=3, repeats=reps, inner=inner).measure(fn)]
     return statistics.median(times), min(times), max(times)
 
 
