@@ -34,8 +34,8 @@ def time_us(fn: Callable[[], object], graph: bool, inner: int = 50, reps: int = 
     ``graph`` the ``inner`` calls are captured in one CUDA graph and replayed."""
     dev = torch.device("cuda")
     if graph:
-        replay = Timer(dev, 0, 0, 0).graphed(lambda: [fn() for _ in range(inner)])
-        times = [t * 1e3 / inner for t in Timer(dev, warmup=1, repeats=reps, inner=1).measure(replay)]
+        timer = Timer(dev, warmup=1, repeats=reps, inner=1)
+        times = [t * 1e3 / inner for t in timer.measure(timer.graphed(lambda: [fn() for _ in range(inner)]))]
     else:
         times = [t * 1e3 for t in Timer(dev, warmup=3, repeats=reps, inner=inner).measure(fn)]
     return statistics.median(times), min(times), max(times)

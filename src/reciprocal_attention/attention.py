@@ -298,7 +298,7 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
         qkv = self._qkv(x.reshape(B * T, C), _autocast_dtype(x))  # 2-D: a base tensor the bias channel updates
         k_raw = self._raw_keys(x) if self.discoverability == "content" else None
         channel = self._plan.bias in ("channel", "channel_fused")
-        traced = torch.compiler.is_compiling()  # a constant to dynamo: the compiled graph has one of the two
+        traced = channel and torch.compiler.is_compiling()  # a constant to dynamo: the graph has one of the two
         if channel and not traced:  # in place on the GEMM output
             qkv = self._add_bias_channel(qkv, k_raw, T)
         q, k, v = self._split_heads(qkv, B, T, _fold.folded_width(self.variant, self.head_dim, self.rank))
