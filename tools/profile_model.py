@@ -3,7 +3,9 @@
     python tools/profile_model.py OUT_DIR [--presets ra,ra_disc_channel,hf-gpt2] [--mode compile] [--shape 8x1024]
 
 Writes ``OUT_DIR/profile_model.md`` (per preset: GPU time per kernel name, summed over the profiled steps, and the
-difference to the baseline), ``profile_model.json``, and gzipped Chrome traces ``trace_<preset>.json.gz``.
+difference to the baseline; where the step's wall time goes: host time to enqueue one step, the step's wall time
+after a synchronisation, the CUDA runtime calls per step, and dynamo's graph and recompile counts),
+``profile_model.json``, and gzipped Chrome traces ``trace_<preset>.json.gz``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import gzip
 import json
 import re
 import shutil
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,8 +26,32 @@ from torch.profiler import ProfilerActivity, profile
 from reciprocal_attention.lab.bench_model import ModelBenchConfig, _Arm, _batch, _gpt, _hf
 
 
-def kernel_times(arm: _Arm, batch, steps: int, trace: Path) -> dict[str, float]:
-    """GPU microseconds per kernel name over ``steps`` steps."""
+def host_and_wall(arm: _Arm, batch, steps: int = 10) -> dict[str, float]:
+    """Median milliseconds per step of the host's work to enqueue it (``step()`` returning, from an idle GPU) and
+    of its wall time to completion. Host close to wall: the step is host-bound or waits on the GPU inside."""
+    host, wall = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        arm.step(*batch)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append((t1 - t0) * 1e3)
+        wall.append((time.perf_counter() - t0) * 1e3)
+    return {"host_ms": statistics.median(host), "wall_ms": statistics.median(wall)}
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Graphs compiled, graph breaks and recompilations dynamo counted since the last reset."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompiles": int(sum(v for k, v in counters["recompiles"].items()))}
+
+
+def kernel_times(arm: _Arm, batch, steps: int, trace: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """GPU microseconds per kernel name, and ``[calls, host us]`` per CUDA runtime/driver call, per step."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -35,11 +63,14 @@ def kernel_times(arm: _Arm, batch, steps: int, trace: Path) -> dict[str, float]:
         shutil.copyfileobj(src, dst)
     raw.unlink()
     out: dict[str, float] = {}
+    runtime: dict[str, list[float]] = {}
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
         if ev.device_type == torch.autograd.DeviceType.CUDA and us:
             out[ev.key] = out.get(ev.key, 0.0) + us / steps
-    return out
+        elif ev.device_type == torch.autograd.DeviceType.CPU and re.match(r"cu[A-Z]|cuda[A-Z]", ev.key):
+            runtime[ev.key] = [ev.count / steps, ev.cpu_time_total / steps]
+    return out, runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = _batch(B, T, 50257, dev)
     torch._dynamo.config.recompile_limit = 64
     result: dict[str, dict[str, float]] = {}
+    runtime: dict[str, dict[str, list[float]]] = {}
+    timing: dict[str, dict[str, float]] = {}
     presets = args.presets.split(",")
     # hf-gpt2: transformers' GPT2LMHeadModel (sdpa) against its convert_gpt2 conversion
     names = ["standard"] * any(p != "hf-gpt2" for p in presets) + ["hf-gpt2-baseline"] * ("hf-gpt2" in presets)
@@ -76,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
             arm = _Arm(_hf(cfg, name == "hf-gpt2", T, dev), True, args.mode, dev, 50257)
         else:
             arm = _Arm(_gpt(cfg, name, T, dev), False, args.mode, dev, 50257)
+        torch._dynamo.utils.counters.clear()
         for _ in range(5):
             arm.step(*batch)
-        result[name] = kernel_times(arm, batch, args.steps, args.out / f"trace_{name}.json.gz")
+        timing[name] = {**host_and_wall(arm, batch), **dynamo_counts()}
+        result[name], runtime[name] = kernel_times(arm, batch, args.steps, args.out / f"trace_{name}.json.gz")
         del arm
         torch.cuda.empty_cache()
     data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mode": args.mode, "B": B, "T": T,
-            "steps": args.steps, "baseline_of": baseline_of, "us_per_step": result}
+            "steps": args.steps, "baseline_of": baseline_of, "us_per_step": result, "runtime_per_step": runtime,
+            "timing": timing}
     (args.out / "profile_model.json").write_text(json.dumps(data, indent=1))
     md = render_markdown(data)
     (args.out / "profile_model.md").write_text(md)
@@ -109,7 +145,9 @@ def render_markdown(data: dict) -> str:
     for arm, base_name in data["baseline_of"].items():
         times, base = fam[arm], fam[base_name]
         tot, btot = sum(times.values()), sum(base.values())
-        lines += [f"## {arm} vs {base_name}: {tot:.0f} us vs {btot:.0f} us ({tot / btot:.3f}x)", "",
+        lines += [f"## {arm} vs {base_name}: {tot:.0f} us vs {btot:.0f} us ({tot / btot:.3f}x)", ""]
+        lines += _host_lines(data, arm, base_name)
+        lines += ["",
                   "| kernel family | RA us | baseline us | difference |", "|---|---|---|---|"]
         names = sorted(set(times) | set(base), key=lambda k: -abs(times.get(k, 0.0) - base.get(k, 0.0)))
         for k in names[:20]:
@@ -117,6 +155,26 @@ def render_markdown(data: dict) -> str:
                          f"{times.get(k, 0.0) - base.get(k, 0.0):+.1f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _host_lines(data: dict, arm: str, base_name: str) -> list[str]:
+    """Where the wall time goes, RA against its baseline: host enqueue and wall time per step, dynamo's counts, and
+    the CUDA runtime calls whose count or host time differ."""
+    timing = data.get("timing", {})
+    if arm not in timing or base_name not in timing:
+        return []
+    t, b = timing[arm], timing[base_name]
+    lines = ["| per step | RA | baseline |", "|---|---|---|"]
+    for key, unit in (("host_ms", "ms"), ("wall_ms", "ms"), ("unique_graphs", ""), ("graph_breaks", ""),
+                      ("recompiles", "")):
+        lines.append(f"| {key.replace('_ms', '')}{' ' + unit if unit else ''} | {t[key]:.3g} | {b[key]:.3g} |")
+    rt, brt = data.get("runtime_per_step", {}).get(arm, {}), data.get("runtime_per_step", {}).get(base_name, {})
+    lines += ["", "| CUDA runtime call | RA calls | baseline calls | RA host us | baseline host us |",
+              "|---|---|---|---|---|"]
+    for k in sorted(set(rt) | set(brt), key=lambda k: -abs(rt.get(k, [0, 0])[1] - brt.get(k, [0, 0])[1])):
+        r, q = rt.get(k, [0.0, 0.0]), brt.get(k, [0.0, 0.0])
+        lines.append(f"| `{k}` | {r[0]:.1f} | {q[0]:.1f} | {r[1]:.0f} | {q[1]:.0f} |")
+    return lines
 
 
 
