@@ -237,7 +237,7 @@ def add_bias_channel_heads(q: Tensor, k: Tensor, col_bias: Tensor, scale: float,
     The form for traced calls (torch.compile): inductor fuses it into one pointwise kernel over K~, a third of the
     GEMM output. An in-place update of the GEMM output is functionalised there into a rebuild of all of ``qkv``
     (+269 us per GPT-2 small step at 8 x 1024 on an H100), and with an opaque op that mutates it the compiled step
-    measured 1.463x / 1.117x the baseline's at 8 x 1024 / 2 x 4096 (this form: 1.155x / 1.027x).
+    measured 1.463x / 1.117x the baseline's at 8 x 1024 / 2 x 4096 (this form: 1.046x / 1.021x).
     ``col_bias``: ``[H, T]`` or ``[B, H, T]``; rounded to K~'s dtype once, as :func:`add_bias_channel` does.
     The bias is broadcast over the batch before it is padded to the head width, so the backward takes the reserved
     feature's gradient first and sums that over the batch: padded first, the gradient's sum over the batch read all
