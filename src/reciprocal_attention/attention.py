@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fold as _fold
-from .fold import GATES, VARIANTS, check_choice
+from .attention_args import DEFAULT_INIT, PRESET_ARGS, PRESETS, check_arguments
+from .fold import check_choice
 from .fold_cache import FoldedProjection
 from .functional import BACKENDS, attend, sdpa
 from .ops import eager_launch
 from .plan import Plan, choose_plan
 
-DISCOVERABILITY = (None, "positional", "content")
-PRESETS = ("standard", "seed", "ra", "ra_disc", "ra_disc_channel", "full", "low_rank", "output_gate")
 
 
 @dataclass
@@ -107,31 +106,8 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
     ) -> None:
         """See the class docstring for every argument and its allowed values."""
         super().__init__()
-        for name, val in (("n_embd", n_embd), ("n_head", n_head), ("block_size", block_size)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int; got {val!r}")
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd must be divisible by n_head; got n_embd={n_embd}, n_head={n_head}")
-        check_choice("variant", variant, VARIANTS)
-        check_choice("gates", gates, GATES)
-        check_choice("discoverability", discoverability, DISCOVERABILITY)
-        check_choice("backend", backend, BACKENDS)
-        D = n_embd // n_head
-        if variant in _fold.FOLDED_VARIANTS and (isinstance(rank, bool) or not isinstance(rank, int)
-                                                 or not 1 <= rank <= D - 1):
-            raise ValueError(f"rank must be an int in [1, D-1] = [1, {D - 1}] (D = n_embd/n_head = {D}); "
-                             f"got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        if bias_channel and (variant != "same_flop" or discoverability is None or routing_threshold is not None
-                             or not isinstance(rank, int) or rank > D - 2):
-            raise ValueError("bias_channel reserves one Q/K feature per head for the discoverability bias (RA-SPEC "
-                             "3.3): it needs variant='same_flop', a discoverability kind, no routing and rank <= "
-                             f"D-2 = {D - 2}; got variant={variant!r}, discoverability={discoverability!r}, "
-                             f"routing_threshold={routing_threshold!r}, rank={rank!r}")
-        if routing_threshold is not None and variant == "standard":
-            raise ValueError("routing_threshold needs an RA variant (full, low_rank, same_flop); "
-                             "variant='standard' has no w_rec to route on")
+        D = check_arguments(n_embd, n_head, rank, variant, gates, routing_threshold, discoverability, dropout,
+                             block_size, backend, bias_channel)
         self.n_embd, self.n_head, self.head_dim = n_embd, n_head, D
         self.rank = rank if variant in _fold.FOLDED_VARIANTS else 0
         self.variant, self.gates, self.routing_threshold = variant, gates, routing_threshold
@@ -139,27 +115,12 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
         self._backend, self._dropout = backend, dropout
         self.bias_channel = bias_channel
         self.center_bias = False  # the seed's mean-subtraction of d_bias (a softmax no-op); on for the seed preset
-        init = dict(_DEFAULT_INIT, **(init or {}))
+        init = dict(DEFAULT_INIT, **(init or {}))
 
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
-        if variant != "standard":
-            self.w_std = nn.Parameter(torch.full((n_head,), float(init["w_std"])))
-            self.w_rec = nn.Parameter(torch.full((n_head,), float(init["w_rec"])))
-        if variant in _fold.FOLDED_VARIANTS:
-            self.W_recip = nn.Parameter(torch.empty(D, self.rank))
-        if discoverability is not None or init.get("seed_params"):
-            self.w_disc = nn.Parameter(torch.full((n_head,), float(init["w_disc"])))
-        if discoverability == "positional" or init.get("seed_params"):
-            self.d_bias = nn.Parameter(torch.zeros(n_head, block_size))
-        if discoverability is None and init.get("seed_params"):  # the seed's names and shapes, unused: frozen
-            self.w_disc.requires_grad_(False)
-            self.d_bias.requires_grad_(False)
-        if discoverability == "content":
-            self.u = nn.Parameter(torch.empty(n_head, D))
-        if output_gate:
-            self.out_gate = nn.Parameter(torch.zeros(n_head))  # 2*sigmoid(0) = 1: identity at init
+        self._add_ra_parameters(init, output_gate)
         self.output_gate = output_gate
         self._init = init
         self._fold_cache: tuple[tuple, Tensor, Tensor | None] | None = None
@@ -167,6 +128,24 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
         self._replan()
         self.reset_ra_parameters()
 
+    def _add_ra_parameters(self, init: dict[str, float], output_gate: bool) -> None:
+        """The RA parameters of the chosen variant (gates, reciprocal map, discoverability, output gate)."""
+        if self.variant != "standard":
+            self.w_std = nn.Parameter(torch.full((self.n_head,), float(init["w_std"])))
+            self.w_rec = nn.Parameter(torch.full((self.n_head,), float(init["w_rec"])))
+        if self.variant in _fold.FOLDED_VARIANTS:
+            self.W_recip = nn.Parameter(torch.empty(self.head_dim, self.rank))
+        if self.discoverability is not None or init.get("seed_params"):
+            self.w_disc = nn.Parameter(torch.full((self.n_head,), float(init["w_disc"])))
+        if self.discoverability == "positional" or init.get("seed_params"):
+            self.d_bias = nn.Parameter(torch.zeros(self.n_head, self.block_size))
+        if self.discoverability is None and init.get("seed_params"):  # the seed's names and shapes, unused: frozen
+            self.w_disc.requires_grad_(False)
+            self.d_bias.requires_grad_(False)
+        if self.discoverability == "content":
+            self.u = nn.Parameter(torch.empty(self.n_head, self.head_dim))
+        if output_gate:
+            self.out_gate = nn.Parameter(torch.zeros(self.n_head))  # 2*sigmoid(0) = 1: identity at init
 
     @classmethod
     def from_preset(cls, name: str, *, n_embd: int, n_head: int, block_size: int = 1024,
@@ -179,7 +158,7 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
         starts RA at standard attention's temperature with a reciprocal term of comparable size).
         """
         check_choice("preset", name, PRESETS)
-        kw: dict[str, Any] = dict(_PRESETS[name])
+        kw: dict[str, Any] = dict(PRESET_ARGS[name])
         init = dict(kw.pop("init", {}))
         init.update(overrides.pop("init", {}) or {})
         kw.update(overrides)
@@ -446,21 +425,3 @@ class ReciprocalAttention(FoldedProjection, nn.Module):
         k_all, v_all = cache.append(k, v)
         visible = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
         return sdpa(q, k_all, v_all, scale=self.scale, causal=False, attn_mask=visible)
-
-
-_DEFAULT_INIT: dict[str, Any] = {"w_std": 1.0, "w_rec": 1.0, "w_disc": 1.0, "W_recip": "orthogonal"}
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "standard": {"variant": "standard"},
-    "seed": {"variant": "same_flop", "rank": 8, "gates": "seed", "routing_threshold": 0.1, "bias": False,
-             "discoverability": None,
-             "init": {"w_std": 0.5, "w_rec": 0.3, "w_disc": 0.2, "W_recip": 0.02, "seed_params": True}},
-    "ra": {"variant": "same_flop", "rank": 8, "gates": "signed"},
-    "ra_disc": {"variant": "same_flop", "rank": 8, "gates": "signed", "discoverability": "positional"},
-    # RA-SPEC 3.3: R-1 = 7 reciprocal features + 1 bias feature, so the bias costs no width and no kernel change
-    "ra_disc_channel": {"variant": "same_flop", "rank": 7, "gates": "signed", "discoverability": "positional",
-                        "bias_channel": True},
-    "full": {"variant": "full", "gates": "signed", "init": {"w_std": 1.0, "w_rec": 0.5}},
-    "low_rank": {"variant": "low_rank", "rank": 8, "gates": "signed"},
-    "output_gate": {"variant": "standard", "output_gate": True},
-}

@@ -12,20 +12,8 @@ from ..fold import gate_sides, routed_heads
 from .modeling import GPT2ReciprocalAttention
 
 
-@torch.no_grad()
-def gpt2_attention_from(wrapper: GPT2ReciprocalAttention) -> nn.Module:
-    """A plain ``GPT2Attention`` computing ``wrapper``'s function, or ``ValueError`` when none exists.
-
-    Exact cases: ``standard``; ``output_gate`` (``2 sigmoid(g_h)`` folded into ``c_proj``'s columns);
-    ``same_flop`` with any gates/routing (its fold is a width-``D`` Q/K pair: RA-SPEC 2, "enlarges the
-    function class: no"); ``low_rank``/``full`` where each head's reciprocal term is zero (``w_rec`` gives a
-    zero Q- or K-side factor, ``W_recip == 0``, or the head is routed), with ``w_std`` folded into Q/K.
-    Discoverability must be a softmax no-op: ``w_disc * d_bias`` constant along positions per head
-    (positional), ``w_disc * u == 0`` per head (content).
-    """
-    ra = wrapper.ra
-    name = f"layer {wrapper.layer_idx} (transformer.h.{wrapper.layer_idx}.attn)"
-    H, D, C = ra.n_head, ra.head_dim, ra.n_embd
+def _check_discoverability_is_noop(ra, name: str) -> None:
+    """``ValueError`` unless the discoverability bias is a softmax no-op in every head."""
     f64 = torch.float64
     if ra.discoverability == "positional":
         c = ra.w_disc.to(f64).view(-1, 1) * ra.d_bias.to(f64)
@@ -38,6 +26,13 @@ def gpt2_attention_from(wrapper: GPT2ReciprocalAttention) -> nn.Module:
         if live:
             raise ValueError(f"{name}: content discoverability is live in heads {live} (w_disc * u != 0); "
                              f"unconvert needs w_disc == 0 or u == 0 per head")
+
+
+def _standard_qkv(ra, name: str) -> tuple[Tensor, Tensor]:
+    """The float64 ``c_attn`` weight ``[3C, C]`` and bias of plain attention computing ``ra``'s logits, or
+    ``ValueError`` naming the heads whose reciprocal term is live."""
+    H, D, C = ra.n_head, ra.head_dim, ra.n_embd
+    f64 = torch.float64
     Wa = ra.c_attn.weight.to(f64)
     ba = ra.c_attn.bias.to(f64) if ra.c_attn.bias is not None else Wa.new_zeros(3 * C)  # bias-free: zero
     if ra.variant == "standard":
@@ -75,6 +70,25 @@ def gpt2_attention_from(wrapper: GPT2ReciprocalAttention) -> nn.Module:
             bn = torch.cat([fq[:, :D, C].reshape(C), fk[:, :D, C].reshape(C), bf[2 * H * Dp:]])
         else:
             Wn, bn = Wf, bf
+    return Wn, bn
+
+
+@torch.no_grad()
+def gpt2_attention_from(wrapper: GPT2ReciprocalAttention) -> nn.Module:
+    """A plain ``GPT2Attention`` computing ``wrapper``'s function, or ``ValueError`` when none exists.
+
+    Exact cases: ``standard``; ``output_gate`` (``2 sigmoid(g_h)`` folded into ``c_proj``'s columns);
+    ``same_flop`` with any gates/routing (its fold is a width-``D`` Q/K pair: RA-SPEC 2, "enlarges the
+    function class: no"); ``low_rank``/``full`` where each head's reciprocal term is zero (``w_rec`` gives a
+    zero Q- or K-side factor, ``W_recip == 0``, or the head is routed), with ``w_std`` folded into Q/K.
+    Discoverability must be a softmax no-op: ``w_disc * d_bias`` constant along positions per head
+    (positional), ``w_disc * u == 0`` per head (content).
+    """
+    ra = wrapper.ra
+    name = f"layer {wrapper.layer_idx} (transformer.h.{wrapper.layer_idx}.attn)"
+    _check_discoverability_is_noop(ra, name)
+    Wn, bn = _standard_qkv(ra, name)
+    f64, D = torch.float64, ra.head_dim
     Wp = ra.c_proj.weight.to(f64)
     if ra.output_gate:
         g = (2.0 * torch.sigmoid(ra.out_gate.to(f64))).repeat_interleave(D)  # per input column of c_proj
