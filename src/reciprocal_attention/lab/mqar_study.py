@@ -108,8 +108,7 @@ def worker(out: Path, deadline: float) -> int:
         from ..ops import settings
 
         settings.flash_autotune = False  # workers share the card: one fixed config per Triton attention kernel
-    else:
-        torch.set_num_threads(1)  # several workers share the cores
+    torch.set_num_threads(1)  # several workers share the cores (the batches are made on the CPU on a GPU too)
     failures = 0
     for run in jobs:
         if deadline and time.time() >= deadline:
