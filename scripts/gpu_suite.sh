@@ -52,7 +52,13 @@ for s in $STAGES; do
              cp "$RES"/profile_decode/profile_decode.md "$OUT/" 2>/dev/null ;;
     profile_model) stage profile_model "${RA_PROFILE_MODEL_TIMEOUT:-240}" $PY tools/profile_model.py "$RES/profile_model" ${RA_PROFILE_MODEL_ARGS:-}
              cp "$RES"/profile_model/profile_model.* "$OUT/" 2>/dev/null ;;
-    mqar)    stage mqar "${RA_MQAR_TIMEOUT:-540}" bash scripts/gpu_mqar.sh "$RES/mqar" ;;
+    mqar)    # resumes the finished runs of earlier calls kept in an ignored folder sent along with `carry` (default
+             # build/mqar; after a call: tar -xzf results.tar.gz -C /tmp && mkdir -p build/mqar/grid &&
+             # cp -r /tmp/results/mqar/grid/runs build/mqar/grid/)
+             keep="${RA_MQAR_RESUME:-build/mqar}"
+             if [ -d "$keep/grid/runs" ]; then mkdir -p "$RES/mqar/grid"; cp -r "$keep/grid/runs" "$RES/mqar/grid/"; fi
+             stage mqar "${RA_MQAR_TIMEOUT:-540}" bash scripts/gpu_mqar.sh "$RES/mqar"
+             mkdir -p "$OUT/mqar"; cp "$RES"/mqar/mqar.json "$RES"/mqar/mqar.md "$RES"/mqar/mqar.png "$OUT/mqar/" 2>/dev/null ;;
     profile) stage profile "${RA_PROFILE_TIMEOUT:-300}" $PY tools/profile_kernels.py "$RES/profile" ;;
     ncu)     stage ncu 120 ncu --kernel-name regex:_fold -c 3 --section SpeedOfLight --section LaunchStats --section Occupancy $PY tools/ncu_fold.py ;;
     check)   stage check 240 $PY -m reciprocal_attention.lab.cli check ;;

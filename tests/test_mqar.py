@@ -93,5 +93,56 @@ def test_query_logits_are_the_full_forward_at_query_positions():
     x, y = make_batch(spec, 3, torch.Generator().manual_seed(0))
     mask = y != IGNORE
     full, _ = model(x)
-    torch.testing.assert_close(mqar.query_logits(model, x, mask), full[mask])
+    pos = mqar.query_positions(y, spec.n_queries)
+    torch.testing.assert_close(mqar.query_logits(model, x, pos), full[mask])
     assert not model.lm_head._forward_pre_hooks  # the hook is removed again
+
+
+def test_query_positions_are_the_target_mask_in_order():
+    spec = mqar.zoology_spec(seq_len=64, n_kv=8, vocab_size=65)
+    _, y = make_batch(spec, 32, torch.Generator().manual_seed(4))
+    pos = mqar.query_positions(y, spec.n_queries)
+    assert pos.shape == (32, spec.n_queries)
+    assert torch.equal(y.gather(1, pos).flatten(), y[y != IGNORE])  # the same targets in the same order
+    assert bool((pos[:, 1:] > pos[:, :-1]).all())
+
+
+def test_query_loss_is_cross_entropy_at_the_targets():
+    spec = mqar.zoology_spec(seq_len=32, n_kv=4, vocab_size=65)
+    model = GPT(mqar.probe_config("standard", 64, spec), seed=2)
+    x, y = make_batch(spec, 5, torch.Generator().manual_seed(1))
+    full, _ = model(x)
+    want = torch.nn.functional.cross_entropy(full.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(mqar.query_loss(model, x, y, spec.n_queries), want)
+
+
+def test_cuda_graph_step_needs_cuda():
+    run = mqar.MQARRun(arm="standard", seed=0, d_model=64, seq_len=32, n_kv=4, lr=1e-3, steps=2, vocab_size=33)
+    with pytest.raises(ValueError, match="graphs=True needs a CUDA device"):
+        mqar.train(run, "cpu", progress=False, graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arm", ["standard", "ra", "ra_disc_channel", "full", "output_gate"])
+def test_cuda_graph_step_trains_as_the_eager_step(arm):
+    """Replayed from a CUDA graph, the probe's steps give the eager steps' parameters, and the held-out accuracy
+    after them is the accuracy of a fresh copy of those parameters (no fold cached before the replays is used)."""
+    spec = mqar.zoology_spec(seq_len=64, n_kv=8, vocab_size=65)
+    run = mqar.MQARRun(arm=arm, seed=0, d_model=64, seq_len=64, n_kv=8, lr=3e-3, steps=12, vocab_size=65)
+    models = {}
+    for graphs in (False, True):
+        model = GPT(mqar.probe_config(arm, 64, spec), seed=0).cuda()
+        step = mqar.TrainStep(model, mqar.make_optimizer(model, run, True), spec.n_queries, graphs)
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        for i in range(run.steps):
+            step(*make_batch(spec, 32, gen), 1e-3 * (1 + i % 3))
+            if i == 5:  # an evaluation between replays caches the fold of the parameters as they are then
+                mqar.held_out_accuracy(model, spec, 128, torch.device("cuda"))
+        assert (step.graph is not None) == graphs
+        models[graphs] = model
+    for (name, pe), pg in zip(models[False].named_parameters(), models[True].parameters()):
+        torch.testing.assert_close(pg, pe, rtol=1e-4, atol=1e-5, msg=name)
+    fresh = GPT(mqar.probe_config(arm, 64, spec), seed=0).cuda()
+    fresh.load_state_dict(models[True].state_dict())
+    dev = torch.device("cuda")
+    assert mqar.held_out_accuracy(models[True], spec, 256, dev) == mqar.held_out_accuracy(fresh, spec, 256, dev)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .progress import LiveProgress
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +59,30 @@ class MQARSpec:
 
 
 def make_batch(spec: MQARSpec, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of shape ``[batch, seq_len]``: inputs, and next-token targets (``IGNORE`` except after queries)."""
-    L, n = spec.seq_len, spec.n_kv
-    keys = torch.argsort(torch.rand(batch, spec.n_keys, generator=generator), dim=1)[:, :n] + 1
-    values = torch.randint(0, spec.n_values, (batch, n), generator=generator) + 1 + spec.n_keys
-    x = torch.zeros(batch, L, dtype=torch.long)
+    """``(x, y)`` of shape ``[batch, seq_len]``: inputs, and next-token targets (``IGNORE`` except after queries).
+    Made on ``generator``'s device (a CUDA generator keeps the probe's data off the host)."""
+    L, n, dev = spec.seq_len, spec.n_kv, generator.device
+    keys = torch.argsort(torch.rand(batch, spec.n_keys, generator=generator, device=dev), dim=1)[:, :n] + 1
+    values = torch.randint(0, spec.n_values, (batch, n), generator=generator, device=dev) + 1 + spec.n_keys
+    x = torch.zeros(batch, L, dtype=torch.long, device=dev)
     x[:, 0:2 * n:2], x[:, 1:2 * n:2] = keys, values
-    y = torch.full((batch, L), IGNORE, dtype=torch.long)
+    y = torch.full((batch, L), IGNORE, dtype=torch.long, device=dev)
     # query slots: distinct positions in the tail [2n, L-1) (the last position has no next token to predict)
     tail = L - 1 - 2 * n
-    slots = torch.argsort(torch.rand(batch, tail, generator=generator), dim=1)[:, :spec.n_queries] + 2 * n
-    which = torch.randint(0, n, (batch, spec.n_queries), generator=generator)
-    rows = torch.arange(batch).unsqueeze(1)
+    slots = torch.argsort(torch.rand(batch, tail, generator=generator, device=dev), dim=1)[:, :spec.n_queries] + 2 * n
+    which = torch.randint(0, n, (batch, spec.n_queries), generator=generator, device=dev)
+    rows = torch.arange(batch, device=dev).unsqueeze(1)
     x[rows, slots] = keys.gather(1, which)
     y[rows, slots] = values.gather(1, which)  # predicted at the query position: the next token is its value
     x[rows, slots + 1] = torch.where(x[rows, slots + 1] == 0, values.gather(1, which), x[rows, slots + 1])
     return x, y
+
+
+def query_positions(y: Tensor, n_queries: int) -> Tensor:
+    """``[B, n_queries]``: the positions of ``y``'s targets, increasing along each row (every row has exactly
+    ``n_queries``). The static-shape form of ``y != IGNORE``: indexing with that mask makes the host wait for the
+    GPU on every step, and its shape cannot be captured in a CUDA graph."""
+    return torch.sort((y != IGNORE).to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_queries]
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
@@ -138,45 +147,15 @@ class MQARRun:
         return zoology_spec(self.seq_len, self.n_kv, self.vocab_size)
 
 
-class LiveProgress:
-    """Live progress of a loop: a tqdm bar on a terminal, else one line every ``interval`` seconds."""
+def query_logits(model: torch.nn.Module, x: Tensor, pos: Tensor) -> Tensor:
+    """``[B * n_queries, vocab]`` logits at the positions ``pos [B, n_queries]`` of ``x``, row by row: the model's
+    own forward, with the output layer applied only where a target is (with an 8k vocabulary it would otherwise
+    dominate the step)."""
+    def at_queries(_mod: torch.nn.Module, args: tuple) -> tuple[Tensor]:
+        h = args[0]
+        return (h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])).flatten(0, 1),)
 
-    def __init__(self, total: int, desc: str, interval: float = 30.0, enabled: bool = True) -> None:
-        from tqdm import tqdm
-
-        self.total, self.desc, self.interval, self.enabled = total, desc, interval, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True) if self.tty else None
-        self.t0 = self.last = time.time()
-        self.n = 0
-        self.stats: dict[str, float] = {}
-
-    def update(self, n: int, **stats: float) -> None:
-        """Advance to position ``n`` (cheap: call it every step); ``stats`` (e.g. loss) are shown until replaced."""
-        if not self.enabled:
-            return
-        self.stats.update(stats)
-        text = " ".join(f"{k} {v:.4g}" for k, v in self.stats.items())
-        if self.bar is not None:
-            if stats:
-                self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(n - self.n)
-        elif time.time() - self.last >= self.interval or n >= self.total:
-            el = time.time() - self.t0
-            eta = el / max(n, 1) * (self.total - n)
-            print(f"[{self.desc}] {n}/{self.total} {text} elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
-            self.last = time.time()
-        self.n = n
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def query_logits(model: torch.nn.Module, x: Tensor, mask: Tensor) -> Tensor:
-    """``[N, vocab]`` logits at the ``N`` query positions ``mask`` of ``x``: the model's own forward, with the
-    output layer applied only where a target is (with an 8k vocabulary it would otherwise dominate the step)."""
-    hook = model.lm_head.register_forward_pre_hook(lambda _mod, args: (args[0][mask],))
+    hook = model.lm_head.register_forward_pre_hook(at_queries)
     try:
         logits, _ = model(x)
     finally:
@@ -184,8 +163,19 @@ def query_logits(model: torch.nn.Module, x: Tensor, mask: Tensor) -> Tensor:
     return logits
 
 
+def query_loss(model: torch.nn.Module, x: Tensor, y: Tensor, n_queries: int) -> Tensor:
+    """Cross-entropy of the model's predictions at the query positions of ``(x, y)``."""
+    pos = query_positions(y, n_queries)
+    return torch.nn.functional.cross_entropy(query_logits(model, x, pos).float(), y.gather(1, pos).flatten())
+
+
 def held_out_accuracy(model: torch.nn.Module, spec: MQARSpec, n_sequences: int, device: torch.device) -> float:
-    """Accuracy on a fixed held-out set (the same for every arm and seed of a task)."""
+    """Accuracy on a fixed held-out set (the same for every arm and seed of a task, made on the CPU)."""
+    from ..fold_cache import FoldedProjection
+
+    for m in model.modules():  # a CUDA-graph replay updates parameters without bumping their versions
+        if isinstance(m, FoldedProjection):
+            m.invalidate_cache()
     gen = torch.Generator().manual_seed(99_999)
     was_training = model.training
     model.eval()
@@ -193,10 +183,10 @@ def held_out_accuracy(model: torch.nn.Module, spec: MQARSpec, n_sequences: int, 
     with torch.no_grad():
         for start in range(0, n_sequences, 128):
             x, y = make_batch(spec, min(128, n_sequences - start), gen)
-            mask = y != IGNORE
-            logits = query_logits(model, x.to(device), mask.to(device))
-            hits += int((logits.argmax(-1).cpu() == y[mask]).sum())
-            total += int(mask.sum())
+            pos = query_positions(y, spec.n_queries)
+            logits = query_logits(model, x.to(device), pos.to(device))
+            hits += int((logits.argmax(-1).cpu() == y.gather(1, pos).flatten()).sum())
+            total += pos.numel()
     model.train(was_training)
     return hits / total
 
@@ -210,29 +200,99 @@ def _lr_at(step: int, run: MQARRun) -> float:
     return run.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Train the probe model on ``run``'s task; returns the run's record with its held-out accuracy."""
+class TrainStep:
+    """One optimizer step of the probe on a batch ``(x, y)``: eager, or with ``graphs`` (CUDA) eager for the first
+    :attr:`WARMUP` steps (on a side stream: lazy initialisation, autotuning) and then replayed from one CUDA graph
+    of forward, loss, backward and AdamW. A 2-layer probe's eager step is bound by kernel launches (about 14 ms of
+    host time per step on an H100 machine for ~1 ms of GPU work); the replay is one launch. The optimizer must be
+    ``capturable`` with a tensor learning rate (:func:`make_optimizer`). A failed capture is logged and the run
+    goes on eagerly."""
+
+    WARMUP = 3
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, n_queries: int, graphs: bool) -> None:
+        self.model, self.opt, self.n_queries = model, opt, n_queries
+        self.graphs = graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream = torch.cuda.Stream() if graphs else None
+        self.steps = 0
+
+    def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
+        """Train on ``(x, y)`` at learning rate ``lr``; returns the loss (a tensor: reading it syncs)."""
+        for g in self.opt.param_groups:
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        self.steps += 1
+        if self.graphs and self.graph is None and self.steps > self.WARMUP:
+            self._capture(x, y)
+        if self.graph is not None:
+            self.x.copy_(x)
+            self.y.copy_(y)
+            self.graph.replay()
+            return self.loss
+        if self.stream is None:
+            return self._eager(x, y)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            loss = self._eager(x, y)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return loss
+
+    def _eager(self, x: Tensor, y: Tensor) -> Tensor:
+        loss = query_loss(self.model, x, y, self.n_queries)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()  # holding the graph would keep its gradient nodes on the warm-up stream alive
+
+    def _capture(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        self.opt.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients on every replay
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.loss = query_loss(self.model, self.x, self.y, self.n_queries)
+                self.loss.backward()
+                self.opt.step()
+        except RuntimeError as e:
+            log.warning("mqar: CUDA-graph capture of the training step failed (%s); continuing with eager steps", e)
+            self.graphs = False
+            self.opt.zero_grad(set_to_none=True)
+            return
+        self.graph = graph
+
+
+def make_optimizer(model: torch.nn.Module, run: "MQARRun", graphs: bool) -> torch.optim.Optimizer:
+    """AdamW over the probe; ``capturable`` with its learning rate in a device tensor for a CUDA-graph step."""
+    dev = next(model.parameters()).device
+    lr: float | Tensor = torch.tensor(run.lr, device=dev) if graphs else run.lr
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=run.weight_decay, capturable=graphs)
+
+
+def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = True,
+          graphs: bool | None = None) -> dict[str, Any]:
+    """Train the probe model on ``run``'s task; returns the run's record with its held-out accuracy.
+
+    ``graphs`` (default: on CUDA) replays the training step from a CUDA graph (:class:`TrainStep`). Training
+    batches are made on ``device`` from a generator seeded by the run's seed (paired across arms on one device)."""
     from ..model import GPT
 
     device = torch.device(device)
+    graphs = device.type == "cuda" if graphs is None else graphs
+    if graphs and device.type != "cuda":
+        raise ValueError(f"graphs=True needs a CUDA device; got {device}")
     spec = run.spec()
     model = GPT(probe_config(run.arm, run.d_model, spec, run.n_layer, tie_embeddings=run.tie_embeddings),
                 seed=run.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    gen = torch.Generator().manual_seed(10_000 + run.seed)
+    step_fn = TrainStep(model, make_optimizer(model, run, graphs), spec.n_queries, graphs)
+    gen = torch.Generator(device=device).manual_seed(10_000 + run.seed)
     bar = LiveProgress(run.steps, f"mqar {run.key}", enabled=progress)
     curve: list[tuple[int, float]] = []
     t0, step, loss_v = time.time(), 0, float("nan")
     for step in range(1, run.steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step - 1, run)
-        x, y = make_batch(spec, run.batch_size, gen)
-        mask = y != IGNORE
-        logits = query_logits(model, x.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-        loss = torch.nn.functional.cross_entropy(logits.float(), y[mask].to(device, non_blocking=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = step_fn(*make_batch(spec, run.batch_size, gen), _lr_at(step - 1, run))
         bar.update(step)
         if step % run.eval_every == 0 or step == run.steps:
             loss_v = float(loss.detach())
@@ -248,5 +308,5 @@ def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = Tru
     acc = held_out_accuracy(model, spec, run.eval_sequences, device) if not curve or curve[-1][0] != step \
         else curve[-1][1]
     return {**asdict(run), "accuracy": acc, "steps_run": step, "final_train_loss": loss_v, "curve": curve,
-            "seconds": seconds, "steps_per_s": step / seconds,
+            "seconds": seconds, "steps_per_s": step / seconds, "cuda_graph": step_fn.graph is not None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .mqar import LiveProgress, MQARRun, train
+from .mqar import MQARRun, train
+from .progress import LiveProgress
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Live progress of training runs that write ``metrics.jsonl`` (the quality study's subprocess runs): one tqdm bar
-per run on a terminal (step, train loss, last validation loss, ETA), a line per tenth of its steps otherwise."""
+"""Live progress: of one loop in this process (:class:`LiveProgress`, the MQAR runs and grid), and of training
+runs that write ``metrics.jsonl`` (:class:`RunProgress`, the quality study's subprocess runs: one tqdm bar per run on
+a terminal with step, train loss, last validation loss and ETA, a line per tenth of its steps otherwise)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
-__all__ = ["RunProgress"]
+__all__ = ["LiveProgress", "RunProgress"]
 
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
 LINE_FORMAT = "{desc}: {n}/{total} steps [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
@@ -123,3 +124,38 @@ class RunProgress:
             print(tqdm.format_meter(step, st["total"], time.time() - st["t0"], prefix=desc, bar_format=LINE_FORMAT,
                                     postfix=post_s.lstrip(", ") or None, unit="step")
                   + (" (done)" if st["done"] else ""), flush=True)
+
+
+class LiveProgress:
+    """Live progress of a loop: a tqdm bar on a terminal, else one line every ``interval`` seconds."""
+
+    def __init__(self, total: int, desc: str, interval: float = 30.0, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.total, self.desc, self.interval, self.enabled = total, desc, interval, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True) if self.tty else None
+        self.t0 = self.last = time.time()
+        self.n = 0
+        self.stats: dict[str, float] = {}
+
+    def update(self, n: int, **stats: float) -> None:
+        """Advance to position ``n`` (cheap: call it every step); ``stats`` (e.g. loss) are shown until replaced."""
+        if not self.enabled:
+            return
+        self.stats.update(stats)
+        text = " ".join(f"{k} {v:.4g}" for k, v in self.stats.items())
+        if self.bar is not None:
+            if stats:
+                self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(n - self.n)
+        elif time.time() - self.last >= self.interval or n >= self.total:
+            el = time.time() - self.t0
+            eta = el / max(n, 1) * (self.total - n)
+            print(f"[{self.desc}] {n}/{self.total} {text} elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
+            self.last = time.time()
+        self.n = n
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
