@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..model import GPT, GPTConfig
+from .bench_model_report import merge_records, record_key, render_markdown, render_png
 
 MODES = ("eager", "compile", "compile-cudagraphs")
 PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
@@ -274,72 +275,6 @@ def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print,
                 f"({rec['ratio_vs_baseline']:.3f}x)")
         del base, arm
     return records
-
-
-def render_markdown(records: list[dict[str, Any]]) -> str:
-    """The model-level table: training step ratios per mode and shape, then decoding."""
-    if not records:
-        return "No records.\n"
-    v = records[0]
-    lines = ["# Whole-model benchmark: GPT-2 training step and decoding", "",
-             f"{v['device']}, torch {v['torch']}, triton {v['triton']}. Ratios are paired against the baseline "
-             "in the same process (median of per-round ratios, min-max in brackets). Training step = forward + "
-             "backward + fused AdamW + zero_grad, bf16 autocast, fp32 parameters.", "",
-             "| model | preset | mode | B x T | ms (median) | ratio vs baseline | peak memory vs baseline |",
-             "|---|---|---|---|---|---|---|"]
-    for r in records:
-        if r["kind"] != "train_step":
-            continue
-        mem = (f"{r['peak_mem_bytes'] / r['baseline_peak_mem_bytes']:.3f}x"
-               if r.get("peak_mem_bytes") and r.get("baseline_peak_mem_bytes") else "-")
-        lines.append(f"| {r['model']} | {r['preset']} | {r['mode']} | {r['B']} x {r['T']} | {r['ms_median']:.2f} | "
-                     f"**{r['ratio_vs_baseline']:.3f}x** [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}] | {mem} |")
-    dec = [r for r in records if r["kind"] == "decode"]
-    if dec:
-        lines += ["", "| decoding (greedy, KV cache) | preset | B | new tokens | tokens/s | baseline tokens/s | ratio |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['preset']} | {r['B']} | {r['T']} | {r['tokens_per_s']:.0f} | "
-                  f"{r['baseline_tokens_per_s']:.0f} | {r['ratio_vs_baseline']:.3f}x"
-                  + (f" [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]" if "ratio_min" in r else "") + " |" for r in dec]
-    return "\n".join(lines) + "\n"
-
-
-def render_png(records: list[dict[str, Any]], path: Any) -> None:
-    """Bar chart of training-step ratios (linear axis around 1.0x, values labelled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if r["kind"] == "train_step"]
-    if not rows:
-        return
-    labels = [f"{r['model']}/{r['preset']}\n{r['mode']} {r['B']}x{r['T']}" for r in rows]
-    vals = [r["ratio_vs_baseline"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
-    bars = ax.bar(range(len(rows)), vals, color=["#4c72b0" if r["mode"] == "eager" else "#dd8452" for r in rows])
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_ylim(min(0.9, min(vals) - 0.02), max(1.1, max(vals) + 0.05))
-    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("step time / baseline step time")
-    ax.set_title("GPT-2 training step, RA vs baseline (paired)")
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def record_key(r: dict[str, Any]) -> tuple:
-    """What a record measures: two records with one key are the same claim (the newer one is current)."""
-    return r["kind"], r["model"], r["preset"], r["mode"], r["B"], r["T"]
-
-
-def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``old`` with every record ``new`` measures again replaced, in ``old``'s order, then ``new``'s other records."""
-    fresh = {record_key(r): r for r in new}
-    out = [fresh.pop(record_key(r), r) for r in old]
-    return out + [r for r in new if record_key(r) in fresh]
 
 
 def _csv(value: str, option: str, valid: tuple[str, ...]) -> tuple[str, ...]:
