@@ -8,7 +8,8 @@
 #        `ra data prepare --out data/corpus` beforehand and send data/corpus/{manifest.json,train.bin,val.bin,test.bin})
 # env: RA_QUALITY_SECONDS (time for this call, default 540), RA_QUALITY_PAR (runs at once, default 9),
 #      RA_QUALITY_ARMS, RA_QUALITY_SEEDS, RA_QUALITY_PRESET (default quality-gpu-40m), RA_QUALITY_TOKENS (override the
-#      preset's tokens per run), RA_QUALITY_PRIOR (default reports/quality/quality-4m.json when it exists).
+#      preset's tokens per run), RA_QUALITY_PRIOR (default reports/quality/quality-4m.json when it exists),
+#      RA_QUALITY_SET (more `--set key=value` overrides, space-separated, e.g. "system.compile=true").
 set -uo pipefail
 OUT="${1:?usage: gpu_quality.sh OUT_DIR}"; mkdir -p "$OUT"
 if [ ! -f data/corpus/manifest.json ]; then
@@ -23,6 +24,7 @@ PRIOR="${RA_QUALITY_PRIOR:-reports/quality/quality-4m.json}"
 args=(--preset "$PRESET" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" --out "$OUT" --deadline "$SECS"
       --set system.flash_autotune=false)
 [ -n "${RA_QUALITY_TOKENS:-}" ] && args+=(--set "budget.max_tokens=$RA_QUALITY_TOKENS")
+for kv in ${RA_QUALITY_SET:-}; do args+=(--set "$kv"); done
 [ -f "$PRIOR" ] && args+=(--prior "$PRIOR")
 # the study stops its runs at the deadline; the outer timeout guards against a hang in the report after it
 timeout --kill-after=20 $(( SECS + 120 )) python3 -m reciprocal_attention.lab.cli quality "${args[@]}" \

@@ -173,7 +173,7 @@ def held_out_accuracy(model: torch.nn.Module, spec: MQARSpec, n_sequences: int, 
     """Accuracy on a fixed held-out set (the same for every arm and seed of a task, made on the CPU)."""
     from ..fold_cache import FoldedProjection
 
-    for m in model.modules():  # a CUDA-graph replay updates parameters without bumping their versions
+    for m in model.modules():  # replays update parameters without bumping versions (model.eval() drops it too)
         if isinstance(m, FoldedProjection):
             m.invalidate_cache()
     gen = torch.Generator().manual_seed(99_999)
