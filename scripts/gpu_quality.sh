@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The language-model quality study on one GPU, resumable across calls: every (arm, seed) run trains for the
 # preset's token budget (quality-gpu-40m: 40,960,000 tokens), several processes share the card, and at the deadline
-# the running ones stop and resume from their last checkpoint on the next call with the same OUT_DIR. Arms in order
-# of interest (standard, ra, full, output_gate for every seed, then seed, ra_disc). The report (quality.json/md/png)
-# says what remains; an earlier study's quality.json (RA_QUALITY_PRIOR) is kept in it as one row.
+# the running ones checkpoint the step they are on (SIGTERM) and resume there on the next call with the same OUT_DIR.
+# Arms in order of interest (standard, ra, full, output_gate for every seed, then seed, ra_disc). The report
+# (quality.json/md/png) says what remains; an earlier study's quality.json (RA_QUALITY_PRIOR) is kept in it as a row.
 # Usage: bash scripts/gpu_quality.sh OUT_DIR   (needs data/corpus: the GPU machine has no internet, so build it with
 #        `ra data prepare --out data/corpus` beforehand and send data/corpus/{manifest.json,train.bin,val.bin,test.bin})
 # env: RA_QUALITY_SECONDS (time for this call, default 540), RA_QUALITY_PAR (runs at once, default 9),
@@ -20,9 +20,11 @@ SECS="${RA_QUALITY_SECONDS:-540}"; PAR="${RA_QUALITY_PAR:-9}"
 ARMS="${RA_QUALITY_ARMS:-standard,ra,full,output_gate,seed,ra_disc}"; SEEDS="${RA_QUALITY_SEEDS:-0,1,2}"
 PRESET="${RA_QUALITY_PRESET:-quality-gpu-40m}"
 PRIOR="${RA_QUALITY_PRIOR:-reports/quality/quality-4m.json}"
-# fixed Triton attention configs (ops.settings.flash_autotune): no autotuning races while runs share the card
+# fixed Triton attention configs (ops.settings.flash_autotune): no autotuning races while runs share the card; one
+# CPU thread per run: the runs share the machine's cores (twelve MQAR workers with every thread each finished
+# nothing in 390 s on the H100 machine)
 args=(--preset "$PRESET" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" --out "$OUT" --deadline "$SECS"
-      --set system.flash_autotune=false)
+      --set system.flash_autotune=false --set system.threads=1)
 [ -n "${RA_QUALITY_TOKENS:-}" ] && args+=(--set "budget.max_tokens=$RA_QUALITY_TOKENS")
 for kv in ${RA_QUALITY_SET:-}; do args+=(--set "$kv"); done
 [ -f "$PRIOR" ] && args+=(--prior "$PRIOR")

@@ -81,7 +81,10 @@ for s in $STAGES; do
              cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
     ddp)     stage ddp "${RA_DDP_TIMEOUT:-560}" bash scripts/gpu_ddp.sh "$RES/ddp" ;;
     train)   stage train "${RA_TRAIN_TIMEOUT:-300}" bash scripts/gpu_train.sh "$RES/train" ;;
-    quality) stage quality "${RA_QUALITY_TIMEOUT:-420}" bash scripts/gpu_quality.sh "$RES/quality" ;;
+    quality) # the study's own deadline, then its runs' checkpoints and the report, inside the stage's limit
+             qsecs="${RA_QUALITY_SECONDS:-420}"
+             stage quality "${RA_QUALITY_TIMEOUT:-$((qsecs + 150))}" env RA_QUALITY_SECONDS="$qsecs" bash scripts/gpu_quality.sh "$RES/quality"
+             mkdir -p "$OUT/quality"; cp "$RES"/quality/quality.json "$RES"/quality/quality.md "$RES"/quality/quality.png "$OUT/quality/" 2>/dev/null ;;
     *) note "unknown stage $s" ;;
   esac
 done

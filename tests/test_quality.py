@@ -82,6 +82,33 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert (tmp_path / "runs" / "ra-s0" / "summary.json").read_text() == first
 
 
+def test_deadline_stops_runs_with_sigterm_and_waits_for_their_checkpoints(tmp_path, monkeypatch):
+    """At the deadline every running job gets SIGTERM (on which ``ra train`` checkpoints the step it is on) and
+    the study waits for each to exit: none is killed while it writes."""
+    import subprocess
+    import sys
+
+    script = ("import signal, sys, time\n"
+              "def stop(*_):\n"
+              "    time.sleep(0.5)  # a checkpoint being written\n"
+              "    open(sys.argv[1], 'w').write('saved')\n"
+              "    sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "open(sys.argv[1] + '.started', 'w').close()\n"
+              "time.sleep(120)\n")
+
+    def fake_launch(qc, arm, seed):
+        return subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"{arm}-{seed}")])
+
+    monkeypatch.setattr(quality, "_launch", fake_launch)
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0], parallel=2, out_dir=str(tmp_path), mqar=False,
+                               deadline_s=3.0)
+    quality.run_study(qc)
+    for job in ("standard-0", "ra-0"):
+        assert (tmp_path / f"{job}.started").exists()  # it ran until the deadline
+        assert (tmp_path / job).read_text() == "saved"  # and finished its checkpoint before the study went on
+
+
 def test_arms_of_interest_run_first_and_remaining_is_reported(tmp_path):
     qc = quality.QualityConfig(arms=list(quality.ARMS), seeds=[0, 1], out_dir=str(tmp_path), mqar=False)
     order = quality.job_order(qc)

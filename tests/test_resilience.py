@@ -185,6 +185,54 @@ def test_random_sigkills_always_resume_bitwise(tmp_path, straight):
         assert trace(run) == straight, f"trial {trial} ({marker} {nth})"
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stop_signal_checkpoints_the_step_reached_and_resumes_bitwise(tmp_path, sig):
+    """SIGTERM (``ra quality --deadline``, a scheduler) or a first Ctrl-C: the run checkpoints the step it reached,
+    writes no summary, exits 128 + the signal, and resumes to the uninterrupted run's losses."""
+    import signal
+
+    long = ["budget.max_steps=150", "checkpoint.interval=1000", "eval.interval=50"]
+    straight_run = tmp_path / "straight"
+    T.train(cfg_for(straight_run, long))
+    run = tmp_path / "stopped"
+    args = ["--preset", "tiny", "--out", str(run)] + [a for x in RUN + long for a in ("--set", x)]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "reciprocal_attention.lab.train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count('"train"') >= 3):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.005)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert f"stopped by {sig}" in err and "ra train --resume" in err
+    assert not (run / "summary.json").exists()
+    step = rundir.committed_state(run)["step"]
+    assert 3 <= step < 150  # the step it reached, not the last periodic checkpoint (step 0)
+    resume(run)
+    assert trace(run) == trace(straight_run)
+
+
+def test_stop_signals_restore_the_previous_handlers():
+    import signal
+
+    from reciprocal_attention.lab.stop_signals import StopSignals
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    with StopSignals(enabled=True) as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._request
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread: recorded, not fatal
+        time.sleep(0.01)
+        assert stop.signum == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with StopSignals(enabled=False):
+        assert signal.getsignal(signal.SIGTERM) == before[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resume where the run is; one writer
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,3 +28,16 @@ class DiskFullError(UserError, OSError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """Training produced a non-finite loss or gradient norm, or a checkpoint holds non-finite values."""
+
+
+class RunStopped(Exception):
+    """A stop signal (SIGTERM, or a first Ctrl-C) ended training early, right after a checkpoint of the step it
+    reached: the run resumes there (``ra train --resume DIR``). Not an error of the user's: ``ra train`` says so in
+    one line and exits with 128 + the signal's number (143 for SIGTERM), as a process the signal ended would."""
+
+    def __init__(self, signum: int, step: int, out: str) -> None:
+        import signal
+
+        self.signum, self.step, self.out = signum, step, out
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is in "
+                         f"{out}/checkpoints; continue with `ra train --resume {out}`")

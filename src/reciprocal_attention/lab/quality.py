@@ -139,9 +139,25 @@ def remaining(qc: QualityConfig) -> list[str]:
     return [f"{a}-s{s}" for a, s in job_order(qc) if not (run_dir(qc, a, s) / "summary.json").exists()]
 
 
+STOP_GRACE_S = 60.0  # time a stopped run gets to write its checkpoint before it is killed
+
+
+def _wait_stopped(p: subprocess.Popen) -> int:
+    """Wait for a run sent SIGTERM to checkpoint and exit; kill it (losing only its last steps) after
+    :data:`STOP_GRACE_S`."""
+    try:
+        return p.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        log.warning("a stopped run did not exit within %.0fs; killing it (it resumes from its last checkpoint)",
+                    STOP_GRACE_S)
+        p.kill()
+        return p.wait()
+
+
 def run_study(qc: QualityConfig) -> None:
     """Run every (arm, seed) training job, ``parallel`` at a time, until done or ``deadline_s``; finished ones are
-    skipped, stopped ones resume from their last checkpoint on the next call."""
+    skipped; at the deadline each running one is sent SIGTERM, checkpoints the step it is on, and resumes there on
+    the next call."""
     qc.validate()
     jobs = job_order(qc)
     running: list[tuple[str, int, subprocess.Popen, float]] = []
@@ -149,9 +165,10 @@ def run_study(qc: QualityConfig) -> None:
     deadline = time.time() + qc.deadline_s if qc.deadline_s else 0.0
     while jobs or running:
         if deadline and time.time() > deadline:
-            for arm, seed, p, _ in running:
+            for _, _, p, _ in running:  # SIGTERM: each run checkpoints the step it is on, then exits
                 p.terminate()
-                p.wait()
+            for arm, seed, p, _ in running:
+                _wait_stopped(p)
                 log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next call", arm,
                             seed, qc.deadline_s)
             break
@@ -167,7 +184,7 @@ def run_study(qc: QualityConfig) -> None:
             rc = p.poll()
             if rc is None and qc.run_timeout and time.time() - t0 > qc.run_timeout:
                 p.terminate()
-                rc = p.wait()
+                rc = _wait_stopped(p)
                 log.warning("%s seed %d hit run_timeout=%ss and was stopped (resumable)", arm, seed, qc.run_timeout)
             if rc is not None:
                 running.remove(item)

@@ -46,15 +46,16 @@ from .atomic import dumps, write_json, write_text
 from .config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config, to_toml, validate, \
     validate_model
 from .data import get_batch
-from .errors import NonFiniteError
+from .errors import NonFiniteError, RunStopped
 from .metrics import Metrics, plot_loss_curve
 from .runlock import RunLock
 from .runtime import Dist, gather_rank_rng, setup_distributed, sync
+from .stop_signals import StopSignals
 from .train_setup import (GPT, Progress, Run, build_run, check_resume_config, gpt_config, lr_at, resolve_init_from,
                           restore, step_budget, wrap_model)
 
-__all__ = ["GPT", "Metrics", "Progress", "Run", "TrainConfig", "accumulate_gradients", "evaluate", "gpt_config",
-           "lr_at", "main", "plot_loss_curve", "resolve_init_from", "step_budget", "train", "train_step"]
+__all__ = ["GPT", "Metrics", "Progress", "Run", "RunStopped", "TrainConfig", "accumulate_gradients", "evaluate",
+           "gpt_config", "lr_at", "main", "plot_loss_curve", "resolve_init_from", "step_budget", "train", "train_step"]
 log = logging.getLogger(__name__)
 
 @dataclass
@@ -267,8 +268,9 @@ def budget_done(run: Run, prog: Progress) -> bool:
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
-def _loop(run: Run, prog: Progress) -> tuple[float | None, dict | None]:
-    """Steps until the budget is spent; the last evaluation loss and the last train log record."""
+def _loop(run: Run, prog: Progress, stop: StopSignals | None = None) -> tuple[float | None, dict | None]:
+    """Steps until the budget is spent; the last evaluation loss and the last train log record. A stop signal
+    (``stop``) ends it after the current step and its checkpoint, raising :class:`RunStopped`."""
     pbar = tqdm(total=run.max_steps or None, initial=prog.step, dynamic_ncols=True, unit="step",
                 disable=not (run.dist.master and run.cfg.system.progress))
     val_loss, rec = None, None
@@ -284,6 +286,9 @@ def _loop(run: Run, prog: Progress) -> tuple[float | None, dict | None]:
             res = train_step(run, prog)
             logged = log_hook(run, prog, res, pbar)
             rec = logged if logged is not None else rec
+            if stop is not None and stop.signum is not None:
+                checkpoint_hook(run, prog, last=True)
+                raise RunStopped(stop.signum, prog.step, str(run.out))
     finally:
         pbar.close()
 
@@ -325,7 +330,8 @@ def _run_locked(cfg: TrainConfig, resume: str | os.PathLike | None, out: Path, d
         if run.peak is None:
             log.info("MFU not reported: unknown peak FLOP/s for %s (set system.peak_flops)", run.device)
     try:
-        val_loss, rec = _loop(run, prog)
+        with StopSignals(enabled=not dist.enabled) as stop:
+            val_loss, rec = _loop(run, prog, stop)
     finally:
         run.metrics.close()
     summary = _summary(run, prog, val_loss, rec)
@@ -346,7 +352,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     The run writes into ``out_dir`` if given, else the run directory of ``resume`` (wherever it has been moved),
     else ``cfg.system.out_dir``. The whole config, the model included, is checked before anything is written.
     The summary has ``steps``, ``tokens``, ``train_seconds``, ``tokens_per_s``, ``mfu`` (or None),
-    ``final_val_loss``, ``final_val_ppl``, ``best_val_loss``, ``out_dir`` and ``checkpoint``.
+    ``final_val_loss``, ``final_val_ppl``, ``best_val_loss``, ``out_dir`` and ``checkpoint``. A single-process run
+    stopped by SIGTERM or Ctrl-C checkpoints the step it reached and raises :class:`RunStopped` (resumable).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig; got {type(cfg).__name__}")
@@ -414,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    summary = train(cfg, resume=args.resume, out_dir=args.out if args.resume else None)
+    try:
+        summary = train(cfg, resume=args.resume, out_dir=args.out if args.resume else None)
+    except RunStopped as e:
+        print(f"ra train: {e}", file=sys.stderr)
+        return 128 + e.signum
     if int(os.environ.get("RANK", "0")) == 0:
         print(dumps(summary, indent=2))
     return 0
