@@ -217,6 +217,21 @@ def test_stop_signal_checkpoints_the_step_reached_and_resumes_bitwise(tmp_path, 
     assert trace(run) == trace(straight_run)
 
 
+def test_ra_cli_reports_a_stopped_run_in_one_line(monkeypatch, capsys):
+    import signal
+
+    from reciprocal_attention.lab import cli
+
+    def stopped(_argv):
+        raise T.RunStopped(signal.SIGINT, 7, "runs/x")
+
+    monkeypatch.setattr(T, "main", stopped)
+    assert cli.main(["train", "--preset", "tiny"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "ra: stopped by SIGINT after step 7; its checkpoint is in runs/x/checkpoints; continue with " \
+                  "`ra train --resume runs/x`"
+
+
 def test_stop_signals_restore_the_previous_handlers():
     import signal
 

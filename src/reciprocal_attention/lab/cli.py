@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
+    except RunStopped as e:  # a stop signal ended a training run after a checkpoint: not an error
+        print(f"ra: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (UserError, *PATH_ERRORS) as e:
         if debug:
             raise
