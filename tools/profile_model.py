@@ -178,6 +178,11 @@ def _host_lines(data: dict, arm: str, base_name: str) -> list[str]:
                       ("recompiles", "")):
         lines.append(f"| {key.replace('_ms', '')}{' ' + unit if unit else ''} | {t[key]:.3g} | {b[key]:.3g} |")
     rt, brt = data.get("runtime_per_step", {}).get(arm, {}), data.get("runtime_per_step", {}).get(base_name, {})
+
+    def launches(calls: dict[str, list[float]]) -> float:
+        return sum(v[0] for k, v in calls.items() if "LaunchKernel" in k)
+
+    lines.append(f"| kernel launches | {launches(rt):.0f} | {launches(brt):.0f} |")
     lines += ["", "| CUDA runtime call | RA calls | baseline calls | RA host us | baseline host us |",
               "|---|---|---|---|---|"]
     for k in sorted(set(rt) | set(brt), key=lambda k: -abs(rt.get(k, [0, 0])[1] - brt.get(k, [0, 0])[1])):
