@@ -148,3 +148,26 @@ def test_cli_user_errors():
         quality.main(["--arms", "standard,magic"])
     with pytest.raises(UserError, match="seeds"):
         quality.main(["--seeds", "0,0"])
+
+
+def test_report_says_how_many_passes_over_the_training_split(tmp_path):
+    """A study whose runs read a prepared corpus reports tokens per run as passes over its training split (a
+    40M-token run on a ~10M-token corpus sees each token about 4 times); a fixture gives no such line."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text(json.dumps({"format": "reciprocal_attention.corpus/1",
+                                                      "tokenizer": {"name": "gpt2", "n_vocab": 50257},
+                                                      "splits": {"train": {"tokens": 400}}}))
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False,
+                               preset="quality-cpu", overrides=[f"data.dir={corpus}"])
+    for a in ("standard", "ra"):
+        for s in (0, 1):
+            _fake_run(tmp_path, a, s, 4.0 + s / 100)
+    res = quality.analyse(qc)
+    assert res["tokens_per_run"] == 1000 and res["train_tokens"] == 400
+    assert "tokens per run 1,000 (2.5 passes over the 400-token training split)" in quality.markdown(res)
+    (corpus / "manifest.json").write_text("{}")
+    assert quality.train_split_tokens(qc) is None  # not a corpus manifest: no count, no error
+    fixture = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False,
+                                    preset="quality-cpu")
+    assert quality.train_split_tokens(fixture) is None

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .config import load_config, to_toml
+from .data import load_manifest
 from .errors import UserError
 from .progress import RunProgress
 from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
@@ -284,13 +285,26 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
     tokens = sorted({r["tokens"] for r in runs.values() if r})
     if len(tokens) > 1 and qc.equal == "tokens":
         log.warning("finished runs differ in tokens (%s): tokens_per_run reports the largest", tokens)
-    return {"tokens_per_run": tokens[-1] if tokens else None, "config": asdict(qc), "arms": arms,
+    return {"tokens_per_run": tokens[-1] if tokens else None, "train_tokens": train_split_tokens(qc),
+            "config": asdict(qc), "arms": arms,
             "noise_floor": noise, "verdicts": verdicts, "mqar": mqar_accuracy(qc), "remaining": remaining(qc),
             "prior_studies": load_prior(qc.prior),
             "curves": curves, "device": any_run.get("device"), "dtype": any_run.get("dtype"),
             "params": any_run.get("params"), "torch": torch.__version__,
             "gpu": qc.device_label or (torch.cuda.get_device_name() if torch.cuda.is_available() else None),
             "complete": all(runs.values())}
+
+
+def train_split_tokens(qc: QualityConfig) -> int | None:
+    """Tokens in the training split the study's runs read (None for a fixture or an unreadable corpus): with the
+    tokens per run, how many passes over the data a run makes."""
+    try:
+        cfg = load_config(qc.preset, None, list(qc.overrides))
+        if cfg.data.fixture:
+            return None
+        return int(load_manifest(cfg.data.dir)["splits"]["train"]["tokens"])
+    except (UserError, OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def study(qc: QualityConfig) -> dict[str, Any]:

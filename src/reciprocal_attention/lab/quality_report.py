@@ -86,6 +86,14 @@ def _prior_table(rows: list[dict[str, Any]], arms: list[str]) -> list[str]:
     return out
 
 
+def _passes(res: dict[str, Any]) -> str:
+    """`` (N passes over the T-token training split)`` when both counts are known, else nothing."""
+    tokens, train = res.get("tokens_per_run"), res.get("train_tokens")
+    if not tokens or not train:
+        return ""
+    return f" ({tokens / train:.1f} passes over the {train:,}-token training split)"
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The study's report as markdown."""
     qc = res["config"]
@@ -94,7 +102,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = ["# RA quality study", "",
              f"Device: {res.get('gpu') or res.get('device')}; dtype {res.get('dtype')}; report assembled with torch "
              f"{res['torch']}; training preset `{qc['preset']}` with overrides {qc['overrides'] or 'none'}; model "
-             f"parameters {res.get('params')}; tokens per run {_num(res.get('tokens_per_run'), ',')}; seeds "
+             f"parameters {res.get('params')}; tokens per run {_num(res.get('tokens_per_run'), ',')}"
+             f"{_passes(res)}; seeds "
              f"{qc['seeds']} (paired: same init of shared weights, same data order); equal {qc['equal']}.", "",
              f"**Verdict:** {verdict_sentence(res)}", "",
              f"Noise floor (baseline vs baseline with another seed, |diff| of final val loss): mean "
