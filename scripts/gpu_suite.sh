@@ -88,8 +88,8 @@ for s in $STAGES; do
     *) note "unknown stage $s" ;;
   esac
 done
-find "$RES" -type d -name checkpoints -prune -exec rm -rf {} +   # weights don't travel back
-tar -C "$ROOT/.gpuout" -czf "$OUT/results.tar.gz" results
+# weights don't travel back, but they stay on the machine: the next call on it resumes the quality study's runs
+tar -C "$ROOT/.gpuout" --exclude=checkpoints -czf "$OUT/results.tar.gz" results
 cp "$summary" "$OUT/summary.txt"
 echo "=== summary"; cat "$summary"
 for m in model model2; do [ -f "$RES/$m/model.md" ] && cat "$RES/$m/model.md"; done
