@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU DDP on one host, one call: GPT-2 small (124M) with the RA fast path under torchrun.
+# Multi-GPU DDP on one host, one job: GPT-2 small (124M) with the RA fast path under torchrun.
 #  scale_N*:  N = 1, 2, 4, 8 (up to the GPUs present), the same per-GPU batch (16 x 1024, grad_accum 2):
 #             tokens/s and scaling efficiency = tokens/s(N) / (N * tokens/s(1)).
 #  agree_N1:  scale_N<N> (N GPUs, grad_accum 2) against 1 GPU with the same global batch (grad_accum 2N): the same samples

@@ -5,7 +5,7 @@
 # between machines). The report (mqar.json/md/png) covers every finished run and lists what remains; its table is
 # printed last. Each run's step is replayed from a CUDA graph (lab/mqar.py, TrainStep). Measured on an H100 with
 # 400-step runs (model build, capture and two evaluations included): 84 steps/s per worker with 4 workers (eager
-# steps: 55 with 4 workers, 19 with 12); the whole grid is at most 180 runs x 2000 steps, so it takes several calls.
+# steps: 55 with 4 workers, 19 with 12); the whole grid is at most 180 runs x 2000 steps, so it takes several runs.
 # Usage: bash scripts/gpu_mqar.sh OUT_DIR
 # env: RA_MQAR_SECONDS (time for the grid, default 420), RA_MQAR_PAR (workers, default 4), RA_MQAR_STEPS (per run,
 #      default 2000; runs stop early at 0.99 accuracy), RA_MQAR_VOCAB (default 256; Zoology's large setting is 8192,
@@ -23,7 +23,7 @@ timeout --kill-after=20 $(( SECS + 90 )) python3 -m reciprocal_attention.lab.mqa
   ${RA_MQAR_ARGS:-} > "$OUT/mqar.log" 2>&1
 rc=$?
 [ "$rc" -ne 0 ] && { echo "mqar_study exited with $rc; the log ends:"; tail -n 30 "$OUT/mqar.log"; }
-# throughput of the finished runs, to size the next call
+# throughput of the finished runs, to size the next run of the grid
 python3 - "$OUT/grid/runs" <<'PY'
 import json, pathlib, sys
 recs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json")]

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The language-model quality study on one GPU, resumable across calls: every (arm, seed) run trains for the
 # preset's token budget (quality-gpu-40m: 40,960,000 tokens), several processes share the card, and at the deadline
-# the running ones checkpoint the step they are on (SIGTERM) and resume there on the next call with the same OUT_DIR.
+# the running ones checkpoint the step they are on (SIGTERM) and resume there on the next run with the same OUT_DIR.
 # Arms in order of interest (standard, ra, full, output_gate for every seed, then seed, ra_disc). The report
 # (quality.json/md/png) says what remains; an earlier study's quality.json (RA_QUALITY_PRIOR) is kept in it as a row.
 # Usage: bash scripts/gpu_quality.sh OUT_DIR   (needs data/corpus: the GPU machine has no internet, so build it with
 #        `ra data prepare --out data/corpus` beforehand and send data/corpus/{manifest.json,train.bin,val.bin,test.bin})
-# env: RA_QUALITY_SECONDS (time for this call, default 540), RA_QUALITY_PAR (runs at once, default 9),
+# env: RA_QUALITY_SECONDS (time for this run, default 540), RA_QUALITY_PAR (runs at once, default 9),
 #      RA_QUALITY_ARMS, RA_QUALITY_SEEDS, RA_QUALITY_PRESET (default quality-gpu-40m), RA_QUALITY_TOKENS (override the
 #      preset's tokens per run), RA_QUALITY_PRIOR (default reports/quality/quality-4m.json when it exists),
 #      RA_QUALITY_SET (more `--set key=value` overrides, space-separated, e.g. "system.compile=true").

@@ -41,7 +41,7 @@ for s in $STAGES; do
     bench_amp)  stage bench_amp 60 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                   --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph --inner 10 ;;
     compiletests) stage compiletests "${RA_COMPILETESTS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -m gpu --timeout=240 -o addopts="" -rfE ;;
-    model|model2)  # model2: a second set of arms (RA_MODEL2_ARGS) in the same call; both merge into the card's records
+    model|model2)  # model2: a second set of arms (RA_MODEL2_ARGS) in the same run; both merge into the card's records
              seed="benchmarks/results/$CARD/model.json"; [ "$s" = model2 ] && [ -f "$RES/model/model.json" ] && seed="$RES/model/model.json"
              mkdir -p "$RES/$s"; [ -f "$seed" ] && cp "$seed" "$RES/$s/model.json"
              if [ "$s" = model ]; then args="${RA_MODEL_ARGS:-}"; secs="${RA_MODEL_TIMEOUT:-420}"; else args="${RA_MODEL2_ARGS:-}"; secs="${RA_MODEL2_TIMEOUT:-420}"; fi
@@ -52,8 +52,8 @@ for s in $STAGES; do
              cp "$RES"/profile_decode/profile_decode.md "$OUT/" 2>/dev/null ;;
     profile_model) stage profile_model "${RA_PROFILE_MODEL_TIMEOUT:-240}" $PY tools/profile_model.py "$RES/profile_model" ${RA_PROFILE_MODEL_ARGS:-}
              cp "$RES"/profile_model/profile_model.* "$OUT/" 2>/dev/null ;;
-    mqar)    # resumes the finished runs of earlier calls kept in an ignored folder sent along with `carry` (default
-             # build/mqar; after a call: tar -xzf results.tar.gz -C /tmp && mkdir -p build/mqar/grid &&
+    mqar)    # resumes the finished runs of earlier runs of the suite kept in an ignored folder sent along with `carry` (default
+             # build/mqar; after a run: tar -xzf results.tar.gz -C /tmp && mkdir -p build/mqar/grid &&
              # cp -r /tmp/results/mqar/grid/runs build/mqar/grid/)
              keep="${RA_MQAR_RESUME:-build/mqar}"
              if [ -d "$keep/grid/runs" ]; then mkdir -p "$RES/mqar/grid"; cp -r "$keep/grid/runs" "$RES/mqar/grid/"; fi
@@ -67,7 +67,7 @@ for s in $STAGES; do
              [ "${RA_BENCH_AMP:-1}" = 1 ] && stage bench_amp 150 $PY -m reciprocal_attention.lab.cli bench --out "$RES/bench_amp" --no-progress --precision amp \
                --groups core --shapes 8x1024,2x4096,1x8192 --widths "" --modes graph ;;
     bench_ab)  # the block bench of another commit's src (RA_AB_SRC; its CLI module RA_AB_MODULE) and of this tree, one
-               # after the other in this call, same arguments: a code change's effect on the same card
+               # after the other in this run, same arguments: a code change's effect on the same card
              if [ -z "${RA_AB_SRC:-}" ] || [ ! -d "$RA_AB_SRC" ]; then
                note "stage bench_ab: set RA_AB_SRC to a src folder, e.g. git archive COMMIT src | tar -x -C build/ab"; continue; fi
              read -r -a ab_args <<< "${RA_AB_ARGS:---groups core --shapes 8x1024,2x4096 --widths= --modes graph}"
@@ -88,7 +88,7 @@ for s in $STAGES; do
     *) note "unknown stage $s" ;;
   esac
 done
-# weights don't travel back, but they stay on the machine: the next call on it resumes the quality study's runs
+# weights don't travel back, but they stay on the machine: the next run on it resumes the quality study's runs
 tar -C "$ROOT/.gpuout" --exclude=checkpoints -czf "$OUT/results.tar.gz" results
 cp "$summary" "$OUT/summary.txt"
 echo "=== summary"; cat "$summary"

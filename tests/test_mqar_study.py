@@ -45,7 +45,7 @@ def test_toy_grid_runs_resumes_and_reports(tmp_path):
     assert "**Remaining:** 0 runs" in (tmp_path / "report" / "mqar.md").read_text()
     done = sorted((tmp_path / "grid" / "runs").glob("*.json"))
     first = done[0].read_text()
-    done[-1].unlink()  # one run lost: the next call runs only that one
+    done[-1].unlink()  # one run lost: the next run_grid runs only that one
     assert ms.run_grid(gc, progress=False) == []
     assert done[0].read_text() == first and done[-1].exists()
 

@@ -3,7 +3,7 @@
 Zoology-style protocol (:mod:`reciprocal_attention.lab.mqar`): 2-layer probe models, an 8k vocabulary, a small
 learning-rate sweep per arm and several seeds per cell. One command runs a grid (or what of it fits a deadline) on
 one device with several worker processes that claim runs from a shared list in priority order; finished runs are
-kept as one JSON file each, so a second call resumes where the first stopped. The report (``mqar.json``,
+kept as one JSON file each, so a second invocation resumes where the first stopped. The report (``mqar.json``,
 ``mqar.md``, ``mqar.png``) merges every finished run under the output directory and lists what remains.
 
     python -m reciprocal_attention.lab.mqar_study --out runs/mqar --parallel 12 --deadline 480
@@ -123,7 +123,7 @@ def worker(out: Path, deadline: float) -> int:
             continue
         try:
             rec = train(run, device, progress=False)
-        except Exception as e:  # one bad run must not stop the grid: recorded, reported, retried next call
+        except Exception as e:  # one bad run must not stop the grid: recorded, reported, retried on the next invocation
             log.exception("mqar run %s failed", run.key)
             (out / "failed").mkdir(exist_ok=True)
             (out / "failed" / f"{run.key}.txt").write_text(f"{type(e).__name__}: {e}\n")
@@ -168,7 +168,7 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
         time.sleep(1.0)
         bar.update(sum(_result_path(out, r).exists() for r in todo))
         if deadline and time.time() > deadline + 5:
-            log.warning("mqar grid: deadline reached; stopping the workers (unfinished runs resume next call)")
+            log.warning("mqar grid: deadline reached; stopping the workers (unfinished runs resume on the next invocation)")
             for p in procs:
                 p.terminate()
             for p in procs:

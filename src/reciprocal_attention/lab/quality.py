@@ -158,7 +158,7 @@ def _wait_stopped(p: subprocess.Popen) -> int:
 def run_study(qc: QualityConfig) -> None:
     """Run every (arm, seed) training job, ``parallel`` at a time, until done or ``deadline_s``; finished ones are
     skipped; at the deadline each running one is sent SIGTERM, checkpoints the step it is on, and resumes there on
-    the next call."""
+    the next invocation."""
     qc.validate()
     jobs = job_order(qc)
     running: list[tuple[str, int, subprocess.Popen, float]] = []
@@ -170,7 +170,7 @@ def run_study(qc: QualityConfig) -> None:
                 p.terminate()
             for arm, seed, p, _ in running:
                 _wait_stopped(p)
-                log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next call", arm,
+                log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next invocation", arm,
                             seed, qc.deadline_s)
             break
         while jobs and len(running) < qc.parallel:
@@ -320,7 +320,7 @@ def study(qc: QualityConfig) -> dict[str, Any]:
         grid = mqar_grid(qc)
         left = qc.deadline_s - (time.time() - t0)
         if qc.deadline_s and left < 30:
-            log.warning("no time left for the MQAR lens before the deadline; it runs on the next call")
+            log.warning("no time left for the MQAR lens before the deadline; it runs on the next invocation")
         else:
             grid.deadline_s = max(0.0, left) if qc.deadline_s else 0.0
             run_grid(grid)
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mqar-steps", type=int, default=1000, help="with --mqar: training steps of each MQAR probe run")
     ap.add_argument("--run-timeout", type=float, default=0.0, help="seconds per training run (it resumes later)")
     ap.add_argument("--deadline", type=float, default=0.0,
-                    help="seconds for this call: running jobs stop then and resume on the next call (0 = none)")
+                    help="seconds for this invocation: running jobs stop then and resume on the next one (0 = none)")
     ap.add_argument("--prior", action="append", default=[], metavar="QUALITY_JSON",
                     help="an earlier study's quality.json, kept in the report as one row")
     ap.add_argument("--report-only", action="store_true", help="only analyse finished runs and write the report")
