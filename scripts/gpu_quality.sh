@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The language-model quality study on one GPU, resumable across calls: every (arm, seed) run trains for the
+# The language-model quality study on one GPU, resumable across runs: every (arm, seed) run trains for the
 # preset's token budget (quality-gpu-40m: 40,960,000 tokens), several processes share the card, and at the deadline
 # the running ones checkpoint the step they are on (SIGTERM) and resume there on the next run with the same OUT_DIR.
 # Arms in order of interest (standard, ra, full, output_gate for every seed, then seed, ra_disc). The report

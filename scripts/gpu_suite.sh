@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
+# One job on the GPU machine: GPU tests, correctness check, benchmarks, training throughput, quality study.
 # Usage: bash scripts/gpu_suite.sh OUT_DIR [STAGE ...]
 #   stages: tests compiletests flashtests foldtests foldsweep check model model2 profile_model profile_decode bench bench_amp bench_ab profile ncu overlap
 #   eager ddp train mqar quality (default: tests model profile_model check bench)

@@ -3,7 +3,7 @@
 B=8 T=1024 C=768 bf16, cuDNN SDPA. Per arm two calls:
 - ``fwd+bwd``: repeated calls with unchanged parameters (the RA fold cache hits: no fold forward kernel);
 - ``step``: fwd+bwd + an SGD step and zero_grad each call (the fold is rebuilt every call, as in training).
-Eager timings on the lent machine drift by tens of percent within minutes, so the arms are interleaved: every
+Eager timings on the H100 machine drift by tens of percent within minutes, so the arms are interleaved: every
 round times each (arm, call) for ``--inner`` calls, and the JSON gives the median and min over rounds and the
 median ratio to the baseline. RA arms are also timed with Triton's own launch path
 (``ops.settings.direct_launch = False``) to show what the direct launches save.

@@ -26,7 +26,6 @@ from .ops import eager_launch
 from .plan import Plan, choose_plan
 
 
-
 @dataclass
 class LayerKVCache:
     """Per-layer generation cache of :meth:`ReciprocalAttention.project_heads`' keys ``K~`` and values ``V``.

@@ -264,7 +264,7 @@ class TrainStep:
         self.graph = graph
 
 
-def make_optimizer(model: torch.nn.Module, run: "MQARRun", graphs: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, run: MQARRun, graphs: bool) -> torch.optim.Optimizer:
     """AdamW over the probe; ``capturable`` with its learning rate in a device tensor for a CUDA-graph step."""
     dev = next(model.parameters()).device
     lr: float | Tensor = torch.tensor(run.lr, device=dev) if graphs else run.lr

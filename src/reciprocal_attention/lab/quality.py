@@ -170,8 +170,8 @@ def run_study(qc: QualityConfig) -> None:
                 p.terminate()
             for arm, seed, p, _ in running:
                 _wait_stopped(p)
-                log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next invocation", arm,
-                            seed, qc.deadline_s)
+                log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next invocation",
+                            arm, seed, qc.deadline_s)
             break
         while jobs and len(running) < qc.parallel:
             arm, seed = jobs.pop(0)

@@ -1,7 +1,7 @@
 """Low-overhead eager launches of ``@triton.jit`` kernels.
 
 ``kernel[grid](*args)`` runs Triton's ``JITFunction.run`` on every call: argument binding, specialisation, cache
-key, option and hook handling. On the lent GPU host that Python costs several times a PyTorch op (measured on the
+key, option and hook handling. On the H100 host that Python costs several times a PyTorch op (measured on the
 CI CPU with the driver call stubbed out: 12 us per launch of the fold kernel, against 1.8 us for the compiled
 kernel's own runner and 0.9 us for ``torch.empty``), and the RA fast path launches three fold kernels per
 training step. :class:`DirectLauncher` keeps the compiled kernel of the first launch per specialisation key and
