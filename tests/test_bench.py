@@ -342,24 +342,29 @@ def test_summary_says_what_ran_and_what_it_is():
 
 
 def test_bench_ab_compares_matching_arms_and_flags_a_slowdown(tmp_path):
-    """tools/bench_ab.py: rows pair on (impl, SDPA, shape, width, mode, pass); exit 1 past the tolerance."""
+    """tools/bench_ab.py: rows pair on (impl, share of RA heads, SDPA, shape, width, mode, pass); exit 1 past the
+    tolerance. The seed's table times one arm at 100/50/25% RA heads: each pairs with its own share."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_ab", bench.Path(__file__).parents[1] / "tools" / "bench_ab.py")
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)
 
-    def rec(impl, ratio, sdpa="cudnn", ms=1.0):
+    def rec(impl, ratio, sdpa="cudnn", ms=1.0, heads_pct=100):
         return {"impl": impl, "sdpa": sdpa, "B": 8, "T": 1024, "C": 768, "mode": "graph", "pass": "fwd+bwd",
                 "ratio_vs_baseline": ratio, "ms_median": ms * ratio, "device": "card", "torch": "t", "triton": "x",
-                "precision": "bf16"}
-    prev = [rec("baseline_cudnn", 1.0), rec("ra_fast", 1.02), rec("ra_fast", 1.01, sdpa="flash")]
+                "precision": "bf16", "heads_pct": heads_pct}
+    prev = [rec("baseline_cudnn", 1.0), rec("ra_fast", 1.02), rec("ra_fast", 1.01, sdpa="flash"),
+            rec("seed_fast", 1.02), rec("seed_fast", 1.10, heads_pct=50)]
     for new_ratio, rc in ((1.025, 0), (1.04, 1)):
-        new = [rec("baseline_cudnn", 1.0), rec("ra_fast", new_ratio), rec("channel_bias", 1.05)]
+        new = [rec("baseline_cudnn", 1.0), rec("ra_fast", new_ratio), rec("channel_bias", 1.05),
+               rec("seed_fast", 1.02), rec("seed_fast", 1.10, heads_pct=50)]
         (tmp_path / "p.json").write_text(json.dumps(prev))
         (tmp_path / "n.json").write_text(json.dumps(new))
         out = tmp_path / "ab.md"
         assert ab.main([str(tmp_path / "p.json"), str(tmp_path / "n.json"), str(out)]) == rc
         text = out.read_text()
-        assert text.count("| ra_fast | cudnn |") == 1 and "flash" not in text and "channel_bias" not in text
+        assert text.count("| ra_fast | 100% | cudnn |") == 1 and "flash" not in text and "channel_bias" not in text
+        for pct, ratio in ((100, "1.0200"), (50, "1.1000")):
+            assert f"| seed_fast | {pct}% | cudnn | 8 x 1024 | 768 | graph | fwd+bwd | {ratio} | {ratio} | +0.00% |" in text
     assert ab.main([str(tmp_path / "missing.json"), str(tmp_path / "n.json"), str(out)]) == 2

@@ -1,4 +1,4 @@
-"""Two block-bench runs of one call side by side (stage ``bench_ab``): another commit's code against this tree.
+"""Two block-bench runs of one GPU job side by side (stage ``bench_ab``): another commit's code against this tree.
 
     python tools/bench_ab.py PREV_JSON NEW_JSON OUT_MD [--prev-label 8786a97] [--new-label HEAD]
 
@@ -17,7 +17,8 @@ from typing import Any
 
 
 def _key(r: dict[str, Any]) -> tuple:
-    return (r["impl"], r.get("sdpa"), r["B"], r["T"], r["C"], r["mode"], r["pass"])
+    """One row of a block bench: the seed's table times one arm at several shares of RA heads."""
+    return (r["impl"], r.get("heads_pct", 100), r.get("sdpa"), r["B"], r["T"], r["C"], r["mode"], r["pass"])
 
 
 def compare(prev: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -36,14 +37,14 @@ def compare(prev: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any], prev_label: str, new_label: str) -> str:
-    lines = [f"# Block bench: {prev_label} against {new_label}, one call", "",
+    lines = [f"# Block bench: {prev_label} against {new_label}, one job on one card", "",
              f"{meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('precision')}. "
              "Each run's ratio is to its own baseline block timed in the same process; the change is new / prev - 1.",
-             "", f"| arm | SDPA | B x T | C | mode | pass | {prev_label} | {new_label} | change | baseline ms "
-             f"({prev_label} / {new_label}) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", f"| arm | RA heads | SDPA | B x T | C | mode | pass | {prev_label} | {new_label} | change | baseline ms "
+             f"({prev_label} / {new_label}) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        impl, sdpa, B, T, C, mode, pass_ = r["key"]
-        lines.append(f"| {impl} | {sdpa} | {B} x {T} | {C} | {mode} | {pass_} | {r['prev']:.4f} | {r['new']:.4f} | "
+        impl, heads_pct, sdpa, B, T, C, mode, pass_ = r["key"]
+        lines.append(f"| {impl} | {heads_pct}% | {sdpa} | {B} x {T} | {C} | {mode} | {pass_} | {r['prev']:.4f} | {r['new']:.4f} | "
                      f"{100 * r['change']:+.2f}% | {r['base_ms_prev']:.3f} / {r['base_ms_new']:.3f} |")
     worst = max((r["change"] for r in rows), default=0.0)
     lines += ["", f"Largest slowdown: {100 * worst:+.2f}% over {len(rows)} rows."]
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for p in (args.prev, args.new):
         if not p.is_file():
-            print(f"bench_ab: {p} not found; give two bench.json files from one call's bench_ab stage",
+            print(f"bench_ab: {p} not found; give two bench.json files from one job's bench_ab stage",
                   file=sys.stderr)
             return 2
     prev, new = json.loads(args.prev.read_text()), json.loads(args.new.read_text())

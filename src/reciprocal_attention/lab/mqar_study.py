@@ -332,7 +332,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--tie", action="store_true", help="tie the output layer to the embedding (no output bias)")
     ap.add_argument("--parallel", type=int, default=None, help="worker processes (default: 12 on CUDA, 1 on CPU)")
-    ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole call (0 = none)")
+    ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole grid in this invocation (0 = none)")
     ap.add_argument("--plan", action="store_true", help="print the runs in priority order and exit")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

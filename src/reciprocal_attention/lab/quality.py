@@ -69,7 +69,7 @@ class QualityConfig:
     mqar_width: int = 128
     mqar_vocab: int = 8192
     run_timeout: float = 0.0  # seconds per training process; 0 = none
-    deadline_s: float = 0.0  # seconds for the whole call: then running jobs stop (resumable); 0 = none
+    deadline_s: float = 0.0  # seconds for the whole study in this invocation: then running jobs stop (resumable); 0 = none
     device_label: str = ""  # where the training runs ran, when the report is assembled elsewhere
     prior: list[str] = field(default_factory=list)  # quality.json of earlier studies, kept as one row each
 
