@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The MQAR grid on one GPU within a fixed time: worker processes share the card and claim runs in priority order
-# (the width sweep at the main learning rate first, then the n_kv sweep, then the other learning rates). Finished
+# (the width sweep at the main learning rate first, then the n_kv sweep, then the other learning rates; the grid is
+# lab/mqar_study.py's GridConfig: 5 arms x 3 seeds, widths 64-256 at 8 pairs, 4-32 pairs at width 128). Finished
 # runs are kept: calling it again with the same OUT_DIR resumes (scripts/gpu_suite.sh's stage `mqar` carries them
 # between machines). The report (mqar.json/md/png) covers every finished run and lists what remains; its table is
 # printed last. Each run's step is replayed from a CUDA graph (lab/mqar.py, TrainStep). Measured on an H100 with
 # 400-step runs (model build, capture and two evaluations included): 84 steps/s per worker with 4 workers (eager
-# steps: 55 with 4 workers, 19 with 12); the whole grid is at most 180 runs x 2000 steps, so it takes several runs.
+# steps: 55 with 4 workers, 19 with 12); in the grid (2000-step runs, 4 workers) 100-110 steps/s at seq 64 and
+# width 128, 55-60 at seq 128, 35 at width 256, 28 at seq 256: about 165 steps/s for the card, so the grid
+# (at most 210 runs x 2000 steps; solved runs stop early) takes several runs of this script.
 # Usage: bash scripts/gpu_mqar.sh OUT_DIR
 # env: RA_MQAR_SECONDS (time for the grid, default 420), RA_MQAR_PAR (workers, default 4), RA_MQAR_STEPS (per run,
 #      default 2000; runs stop early at 0.99 accuracy), RA_MQAR_VOCAB (default 256; Zoology's large setting is 8192,
@@ -17,9 +20,7 @@ SECS="${RA_MQAR_SECONDS:-420}"; PAR="${RA_MQAR_PAR:-4}"; STEPS="${RA_MQAR_STEPS:
 # the runner stops its workers at the deadline; the outer timeout guards against a hang after it (report included)
 # shellcheck disable=SC2086
 timeout --kill-after=20 $(( SECS + 90 )) python3 -m reciprocal_attention.lab.mqar_study --out "$OUT/grid" \
-  --report "$OUT" --parallel "$PAR" --deadline "$SECS" --steps "$STEPS" \
-  --arms standard,ra,ra_disc_channel,full,output_gate --seeds 0,1,2 --widths 64,128,256 --width-task 128:16 \
-  --kv-width 128 --kv-sweep 64:4,256:32,512:64 --lrs 3e-3,1e-3 --batch 256 --vocab "${RA_MQAR_VOCAB:-256}" \
+  --report "$OUT" --parallel "$PAR" --deadline "$SECS" --steps "$STEPS" --vocab "${RA_MQAR_VOCAB:-256}" \
   ${RA_MQAR_ARGS:-} > "$OUT/mqar.log" 2>&1
 rc=$?
 [ "$rc" -ne 0 ] && { echo "mqar_study exited with $rc; the log ends:"; tail -n 30 "$OUT/mqar.log"; }

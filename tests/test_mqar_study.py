@@ -23,16 +23,20 @@ def test_runs_are_in_priority_order_without_duplicates(tmp_path):
 def test_best_lr_is_marked_per_arm_and_cell(tmp_path):
     gc = _toy(tmp_path)
     (tmp_path / "grid" / "runs").mkdir(parents=True)
-    acc = {(1e-3, 0): 0.5, (1e-3, 1): 0.7, (3e-3, 0): 0.9, (3e-3, 1): 0.2}  # means 0.6 vs 0.55
+    acc = {(1e-3, 0): 0.5, (1e-3, 1): 0.95, (3e-3, 0): 0.9, (3e-3, 1): 0.2}  # means 0.725 vs 0.55
     for (lr, seed), a in acc.items():
         r = ms.MQARRun(arm="standard", seed=seed, d_model=32, seq_len=16, n_kv=2, lr=lr, steps=4, vocab_size=33)
+        curve = [[2, 0.3], [4, a]] if a < 0.95 else [[2, 0.91], [4, a]]
         (tmp_path / "grid" / "runs" / f"{r.key}.json").write_text(json.dumps(
-            {**r.__dict__, "accuracy": a, "steps_run": 4, "seconds": 1.0, "device": "cpu"}))
+            {**r.__dict__, "accuracy": a, "steps_run": 4, "seconds": 1.0, "device": "cpu", "curve": curve}))
     recs = ms.load_records(tmp_path / "grid")
     assert {(r["lr"], r["seed"]) for r in recs if r["best_lr"]} == {(1e-3, 0), (1e-3, 1)}
     assert set(recs[0]) >= {"arm", "seed", "d_model", "seq_len", "n_kv", "lr", "steps", "accuracy", "best_lr"}
+    # the first evaluation at or above 0.9, or None: 0.91 at step 2; 0.9 at step 4; never
+    assert {(r["lr"], r["seed"]): r["steps_to_solve"] for r in recs} == {
+        (1e-3, 0): None, (1e-3, 1): 2, (3e-3, 0): 4, (3e-3, 1): None}
     md = ms.markdown(recs, remaining=gc.runs()[1:])
-    assert "0.600 [0.50-0.70] n=2" in md and f"**Remaining:** {len(gc.runs()) - 1} runs" in md
+    assert "0.725 [0.50-0.95] n=2, 1 solved" in md and f"**Remaining:** {len(gc.runs()) - 1} runs" in md
 
 
 def test_toy_grid_runs_resumes_and_reports(tmp_path):
