@@ -40,12 +40,13 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], prev_label: str, ne
     lines = [f"# Block bench: {prev_label} against {new_label}, one job on one card", "",
              f"{meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('precision')}. "
              "Each run's ratio is to its own baseline block timed in the same process; the change is new / prev - 1.",
-             "", f"| arm | RA heads | SDPA | B x T | C | mode | pass | {prev_label} | {new_label} | change | baseline ms "
-             f"({prev_label} / {new_label}) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", f"| arm | RA heads | SDPA | B x T | C | mode | pass | {prev_label} | {new_label} | change | "
+             f"baseline ms ({prev_label} / {new_label}) |", "|---" * 11 + "|"]
     for r in rows:
         impl, heads_pct, sdpa, B, T, C, mode, pass_ = r["key"]
-        lines.append(f"| {impl} | {heads_pct}% | {sdpa} | {B} x {T} | {C} | {mode} | {pass_} | {r['prev']:.4f} | {r['new']:.4f} | "
-                     f"{100 * r['change']:+.2f}% | {r['base_ms_prev']:.3f} / {r['base_ms_new']:.3f} |")
+        lines.append(f"| {impl} | {heads_pct}% | {sdpa} | {B} x {T} | {C} | {mode} | {pass_} | {r['prev']:.4f} | "
+                     f"{r['new']:.4f} | {100 * r['change']:+.2f}% | {r['base_ms_prev']:.3f} / "
+                     f"{r['base_ms_new']:.3f} |")
     worst = max((r["change"] for r in rows), default=0.0)
     lines += ["", f"Largest slowdown: {100 * worst:+.2f}% over {len(rows)} rows."]
     return "\n".join(lines) + "\n"

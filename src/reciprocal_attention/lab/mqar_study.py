@@ -171,7 +171,8 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
         time.sleep(1.0)
         bar.update(sum(_result_path(out, r).exists() for r in todo))
         if deadline and time.time() > deadline + 5:
-            log.warning("mqar grid: deadline reached; stopping the workers (unfinished runs resume on the next invocation)")
+            log.warning("mqar grid: deadline reached; stopping the workers (unfinished runs resume on the next "
+                        "invocation)")
             for p in procs:
                 p.terminate()
             for p in procs:
@@ -345,7 +346,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--tie", action="store_true", help="tie the output layer to the embedding (no output bias)")
     ap.add_argument("--parallel", type=int, default=None, help="worker processes (default: 12 on CUDA, 1 on CPU)")
-    ap.add_argument("--deadline", type=float, default=0.0, help="seconds for the whole grid in this invocation (0 = none)")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds for the whole grid in this invocation (0 = none)")
     ap.add_argument("--plan", action="store_true", help="print the runs in priority order and exit")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
