@@ -18,6 +18,7 @@ import torch
 from reciprocal_attention.lab import atomic, rundir
 from reciprocal_attention.lab import checkpoint as C
 from reciprocal_attention.lab import train as T
+from reciprocal_attention.lab import train_step as TS
 from reciprocal_attention.lab.config import load_config
 from reciprocal_attention.lab.errors import (CheckpointError, ConfigError, DiskFullError, NonFiniteError,
                                              RunLockedError, UserError)
@@ -305,7 +306,7 @@ def test_divergence_stops_with_the_step_and_keeps_a_finite_checkpoint(tmp_path, 
 
 
 def test_skip_policy_is_bounded(tmp_path, monkeypatch):
-    real = T.accumulate_gradients
+    real = TS.accumulate_gradients
     bad_steps = {2, 4}
 
     def flaky(model, batches, autocast, scaler):
@@ -313,7 +314,7 @@ def test_skip_policy_is_bounded(tmp_path, monkeypatch):
         flaky.n += 1
         return loss * float("nan") if flaky.n in bad_steps or flaky.n > 8 else loss
     flaky.n = 0
-    monkeypatch.setattr(T, "accumulate_gradients", flaky)
+    monkeypatch.setattr(TS, "accumulate_gradients", flaky)  # where the step looks it up
     run = tmp_path / "run"
     s = T.train(cfg_for(run, ["train.on_nonfinite=skip", "train.max_skips=2", "budget.max_steps=8"]))
     assert s["skipped_steps"] == 2 and s["steps"] == 8

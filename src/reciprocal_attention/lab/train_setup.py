@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, validate_model
+from .config import ConfigError, TrainConfig
+from .config_checks import validate_model
 from .data import load_manifest, load_split, prepare_fixture
 from .metrics import Metrics
 from .runtime import Dist, peak_flops, pick_device, pick_dtype, restore_rank_rng
