@@ -1,6 +1,6 @@
 """Fused weight-space fold on the GPU: exactness at GPT-2 sizes, torch.compile, CUDA graphs.
 
-Run on the lent machine (``pytest -m gpu tests/test_gpu_fold.py -s``); skipped without CUDA (conftest.py).
+Run on a GPU machine (``pytest -m gpu tests/test_gpu_fold.py -s``); skipped without CUDA (conftest.py).
 References are ``fold.fold_qkv_weight`` in float64 with float64 autograd. Tolerances are stated per test:
 * folded weight in fp32: 1e-5 of the largest magnitude (IEEE fp32 ``tl.dot``, no TF32);
 * folded weight in bf16: one bf16 rounding (2^-8 relative) of the fp32 value, plus 1e-6 absolute;
