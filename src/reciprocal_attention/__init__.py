@@ -7,7 +7,8 @@ float64 math of every variant), ``fold`` (how RA runs on a standard attention ke
 (Hugging Face GPT-2 retrofit). ``reciprocal_attention.lab`` holds the tools around it (data, training, benchmarks).
 """
 
-from .attention import PRESETS, LayerKVCache, ReciprocalAttention
+from .attention import PRESETS, ReciprocalAttention
+from .cache import LayerKVCache
 from .attention_args import DISCOVERABILITY
 from .functional import BACKENDS, reciprocal_attention
 from .reference import GATES, VARIANTS, ra_attention, ra_logits

@@ -9,7 +9,6 @@ callers with their own masks and caches (generation, the Hugging Face adapter).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,34 +18,12 @@ from torch import Tensor
 
 from . import fold as _fold
 from .attention_args import DEFAULT_INIT, PRESET_ARGS, PRESETS, check_arguments
+from .cache import LayerKVCache
 from .fold import check_choice
 from .fold_cache import FoldedProjection
 from .functional import BACKENDS, attend, sdpa
 from .ops import eager_launch
 from .plan import Plan, choose_plan
-
-
-@dataclass
-class LayerKVCache:
-    """Per-layer generation cache of :meth:`ReciprocalAttention.project_heads`' keys ``K~`` and values ``V``.
-
-    Every RA variant's logit for key ``j`` depends on position ``j`` only through per-position vectors (the folded
-    key, and the column bias in its extra feature), so caching them lets new queries attend exactly.
-    """
-
-    k: Tensor | None = None
-    v: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        """Number of cached positions."""
-        return 0 if self.k is None else self.k.shape[2]
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append one chunk ``[B, H, T, .]`` and return everything cached."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

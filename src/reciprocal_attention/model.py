@@ -17,7 +17,7 @@ import hashlib
 import inspect
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import LayerKVCache, ReciprocalAttention
+from .attention import ReciprocalAttention
+from .cache import KVCache, LayerKVCache
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +191,6 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
-
-
-@dataclass
-class KVCache:
-    """Generation cache of a whole model: one :class:`LayerKVCache` per block and the cached length."""
-
-    layers: list[LayerKVCache] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        """Number of cached positions."""
-        return self.layers[0].length if self.layers else 0
 
 
 class GPT(nn.Module):

@@ -143,7 +143,7 @@ class Stepper:
         m, ctx = self.loaded.model, self.loaded.context
         cached = self.use_cache and idx.size(1) <= ctx
         if self.loaded.kind == "gpt":
-            from ..model import KVCache
+            from ..cache import KVCache
 
             if cached:
                 self.cache = self.cache if self.cache is not None else KVCache()
