@@ -42,6 +42,7 @@ from .data import load_manifest
 from .errors import UserError
 from .progress import RunProgress
 from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
+from .quality_wallclock import equal_wallclock
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,7 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         else:
             verdicts[a] = (f"no difference that the data support: paired differences "
                            f"{', '.join(f'{d:+.4f}' for d in diffs.values())} vs noise floor {thr:.4f}")
+    wallclock = equal_wallclock(runs, qc.arms, qc.seeds, BASELINE, noise["max"]) if qc.equal == "tokens" else None
     curves = {f"{a}-s{s}": runs[(a, s)]["curve"] for a in qc.arms for s in qc.seeds if runs[(a, s)]}
     any_run = next((r for r in runs.values() if r), {})
     tokens = sorted({r["tokens"] for r in runs.values() if r})
@@ -287,7 +289,8 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         log.warning("finished runs differ in tokens (%s): tokens_per_run reports the largest", tokens)
     return {"tokens_per_run": tokens[-1] if tokens else None, "train_tokens": train_split_tokens(qc),
             "config": asdict(qc), "arms": arms,
-            "noise_floor": noise, "verdicts": verdicts, "mqar": mqar_accuracy(qc), "remaining": remaining(qc),
+            "noise_floor": noise, "verdicts": verdicts, "wallclock": wallclock, "mqar": mqar_accuracy(qc),
+            "remaining": remaining(qc),
             "prior_studies": load_prior(qc.prior),
             "curves": curves, "device": any_run.get("device"), "dtype": any_run.get("dtype"),
             "params": any_run.get("params"), "torch": torch.__version__,

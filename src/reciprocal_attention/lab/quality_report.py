@@ -86,6 +86,23 @@ def _prior_table(rows: list[dict[str, Any]], arms: list[str]) -> list[str]:
     return out
 
 
+def _wallclock_table(wc: dict[str, Any]) -> list[str]:
+    """The equal-wall-clock reading (:mod:`.quality_wallclock`): per arm and seed, its speed against the baseline's
+    in the same seed, the tokens it would have trained in the baseline's time, its loss there, the difference."""
+    out = ["", f"## Equal wall clock (read from the equal-tokens runs: each arm's loss after the tokens it trains in "
+           f"the time {BASELINE} took, at its measured tokens/s against {BASELINE}'s in the same seed; "
+           "`capped`: faster than the baseline, its final loss)", "",
+           "| arm | speed vs standard (per seed) | tokens at equal time (per seed) | paired diff vs standard "
+           "(per seed) | verdict |", "|---|---|---|---|---|"]
+    for arm, w in wc.items():
+        rows = list(w["seeds"].values())
+        speeds = ", ".join(f"{r['speed_vs_baseline']:.3f}" for r in rows) or "-"
+        tokens = ", ".join(f"{r['tokens']:,.0f}" + (" capped" if r["capped"] else "") for r in rows) or "-"
+        diffs = ", ".join(f"{r['diff']:+.4f}" for r in rows) or "-"
+        out.append(f"| {arm} | {speeds} | {tokens} | {diffs} | {w['verdict']} |")
+    return out
+
+
 def _passes(res: dict[str, Any]) -> str:
     """`` (N passes over the T-token training split)`` when both counts are known, else nothing."""
     tokens, train = res.get("tokens_per_run"), res.get("train_tokens")
@@ -115,6 +132,8 @@ def markdown(res: dict[str, Any]) -> str:
     share = "several runs share one GPU" if on_gpu else "several runs share the CPU cores"
     lines += ["", f"tokens/s is per training process while {share}: a record of the study, not a speed comparison "
               "(see `ra bench`)."]
+    if res.get("wallclock"):
+        lines += _wallclock_table(res["wallclock"])
     if res.get("remaining"):
         lines += ["", f"**What remains:** {len(res['remaining'])} runs have no finished result: "
                   + ", ".join(res["remaining"]) + ". Rerun the same command with the same `--out` to resume them."]
