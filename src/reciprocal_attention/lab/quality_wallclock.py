@@ -4,7 +4,9 @@ Every run of the study trains the same number of tokens. An arm that is slower p
 time the baseline took, have seen fewer: ``tokens * (arm's tokens/s) / (baseline's tokens/s)``. Its loss at equal
 wall clock is its validation curve at that token count (linear between evaluations). The speeds are the runs' own
 training tokens/s in the same seed, measured while the study's runs shared the device (each run got its share of
-it as the others did), so a per-seed pair is timed under the same conditions. An arm faster than the baseline
+it as the others did), so a per-seed pair is timed under the same conditions; runs that finish first leave the
+card to the rest, which flatters the slowest arms, so the reading errs towards "no difference" (a solo benchmark
+such as ``ra bench --model`` is the speed comparison). An arm faster than the baseline
 would have trained beyond its last evaluation: its final loss is used and the row is marked ``capped`` (the
 reading then favours the baseline).
 """
