@@ -146,3 +146,42 @@ def test_cuda_graph_step_trains_as_the_eager_step(arm):
     fresh.load_state_dict(models[True].state_dict())
     dev = torch.device("cuda")
     assert mqar.held_out_accuracy(models[True], spec, 256, dev) == mqar.held_out_accuracy(fresh, spec, 256, dev)
+
+
+def _group_runs(**kw):
+    base = dict(seed=0, d_model=64, seq_len=32, n_kv=4, lr=3e-3, steps=12, vocab_size=33, batch_size=16,
+                eval_every=4, eval_sequences=64)
+    return [mqar.MQARRun(**{**base, "arm": arm, **kw}) for arm in ("standard", "ra", "full")] + \
+        [mqar.MQARRun(**{**base, "arm": "standard", "seed": 1, "steps": 8, **kw})]
+
+
+_SAME = ("accuracy", "steps_run", "final_train_loss", "curve")
+
+
+def test_runs_trained_together_give_what_each_gives_alone():
+    """A group interleaves its runs' steps (on CUDA, each on its own stream): every run's record is the one it
+    gets alone, also for a run with fewer steps and one that stops early at ``stop_at``."""
+    runs = _group_runs() + [mqar.MQARRun(arm="ra", seed=2, d_model=64, seq_len=32, n_kv=4, lr=3e-3, steps=12,
+                                         vocab_size=33, batch_size=16, eval_every=4, eval_sequences=64,
+                                         stop_at=0.0)]
+    together = mqar.train_group(runs, progress=False)
+    for run, rec in zip(runs, together):
+        alone = mqar.train(run, progress=False)
+        assert {k: rec[k] for k in _SAME} == {k: alone[k] for k in _SAME}, run.key
+        assert rec["group"] == len(runs) and alone["group"] == 1
+    assert together[3]["steps_run"] == 8 and together[4]["steps_run"] == 4  # stop_at=0: done at its first eval
+    with pytest.raises(ValueError, match="at least one"):
+        mqar.train_group([], progress=False)
+
+
+@pytest.mark.gpu
+def test_runs_trained_together_on_cuda_streams_match_each_alone():
+    """The same on CUDA with CUDA-graph steps replayed on one stream per run (numbers within float tolerance:
+    SDPA's backward is not bitwise deterministic)."""
+    runs = _group_runs()
+    together = mqar.train_group(runs, "cuda", progress=False)
+    for run, rec in zip(runs, together):
+        alone = mqar.train(run, "cuda", progress=False)
+        assert rec["steps_run"] == alone["steps_run"] and rec["cuda_graph"] and alone["cuda_graph"]
+        assert rec["final_train_loss"] == pytest.approx(alone["final_train_loss"], rel=1e-4, abs=1e-5), run.key
+        assert rec["accuracy"] == pytest.approx(alone["accuracy"], abs=2 / (64 * run.n_kv)), run.key

@@ -1,6 +1,9 @@
 """The MQAR grid runner: priority order, resumable workers, best-lr marking, report and what remains."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from reciprocal_attention.lab import mqar_study as ms
 
@@ -60,3 +63,23 @@ def test_cli_errors_are_one_line_exit_2(capsys):
     assert "SEQ:KV" in err and len(err.strip().splitlines()) == 1
     assert ms.main(["--arms", "standard,magic", "--plan"]) == 2
     assert "arms: unknown ['magic']" in capsys.readouterr().err
+
+
+def test_workers_train_groups_of_one_task_shape_with_the_same_results(tmp_path):
+    """``group=3``: each worker claims up to 3 runs of one task shape (never two shapes in one group), and every
+    record equals the one-at-a-time grid's but for its timing and group size."""
+    one = _toy(tmp_path / "one", lrs=[1e-3], widths=[32], parallel=1)
+    three = _toy(tmp_path / "three", lrs=[1e-3], widths=[32], parallel=1, group=3)
+    assert ms.run_grid(one, progress=False) == [] and ms.run_grid(three, progress=False) == []
+    recs = {}
+    for gc in (one, three):
+        recs[gc.group] = {p.name: json.loads(p.read_text()) for p in (Path(gc.out_dir) / "runs").glob("*.json")}
+    timing = {"seconds", "steps_per_s", "group"}
+    assert recs[1].keys() == recs[3].keys()
+    for name, r in recs[3].items():
+        assert {k: v for k, v in r.items() if k not in timing} == \
+            {k: v for k, v in recs[1][name].items() if k not in timing}, name
+    # 2 arms x 2 seeds per task shape: groups of 3, then 1, per shape
+    assert sorted(r["group"] for r in recs[3].values()) == [1, 1, 3, 3, 3, 3, 3, 3]
+    with pytest.raises(ValueError, match="group must be >= 1"):
+        _toy(tmp_path, group=0).validate()

@@ -17,6 +17,7 @@ slows learning. :func:`train` is one probe run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -271,42 +272,98 @@ def make_optimizer(model: torch.nn.Module, run: MQARRun, graphs: bool) -> torch.
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=run.weight_decay, capturable=graphs)
 
 
-def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = True,
-          graphs: bool | None = None) -> dict[str, Any]:
-    """Train the probe model on ``run``'s task; returns the run's record with its held-out accuracy.
+class _Probe:
+    """One run in training: its model and step, its data generator, its stream (CUDA), its curve and step count."""
 
-    ``graphs`` (default: on CUDA) replays the training step from a CUDA graph (:class:`TrainStep`). Training
-    batches are made on ``device`` from a generator seeded by the run's seed (paired across arms on one device)."""
-    from ..model import GPT
+    def __init__(self, run: MQARRun, device: torch.device, graphs: bool) -> None:
+        from ..model import GPT
 
+        self.run, self.spec, self.device = run, run.spec(), device
+        self.model = GPT(probe_config(run.arm, run.d_model, self.spec, run.n_layer,
+                                      tie_embeddings=run.tie_embeddings), seed=run.seed).to(device)
+        self.step_fn = TrainStep(self.model, make_optimizer(self.model, run, graphs), self.spec.n_queries, graphs)
+        self.gen = torch.Generator(device=device).manual_seed(10_000 + run.seed)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # the model's weights are written there
+        self.curve: list[tuple[int, float]] = []
+        self.step, self.loss, self.loss_v, self.done, self.seconds = 0, None, float("nan"), False, 0.0
+
+    def _on_stream(self) -> Any:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def advance(self) -> None:
+        """One training step (queued on the run's stream)."""
+        with self._on_stream():
+            self.loss = self.step_fn(*make_batch(self.spec, self.run.batch_size, self.gen),
+                                     _lr_at(self.step, self.run))
+        self.step += 1
+
+    def evaluate_if_due(self) -> None:
+        """At an evaluation step: the held-out accuracy into the curve; ``done`` at a non-finite loss, at
+        ``stop_at`` accuracy or at the last step."""
+        run = self.run
+        if self.step % run.eval_every and self.step != run.steps:
+            return
+        with self._on_stream():
+            self.loss_v = float(self.loss.detach())
+            if not math.isfinite(self.loss_v):
+                log.warning("mqar %s: loss is %s at step %d; stopping this run", run.key, self.loss_v, self.step)
+                self.done = True
+                return
+            self.curve.append((self.step, held_out_accuracy(self.model, self.spec, run.eval_sequences,
+                                                            self.device)))
+        self.done = self.curve[-1][1] >= run.stop_at or self.step == run.steps
+
+    def record(self, group: int) -> dict[str, Any]:
+        """The run's record (its held-out accuracy after its last step)."""
+        if not self.curve or self.curve[-1][0] != self.step:
+            with self._on_stream():
+                acc = held_out_accuracy(self.model, self.spec, self.run.eval_sequences, self.device)
+        else:
+            acc = self.curve[-1][1]
+        dev = self.device
+        return {**asdict(self.run), "accuracy": acc, "steps_run": self.step, "final_train_loss": self.loss_v,
+                "curve": self.curve, "seconds": self.seconds, "steps_per_s": self.step / self.seconds,
+                "group": group, "cuda_graph": self.step_fn.graph is not None,
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+
+
+def train_group(runs: list[MQARRun], device: torch.device | str = "cpu", progress: bool = True,
+                graphs: bool | None = None) -> list[dict[str, Any]]:
+    """Train several probe runs in one process, step by step in turn, each on its own CUDA stream: the kernels of
+    a 2-layer probe are too small to fill the GPU, and runs in separate processes only take turns on it, while
+    streams of one process run at once. Each run's numbers are those it gets alone (its own model, optimizer,
+    data generator and evaluations); ``seconds`` is the wall time until it stopped, with the others beside it
+    (``group`` in its record). Returns the records in the order of ``runs``.
+
+    ``graphs`` (default: on CUDA) replays each step from a CUDA graph (:class:`TrainStep`). Training batches are
+    made on ``device`` from a generator seeded by the run's seed (paired across arms on one device)."""
     device = torch.device(device)
     graphs = device.type == "cuda" if graphs is None else graphs
     if graphs and device.type != "cuda":
         raise ValueError(f"graphs=True needs a CUDA device; got {device}")
-    spec = run.spec()
-    model = GPT(probe_config(run.arm, run.d_model, spec, run.n_layer, tie_embeddings=run.tie_embeddings),
-                seed=run.seed).to(device)
-    step_fn = TrainStep(model, make_optimizer(model, run, graphs), spec.n_queries, graphs)
-    gen = torch.Generator(device=device).manual_seed(10_000 + run.seed)
-    bar = LiveProgress(run.steps, f"mqar {run.key}", enabled=progress)
-    curve: list[tuple[int, float]] = []
-    t0, step, loss_v = time.time(), 0, float("nan")
-    for step in range(1, run.steps + 1):
-        loss = step_fn(*make_batch(spec, run.batch_size, gen), _lr_at(step - 1, run))
-        bar.update(step)
-        if step % run.eval_every == 0 or step == run.steps:
-            loss_v = float(loss.detach())
-            if not math.isfinite(loss_v):
-                log.warning("mqar %s: loss is %s at step %d; stopping this run", run.key, loss_v, step)
-                break
-            curve.append((step, held_out_accuracy(model, spec, run.eval_sequences, device)))
-            bar.update(step, loss=loss_v, acc=curve[-1][1])
-            if curve[-1][1] >= run.stop_at:
-                break
+    if not runs:
+        raise ValueError("runs must name at least one MQARRun")
+    probes = [_Probe(r, device, graphs) for r in runs]
+    name = runs[0].key if len(runs) == 1 else f"{len(runs)} runs"
+    bar = LiveProgress(sum(r.steps for r in runs), f"mqar {name}", enabled=progress)
+    t0 = time.time()
+    while active := [p for p in probes if not p.done]:
+        for p in active:
+            p.advance()
+        for p in active:
+            p.evaluate_if_due()
+            if p.done:
+                p.seconds = time.time() - t0
+        one = probes[0] if len(probes) == 1 and probes[0].curve and probes[0].curve[-1][0] == probes[0].step \
+            else None  # a single run shows its loss and accuracy at each evaluation
+        bar.update(sum(p.step for p in probes), **({"loss": one.loss_v, "acc": one.curve[-1][1]} if one else {}))
     bar.close()
-    seconds = time.time() - t0
-    acc = held_out_accuracy(model, spec, run.eval_sequences, device) if not curve or curve[-1][0] != step \
-        else curve[-1][1]
-    return {**asdict(run), "accuracy": acc, "steps_run": step, "final_train_loss": loss_v, "curve": curve,
-            "seconds": seconds, "steps_per_s": step / seconds, "cuda_graph": step_fn.graph is not None,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    return [p.record(len(runs)) for p in probes]
+
+
+def train(run: MQARRun, device: torch.device | str = "cpu", progress: bool = True,
+          graphs: bool | None = None) -> dict[str, Any]:
+    """Train the probe model on ``run``'s task alone; returns the run's record with its held-out accuracy."""
+    return train_group([run], device, progress, graphs)[0]

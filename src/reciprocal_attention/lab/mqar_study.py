@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .mqar import MQARRun, train
+from .mqar import MQARRun, train_group
 from .progress import LiveProgress
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class GridConfig:
     tie_embeddings: bool = False
     out_dir: str = "runs/mqar"
     parallel: int = 1
+    # runs of one task shape and learning rate that a worker trains together, each on its own CUDA stream
+    # (lab/mqar.py, train_group); 1 = one run at a time
+    group: int = 1
     deadline_s: float = 0.0  # stop starting runs and end the workers after this many seconds; 0 = none
 
     def validate(self) -> None:
@@ -78,6 +81,8 @@ class GridConfig:
             raise ValueError(f"widths and kv_width must be multiples of 32; got {self.widths}, {self.kv_width}")
         if any(lr <= 0 for lr in self.lrs) or self.steps < 1 or self.parallel < 1 or self.deadline_s < 0:
             raise ValueError("lrs must be > 0, steps >= 1, parallel >= 1 and deadline_s >= 0")
+        if self.group < 1:
+            raise ValueError(f"group must be >= 1 (runs trained together by one worker); got {self.group}")
 
     def runs(self) -> list[MQARRun]:
         """Every run of the grid, in priority order, without duplicates."""
@@ -95,15 +100,44 @@ class GridConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Running: a parent hands a job list to worker processes that claim runs one at a time
+# Running: a parent hands a job list to worker processes that claim runs, a group of one task shape at a time
 # --------------------------------------------------------------------------------------------------------------
 
 def _result_path(out: Path, run: MQARRun) -> Path:
     return out / "runs" / f"{run.key}.json"
 
 
-def worker(out: Path, deadline: float) -> int:
-    """Run unclaimed, unfinished jobs of ``out/jobs.json`` in order until none is left or ``deadline`` (epoch s)."""
+def _shape_key(run: MQARRun) -> tuple:
+    """What runs trained together share: everything but the arm and the seed."""
+    d = asdict(run)
+    return tuple(v for k, v in d.items() if k not in ("arm", "seed"))
+
+
+def _claim(out: Path, run: MQARRun) -> bool:
+    """Claim ``run`` for this worker: a file created exclusively (one worker per run); False if taken or done."""
+    if _result_path(out, run).exists():
+        return False
+    try:
+        os.close(os.open(out / "claims" / run.key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _next_group(out: Path, jobs: list[MQARRun], size: int) -> list[MQARRun]:
+    """The first unclaimed run in priority order and up to ``size - 1`` more of its task shape, claimed."""
+    group: list[MQARRun] = []
+    for run in jobs:
+        if group and (len(group) == size or _shape_key(run) != _shape_key(group[0])):
+            continue
+        if _claim(out, run):
+            group.append(run)
+    return group
+
+
+def worker(out: Path, deadline: float, group: int = 1) -> int:
+    """Run unclaimed, unfinished jobs of ``out/jobs.json`` in order, ``group`` of one task shape at a time, until
+    none is left or ``deadline`` (epoch s)."""
     jobs = [MQARRun(**j) for j in json.loads((out / "jobs.json").read_text())]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -112,31 +146,25 @@ def worker(out: Path, deadline: float) -> int:
         from ..ops import settings
 
         settings.flash_autotune = False  # workers share the card: one fixed config per Triton attention kernel
-    torch.set_num_threads(1)  # several workers share the cores (the batches are made on the CPU on a GPU too)
+    torch.set_num_threads(1)  # several workers share the cores
     failures = 0
-    for run in jobs:
-        if deadline and time.time() >= deadline:
-            break
-        res = _result_path(out, run)
-        if res.exists():
-            continue
-        try:  # a claim is a file created exclusively: one worker per run
-            os.close(os.open(out / "claims" / run.key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            continue
+    while not (deadline and time.time() >= deadline) and (runs := _next_group(out, jobs, group)):
         try:
-            rec = train(run, device, progress=False)
-        except Exception as e:  # one bad run must not stop the grid: recorded, reported, retried on the next invocation
-            log.exception("mqar run %s failed", run.key)
+            recs = train_group(runs, device, progress=False)
+        except Exception as e:  # one bad group must not stop the grid: recorded, reported, retried next invocation
+            log.exception("mqar runs %s failed", [r.key for r in runs])
             (out / "failed").mkdir(exist_ok=True)
-            (out / "failed" / f"{run.key}.txt").write_text(f"{type(e).__name__}: {e}\n")
+            for run in runs:
+                (out / "failed" / f"{run.key}.txt").write_text(f"{type(e).__name__}: {e}\n")
             failures += 1
             continue
-        tmp = res.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(res)
-        print(f"[mqar] {run.key}: accuracy {rec['accuracy']:.3f} after {rec['steps_run']} steps "
-              f"({rec['steps_per_s']:.0f} steps/s)", flush=True)
+        for run, rec in zip(runs, recs):
+            res = _result_path(out, run)
+            tmp = res.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec, indent=1))
+            tmp.replace(res)
+            print(f"[mqar] {run.key}: accuracy {rec['accuracy']:.3f} after {rec['steps_run']} steps "
+                  f"({rec['steps_per_s']:.0f} steps/s in a group of {len(runs)})", flush=True)
     return 1 if failures else 0
 
 
@@ -163,7 +191,7 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
           f"worker processes" + (f", deadline {gc.deadline_s:.0f}s" if deadline else ""), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen([sys.executable, "-m", "reciprocal_attention.lab.mqar_study", "--worker",
-                               "--out", str(out), "--deadline-at", str(deadline)],
+                               "--out", str(out), "--deadline-at", str(deadline), "--group", str(gc.group)],
                               stdout=open(out / f"worker-{i}.log", "a"), stderr=subprocess.STDOUT, env=env)
              for i in range(n)]
     bar = LiveProgress(len(todo), "mqar grid", enabled=progress)
@@ -346,6 +374,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--tie", action="store_true", help="tie the output layer to the embedding (no output bias)")
     ap.add_argument("--parallel", type=int, default=None, help="worker processes (default: 12 on CUDA, 1 on CPU)")
+    ap.add_argument("--group", type=int, default=d.group,
+                    help="runs of one task shape a worker trains together, each on its own CUDA stream (default 1)")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="seconds for the whole grid in this invocation (0 = none)")
     ap.add_argument("--plan", action="store_true", help="print the runs in priority order and exit")
@@ -360,7 +390,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
                         vocab_size=args.vocab, batch_size=args.batch, eval_every=args.eval_every,
                         tie_embeddings=args.tie, out_dir=args.out,
                         parallel=args.parallel or (12 if torch.cuda.is_available() else 1),
-                        deadline_s=args.deadline)
+                        deadline_s=args.deadline, group=args.group)
         gc.validate()
         gc.runs()  # validates every task shape (MQARSpec)
     except (ValueError, IndexError) as e:
@@ -377,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mqar_study: error: {e}", file=sys.stderr)
         return 2
     if args.worker:
-        return worker(Path(args.out), args.deadline_at)
+        return worker(Path(args.out), args.deadline_at, gc.group)
     if args.plan:
         try:
             for i, r in enumerate(gc.runs()):
