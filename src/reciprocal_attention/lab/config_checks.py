@@ -8,12 +8,12 @@ import dataclasses
 import inspect
 import math
 import typing
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+# The checks take a `config.TrainConfig` (typed `Any` here: config.py imports this module to validate what it loads,
+# and this one must not import it back, not even for type checking)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -24,7 +24,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _check_finite_numbers(cfg: TrainConfig) -> None:
+def _check_finite_numbers(cfg: Any) -> None:
     for sec in dataclasses.fields(cfg):
         sec_name, section = sec.name, getattr(cfg, sec.name)
         for name, tp in typing.get_type_hints(type(section)).items():
@@ -33,7 +33,7 @@ def _check_finite_numbers(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{sec_name}.{name} must be a finite number; got {v!r}")
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: Any) -> None:
     """Check ranges and choices that types alone cannot, and that the model builds (raises ConfigError naming
     the key)."""
     from ..attention import PRESETS as ATTN_PRESETS
@@ -102,7 +102,7 @@ def attention_keys() -> list[str]:
                          if k not in fixed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def validate_model(cfg: TrainConfig, vocab_size: int = _CHECK_VOCAB) -> None:
+def validate_model(cfg: Any, vocab_size: int = _CHECK_VOCAB) -> None:
     """Build the configured model on the meta device (no memory, no weights) so every shape or attention error
     is a :class:`ConfigError` before anything is written."""
     import torch
