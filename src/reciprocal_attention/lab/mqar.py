@@ -12,7 +12,7 @@ model stays on the "most frequent value" shortcut (accuracy ~0.33 with 4 pairs).
 seq 32, width 128, 500 steps): N(0, 1) embeddings with GPT-2's 0.02 weights stall, so do PyTorch-scale weights with
 N(0, 0.02) embeddings, and GPT-2's init with both raised (N(0, 1) embeddings, every weight N(0, 0.05)) learns; the
 output bias makes no difference, lr 3e-3 does not rescue GPT-2's init, and tying the head to N(0, 1) embeddings
-slows learning. :func:`train` is one probe run.
+slows learning. :func:`train` is one probe run, :func:`train_group` several side by side on one GPU.
 """
 
 from __future__ import annotations
