@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MQAR grid on one GPU within a fixed time: worker processes share the card and claim runs in priority order
 # (the width sweep at the main learning rate first, then the n_kv sweep, then the other learning rates; the grid is
-# lab/mqar_study.py's GridConfig: 5 arms x 3 seeds, widths 64-256 at 8 pairs, 4-32 pairs at width 128). Finished
+# lab/mqar_study.py's GridConfig: 5 arms x 3 seeds, widths 64-256 at 4 pairs, 4-32 pairs at width 128). Finished
 # runs are kept: calling it again with the same OUT_DIR resumes (scripts/gpu_suite.sh's stage `mqar` carries them
 # between machines). The report (mqar.json/md/png) covers every finished run and lists what remains; its table is
 # printed last. Each run's step is replayed from a CUDA graph (lab/mqar.py, TrainStep). Measured on an H100 with
