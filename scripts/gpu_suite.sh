@@ -81,7 +81,16 @@ for s in $STAGES; do
              cp "$RES"/eager_overhead.json "$OUT/" 2>/dev/null ;;
     ddp)     stage ddp "${RA_DDP_TIMEOUT:-560}" bash scripts/gpu_ddp.sh "$RES/ddp" ;;
     train)   stage train "${RA_TRAIN_TIMEOUT:-300}" bash scripts/gpu_train.sh "$RES/train" ;;
-    quality) # the study's own deadline, then its runs' checkpoints and the report, inside the stage's limit
+    quality) # the study's own deadline, then its runs' checkpoints and the report, inside the stage's limit.
+             # Finished runs of an earlier machine come along in an ignored folder sent with `carry` (default
+             # build/quality; after a run: tar -xzf results.tar.gz -C /tmp && mkdir -p build/quality/runs &&
+             # cp -r /tmp/results/quality/runs/* build/quality/runs/); only finished ones (summary.json) are
+             # kept: an unfinished run's checkpoints stay on its machine, so elsewhere it starts again.
+             keep="${RA_QUALITY_RESUME:-build/quality}"
+             for d in "$keep"/runs/*/; do
+               [ -f "$d/summary.json" ] || continue
+               mkdir -p "$RES/quality/runs"; [ -e "$RES/quality/runs/$(basename "$d")" ] || cp -r "$d" "$RES/quality/runs/"
+             done
              qsecs="${RA_QUALITY_SECONDS:-420}"
              stage quality "${RA_QUALITY_TIMEOUT:-$((qsecs + 150))}" env RA_QUALITY_SECONDS="$qsecs" bash scripts/gpu_quality.sh "$RES/quality"
              mkdir -p "$OUT/quality"; cp "$RES"/quality/quality.json "$RES"/quality/quality.md "$RES"/quality/quality.png "$OUT/quality/" 2>/dev/null ;;
