@@ -40,6 +40,7 @@ def test_best_lr_is_marked_per_arm_and_cell(tmp_path):
         (1e-3, 0): None, (1e-3, 1): 2, (3e-3, 0): 4, (3e-3, 1): None}
     md = ms.markdown(recs, remaining=gc.runs()[1:])
     assert "0.725 [0.50-0.95] n=2, 1 solved" in md and f"**Remaining:** {len(gc.runs()) - 1} runs" in md
+    assert "| 32 | 16 | 2 | -, 2 |" in md  # steps to 0.9 at the best lr (1e-3), in seed order
 
 
 def test_toy_grid_runs_resumes_and_reports(tmp_path):

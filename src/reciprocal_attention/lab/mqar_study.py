@@ -239,12 +239,12 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return [{k: r[k] for k in RECORD_KEYS} for r in recs]
 
 
-def cell_table(recs: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[int, float]]]:
-    """``{cell: {arm: {seed: accuracy at the arm's best lr}}}``."""
-    table: dict[tuple, dict[str, dict[int, float]]] = {}
+def cell_table(recs: list[dict[str, Any]], key: str = "accuracy") -> dict[tuple, dict[str, dict[int, Any]]]:
+    """``{cell: {arm: {seed: record[key] at the arm's best lr}}}`` (``key``: accuracy, steps_to_solve)."""
+    table: dict[tuple, dict[str, dict[int, Any]]] = {}
     for r in recs:
         if r["best_lr"]:
-            table.setdefault(tuple(r[k] for k in CELL_KEYS), {}).setdefault(r["arm"], {})[r["seed"]] = r["accuracy"]
+            table.setdefault(tuple(r[k] for k in CELL_KEYS), {}).setdefault(r["arm"], {})[r["seed"]] = r[key]
     return table
 
 
@@ -280,6 +280,16 @@ def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None)
         base = table[cell].get(BASELINE)
         lines.append("| " + " | ".join(str(c) for c in cell) + " | "
                      + " | ".join(_cell_text(table[cell].get(a), base) for a in arms) + " |")
+    steps = cell_table(recs, "steps_to_solve")
+    lines += ["", f"Steps to reach {SOLVED} held-out accuracy, per seed in seed order (`-`: not within the run's "
+              "steps), at each arm's best learning rate; a measure of how soon recall is learned:", "",
+              "| d_model | seq_len | n_kv | " + " | ".join(arms) + " |", "|---" * (3 + len(arms)) + "|"]
+    for cell in sorted(steps, key=lambda c: (c[2], c[1], c[0])):
+        if not any(v is not None for by_seed in steps[cell].values() for v in by_seed.values()):
+            continue  # no run of the cell got there
+        cells = [", ".join("-" if v is None else str(v) for _, v in sorted(steps[cell].get(a, {}).items())) or "-"
+                 for a in arms]
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | " + " | ".join(cells) + " |")
     lrs = sorted({r["lr"] for r in recs})
     lines += ["", f"Learning rates tried: {', '.join(f'{lr:g}' for lr in lrs) or '-'}; best per arm and cell "
               "is marked `best_lr` in `mqar.json`. Plot: `mqar.png`."]
