@@ -214,7 +214,7 @@ def mqar_grid(qc: QualityConfig) -> Any:
 
 def mqar_accuracy(qc: QualityConfig) -> dict[str, dict[int, float]]:
     """``{arm: {seed: accuracy}}`` of the finished MQAR-lens runs."""
-    from .mqar_study import load_records
+    from .mqar_report import load_records
 
     out: dict[str, dict[int, float]] = {}
     if (Path(qc.out_dir) / "mqar" / "runs").exists():
