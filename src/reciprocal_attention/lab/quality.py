@@ -42,7 +42,7 @@ from .data import load_manifest
 from .errors import UserError
 from .progress import RunProgress
 from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
-from .quality_wallclock import equal_wallclock
+from .quality_wallclock import equal_wallclock, paired_verdict
 
 log = logging.getLogger(__name__)
 
@@ -269,18 +269,7 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         arms[a]["paired_diff"] = diffs
         arms[a]["paired_diff_mean"] = statistics.fmean(diffs.values()) if diffs else None
         arms[a]["paired_diff_rel_mean"] = (statistics.fmean(diffs[s] / base[s] for s in diffs) if diffs else None)
-        thr = noise["max"]
-        if not diffs or len(diffs) < len(qc.seeds):
-            verdicts[a] = "incomplete: not every seed has a finished run of both arms"
-        elif thr is None:
-            verdicts[a] = f"no verdict: the noise floor needs finished {BASELINE} runs of at least 2 seeds"
-        elif all(d < -thr for d in diffs.values()):
-            verdicts[a] = f"better than {BASELINE}: lower loss in every seed by more than the noise floor ({thr:.4f})"
-        elif all(d > thr for d in diffs.values()):
-            verdicts[a] = f"worse than {BASELINE}: higher loss in every seed by more than the noise floor ({thr:.4f})"
-        else:
-            verdicts[a] = (f"no difference that the data support: paired differences "
-                           f"{', '.join(f'{d:+.4f}' for d in diffs.values())} vs noise floor {thr:.4f}")
+        verdicts[a] = paired_verdict(list(diffs.values()), len(qc.seeds), noise["max"], BASELINE)
     wallclock = equal_wallclock(runs, qc.arms, qc.seeds, BASELINE, noise["max"]) if qc.equal == "tokens" else None
     curves = {f"{a}-s{s}": runs[(a, s)]["curve"] for a in qc.arms for s in qc.seeds if runs[(a, s)]}
     any_run = next((r for r in runs.values() if r), {})

@@ -30,6 +30,22 @@ def loss_at_tokens(curve: list[tuple[int, float]], tokens: float) -> float:
     return pts[-1][1]
 
 
+def paired_verdict(diffs: list[float], n_seeds: int, noise: float | None, baseline: str, reading: str = "") -> str:
+    """The study's rule for one arm: "better" or "worse" than the baseline only when its paired loss difference is
+    beyond the noise floor (the baseline against itself across seeds) in every seed; ``reading`` names the
+    comparison (e.g. " at equal wall clock")."""
+    if len(diffs) < n_seeds or not diffs:
+        return "incomplete: not every seed has a finished run of both arms"
+    if noise is None:
+        return f"no verdict: the noise floor needs finished {baseline} runs of at least 2 seeds"
+    if all(d < -noise for d in diffs):
+        return f"better than {baseline}{reading}: lower loss in every seed by more than the noise floor ({noise:.4f})"
+    if all(d > noise for d in diffs):
+        return f"worse than {baseline}{reading}: higher loss in every seed by more than the noise floor ({noise:.4f})"
+    return (f"no difference that the data support{reading}: paired differences "
+            f"{', '.join(f'{d:+.4f}' for d in diffs)} vs noise floor {noise:.4f}")
+
+
 def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: list[str], seeds: list[int],
                     baseline: str, noise: float | None) -> dict[str, Any]:
     """Per arm: the speed ratio, the tokens and loss at the baseline's wall-clock time, the paired differences
@@ -50,16 +66,9 @@ def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: li
             rows[s] = {"speed_vs_baseline": speed, "tokens": min(tokens, r["tokens"]), "capped": capped,
                        "loss": loss, "diff": loss - b["final_val_loss"]}
         diffs = [row["diff"] for row in rows.values()]
-        if len(rows) < len(seeds):
+        verdict = paired_verdict(diffs, len(seeds), noise, baseline, " at equal wall clock")
+        if verdict.startswith("incomplete"):
             verdict = "incomplete: not every seed has a finished run with a speed of both arms"
-        elif noise is None:
-            verdict = f"no verdict: the noise floor needs finished {baseline} runs of at least 2 seeds"
-        elif all(d < -noise for d in diffs):
-            verdict = f"better than {baseline} at equal wall clock in every seed beyond the noise floor ({noise:.4f})"
-        elif all(d > noise for d in diffs):
-            verdict = f"worse than {baseline} at equal wall clock in every seed beyond the noise floor ({noise:.4f})"
-        else:
-            verdict = "no difference that the data support"
         out[a] = {"seeds": rows, "speed_mean": statistics.fmean(r["speed_vs_baseline"] for r in rows.values())
                   if rows else None, "paired_diff_mean": statistics.fmean(diffs) if diffs else None,
                   "verdict": verdict}
