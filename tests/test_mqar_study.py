@@ -43,6 +43,18 @@ def test_best_lr_is_marked_per_arm_and_cell(tmp_path):
     assert "| 32 | 16 | 2 | -, 2 |" in md  # steps to 0.9 at the best lr (1e-3), in seed order
 
 
+def test_best_lr_compares_rates_on_the_seeds_both_have(tmp_path):
+    """3e-3 has only seed 0 so far (0.9): against 1e-3's seed 0 (0.5) it wins, although 1e-3's mean over its two
+    seeds (0.975 with seed 1) is higher."""
+    (tmp_path / "grid" / "runs").mkdir(parents=True)
+    for (lr, seed), a in {(1e-3, 0): 0.5, (1e-3, 1): 1.0, (3e-3, 0): 0.9}.items():
+        r = ms.MQARRun(arm="ra", seed=seed, d_model=32, seq_len=16, n_kv=2, lr=lr, steps=4, vocab_size=33)
+        (tmp_path / "grid" / "runs" / f"{r.key}.json").write_text(json.dumps(
+            {**r.__dict__, "accuracy": a, "steps_run": 4, "seconds": 1.0, "device": "cpu", "curve": [[4, a]]}))
+    recs = ms.load_records(tmp_path / "grid")
+    assert {(r["lr"], r["seed"]) for r in recs if r["best_lr"]} == {(3e-3, 0)}
+
+
 def test_toy_grid_runs_resumes_and_reports(tmp_path):
     gc = _toy(tmp_path, lrs=[1e-3], widths=[32])
     assert ms.run_grid(gc, progress=False) == []

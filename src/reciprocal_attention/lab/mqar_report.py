@@ -20,17 +20,27 @@ SOLVED = 0.9  # held-out accuracy that counts as recall (a run's first evaluatio
 CELL_KEYS = ("d_model", "seq_len", "n_kv", "steps", "vocab_size", "tie_embeddings")
 
 
+def _best_lr(by_lr: dict[float, dict[int, float]]) -> float:
+    """The rate of the highest mean accuracy over the seeds every rate has (all of a rate's seeds if none shared)."""
+    shared = set.intersection(*(set(acc) for acc in by_lr.values()))
+
+    def mean(lr: float) -> float:
+        return statistics.fmean(a for s, a in by_lr[lr].items() if s in shared or not shared)
+    return max(sorted(by_lr), key=mean)
+
+
 def load_records(out: Path) -> list[dict[str, Any]]:
     """Every finished run under ``out/runs``, with ``best_lr`` marked: per (arm, cell) the learning rate of the
-    highest mean accuracy over seeds (ties: the smaller rate)."""
+    highest mean accuracy over the seeds finished at every rate tried (ties: the smaller rate), so a rate with
+    fewer seeds so far is compared on the same seeds."""
     recs = [{"tie_embeddings": False, "curve": [], **json.loads(f.read_text())}
             for f in sorted((out / "runs").glob("*.json"))]
     for r in recs:
         r["steps_to_solve"] = next((step for step, acc in r.get("curve", []) if acc >= SOLVED), None)
-    groups: dict[tuple, dict[float, list[float]]] = {}
+    groups: dict[tuple, dict[float, dict[int, float]]] = {}
     for r in recs:
-        groups.setdefault((r["arm"], *(r[k] for k in CELL_KEYS)), {}).setdefault(r["lr"], []).append(r["accuracy"])
-    best = {g: max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr])) for g, by_lr in groups.items()}
+        groups.setdefault((r["arm"], *(r[k] for k in CELL_KEYS)), {}).setdefault(r["lr"], {})[r["seed"]] = r["accuracy"]
+    best = {g: _best_lr(by_lr) for g, by_lr in groups.items()}
     for r in recs:
         r["best_lr"] = r["lr"] == best[(r["arm"], *(r[k] for k in CELL_KEYS))]
     return [{k: r[k] for k in RECORD_KEYS} for r in recs]
