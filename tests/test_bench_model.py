@@ -146,3 +146,29 @@ def test_profile_model_report_leaves_out_gpu_annotations_and_counts_launches():
     assert "Optimizer.step" not in md.split("| kernel family |")[1]
     assert "| kernel launches | 13 | 12 |" in md
     assert pm.kernel_family("triton_poi_fused_add_3") == "triton_poi_fused_add"
+
+
+def test_profile_model_host_ops_sum_per_step_by_family(tmp_path):
+    """Host ops from a Chrome trace: per-step calls and inclusive microseconds, the compiled graphs' hashes and
+    inductor's kernel indices dropped (the forward and backward graph calls are one row), GPU events left out."""
+    import gzip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / "profile_model.py"
+    spec = importlib.util.spec_from_file_location("profile_model", path)
+    pm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pm)
+    events = [{"ph": "X", "cat": "cpu_op", "name": "## Call CompiledFxGraph abc123 ##", "dur": 30.0},
+              {"ph": "X", "cat": "cpu_op", "name": "## Call CompiledFxGraph def456 ##", "dur": 50.0},
+              {"ph": "X", "cat": "cpu_op", "name": "Torch-Compiled Region: 0/1", "dur": 40.0},
+              {"ph": "X", "cat": "cpu_op", "name": "triton_poi_fused_add_3", "dur": 4.0},
+              {"ph": "X", "cat": "cpu_op", "name": "triton_poi_fused_add_12", "dur": 6.0},
+              {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_add_3", "dur": 100.0}]
+    trace = tmp_path / "trace_ra.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    ops = pm.host_ops(trace, steps=2)
+    assert ops == {"## Call CompiledFxGraph ##": [1.0, 40.0], "Torch-Compiled Region": [0.5, 20.0],
+                   "triton_poi_fused_add": [1.0, 5.0]}
