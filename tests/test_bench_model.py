@@ -172,3 +172,59 @@ def test_profile_model_host_ops_sum_per_step_by_family(tmp_path):
     ops = pm.host_ops(trace, steps=2)
     assert ops == {"## Call CompiledFxGraph ##": [1.0, 40.0], "Torch-Compiled Region": [0.5, 20.0],
                    "triton_poi_fused_add": [1.0, 5.0]}
+
+
+def test_combine_processes_takes_medians_and_keeps_each_ratio():
+    def rec(ratio, lo, hi, ms, preset="ra"):
+        return {"kind": "train_step", "model": "gpt2", "preset": preset, "mode": "compile", "B": 8, "T": 1024,
+                "ratio_vs_baseline": ratio, "ratio_min": lo, "ratio_max": hi, "ms_median": ms, "ms_min": ms - 1,
+                "ms_max": ms + 1, "baseline_ms_median": 20.0, "peak_mem_bytes": None, "device": "card", "torch": "t",
+                "triton": "t"}
+
+    runs = [[rec(1.02, 1.01, 1.15, 22.5), rec(1.0, 1.0, 1.0, 1.0, "seed")],
+            [rec(1.19, 0.98, 1.33, 26.2)], [rec(1.21, 1.11, 1.33, 27.8)]]
+    ra, seed = bm.combine_processes(runs)
+    assert ra["ratio_vs_baseline"] == pytest.approx(1.19) and ra["process_ratios"] == [1.02, 1.19, 1.21]
+    assert (ra["ratio_min"], ra["ratio_max"], ra["ms_min"], ra["ms_max"]) == (0.98, 1.33, 21.5, 28.8)
+    assert ra["ms_median"] == pytest.approx(26.2) and ra["processes"] == 3 and ra["peak_mem_bytes"] is None
+    assert seed["processes"] == 1 and seed["process_ratios"] == [1.0]
+    md = bm.render_markdown([ra, seed])
+    assert "**1.190x** [0.980-1.330] (processes: 1.020, 1.190, 1.210)" in md and "(processes" not in \
+        md.split("| seed |")[1]
+
+
+def test_cli_model_processes_runs_fresh_processes_and_combines(tmp_path, capsys, monkeypatch):
+    """--model-processes 2: the same benchmark in two child processes (their command checked; the children faked
+    here, each writing a record), combined into one record with both ratios."""
+    import subprocess
+    from pathlib import Path
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        ratio = 1.0 + 0.1 * len(seen)
+        out.joinpath("model.json").write_text(json.dumps([{
+            "kind": "train_step", "model": "gpt2", "preset": "ra", "mode": "eager", "B": 1, "T": 8, "ms_median": 2.0,
+            "ratio_vs_baseline": ratio, "ratio_min": ratio, "ratio_max": ratio, "peak_mem_bytes": None,
+            "device": "cpu", "torch": "x", "triton": "y"}]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    code = cli.main(["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager", "--model-presets", "ra",
+                     "--model-shapes", "1x8", "--model-rounds", "3", "--no-decode", "--no-progress",
+                     "--model-processes", "2", "--out", str(tmp_path)])
+    assert code == 0 and len(seen) == 2
+    assert seen[0][1:5] == ["-m", "reciprocal_attention.lab.cli", "bench", "--model"]
+    assert "--model-processes" not in seen[0] and seen[0][seen[0].index("--model-rounds") + 1] == "3"
+    [rec] = json.loads((tmp_path / "model.json").read_text())
+    assert rec["process_ratios"] == [1.1, 1.2] and rec["ratio_vs_baseline"] == pytest.approx(1.15)
+    try:
+        code = cli.main(["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager",
+                         "--model-processes", "0", "--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and "--model-processes" in err[-1], err

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..model import GPT, GPTConfig
-from .bench_model_report import merge_records, record_key, render_markdown, render_png
+from .bench_model_report import combine_processes, merge_records, record_key, render_markdown, render_png
 
 MODES = ("eager", "compile", "compile-cudagraphs")
 PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
@@ -277,6 +277,33 @@ def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print,
     return records
 
 
+def _in_processes(args: Any, device: str, processes: int,
+                  write: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """The same ``ra bench --model`` in ``processes`` fresh processes, one after the other, combined
+    (:func:`~reciprocal_attention.lab.bench_model_report.combine_processes`) after each."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    runs: list[list[dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="ra-bench-model-") as tmp:
+        for k in range(processes):
+            out = Path(tmp) / f"process-{k}"
+            cmd = [sys.executable, "-m", "reciprocal_attention.lab.cli", "bench", "--model", args.model,
+                   "--model-presets", args.model_presets, "--model-modes", args.model_modes,
+                   "--model-shapes", args.model_shapes, "--model-rounds", str(args.model_rounds),
+                   "--device", device, "--out", str(out)] + (["--no-decode"] if args.no_decode else [])
+            print(f"[bench --model] process {k + 1} of {processes}", flush=True)
+            done = subprocess.run(cmd)
+            if done.returncode != 0:
+                raise RuntimeError(f"the benchmark process {k + 1} of {processes} exited with {done.returncode}")
+            runs.append(json.loads((out / "model.json").read_text()))
+            write(combine_processes(runs))
+    return combine_processes(runs)
+
+
 def _csv(value: str, option: str, valid: tuple[str, ...]) -> tuple[str, ...]:
     from .errors import UserError
 
@@ -309,6 +336,9 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--model-shapes", default="8x1024,2x4096", help="with --model: comma list of BxT training shapes")
     ap.add_argument("--model-rounds", type=int, default=7, help="with --model: alternating timing rounds per arm")
     ap.add_argument("--no-decode", action="store_true", help="with --model: skip the KV-cache decoding records")
+    ap.add_argument("--model-processes", type=int, default=1,
+                    help="with --model: measure every arm in this many fresh processes, one after the other, and "
+                         "record the median of their ratios with each one (host-bound modes vary between processes)")
     ap.add_argument("--model-merge", action="store_true",
                     help="with --model and --out: keep the records of OUT/model.json this run does not measure again "
                          "(same kind, model, preset, mode, B, T: the new record replaces the old)")
@@ -358,7 +388,13 @@ def run_from_args(args: Any) -> int:
         if final:
             render_png(records, out / "model.png")
 
-    records = run_model_bench(cfg, on_record=write)
+    processes = getattr(args, "model_processes", 1)
+    if not isinstance(processes, int) or processes < 1:
+        raise UserError(f"--model-processes must be an int >= 1; got {processes!r}")
+    if processes == 1:
+        records = run_model_bench(cfg, on_record=write)
+    else:
+        records = _in_processes(args, device, processes, write)
     print(render_markdown(records))  # this run's records; the files hold the merged ones
     write(records, final=True)
     if out is not None:
