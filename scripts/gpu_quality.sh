@@ -4,6 +4,8 @@
 # the running ones checkpoint the step they are on (SIGTERM) and resume there on the next run with the same OUT_DIR.
 # Arms in order of interest (standard, ra, full, output_gate for every seed, then seed, ra_disc). The report
 # (quality.json/md/png) says what remains; an earlier study's quality.json (RA_QUALITY_PRIOR) is kept in it as a row.
+# On a machine of several GPUs each run is pinned to the least busy one (CUDA_VISIBLE_DEVICES): raise RA_QUALITY_PAR
+# to the runs per GPU times the GPUs.
 # Usage: bash scripts/gpu_quality.sh OUT_DIR   (needs data/corpus: the GPU machine has no internet, so build it with
 #        `ra data prepare --out data/corpus` beforehand and send data/corpus/{manifest.json,train.bin,val.bin,test.bin})
 # env: RA_QUALITY_SECONDS (time for this run, default 540), RA_QUALITY_PAR (runs at once, default 9),

@@ -97,7 +97,7 @@ def test_deadline_stops_runs_with_sigterm_and_waits_for_their_checkpoints(tmp_pa
               "open(sys.argv[1] + '.started', 'w').close()\n"
               "time.sleep(120)\n")
 
-    def fake_launch(qc, arm, seed):
+    def fake_launch(qc, arm, seed, gpu=None):
         return subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"{arm}-{seed}")])
 
     monkeypatch.setattr(quality, "_launch", fake_launch)
@@ -107,6 +107,33 @@ def test_deadline_stops_runs_with_sigterm_and_waits_for_their_checkpoints(tmp_pa
     for job in ("standard-0", "ra-0"):
         assert (tmp_path / f"{job}.started").exists()  # it ran until the deadline
         assert (tmp_path / job).read_text() == "saved"  # and finished its checkpoint before the study went on
+
+
+def test_runs_spread_over_the_machines_gpus(tmp_path, monkeypatch):
+    """Several GPUs: each run is pinned (CUDA_VISIBLE_DEVICES) to the GPU with the fewest running jobs; one GPU or
+    none: the environment is left as it is."""
+    import subprocess
+    import sys
+
+    pinned, real_popen = [], subprocess.Popen
+
+    def fake_popen(cmd, stdout=None, stderr=None, env=None):
+        pinned.append(env.get("CUDA_VISIBLE_DEVICES"))
+        return real_popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+
+    monkeypatch.setattr(quality.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(quality, "visible_gpus", lambda: ["3", "5"])
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1, 2], parallel=3, out_dir=str(tmp_path),
+                               mqar=False)
+    quality.run_study(qc)
+    assert len(pinned) == 6 and pinned[:3] == ["3", "5", "3"]  # the next three start as these finish: 2 + 1 again
+    assert sorted(pinned[3:]) in (["3", "3", "5"], ["3", "5", "5"])
+    monkeypatch.setattr(quality, "visible_gpus", lambda: ["0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pinned.clear()
+    quality.run_study(quality.QualityConfig(arms=["standard"], seeds=[7], parallel=1, out_dir=str(tmp_path),
+                                            mqar=False))
+    assert pinned == [None]
 
 
 def test_arms_of_interest_run_first_and_remaining_is_reported(tmp_path):

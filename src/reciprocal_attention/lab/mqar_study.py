@@ -30,6 +30,7 @@ from .errors import UserError
 from .mqar import MQARRun, train_group
 from .mqar_report import ARMS, BASELINE, VALID_ARMS, load_records, markdown, plot
 from .progress import LiveProgress
+from .runtime import pinned_env, visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +190,11 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
     n = min(gc.parallel, len(todo))
     print(f"[mqar] {len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run with {n} "
           f"worker processes" + (f", deadline {gc.deadline_s:.0f}s" if deadline else ""), flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    gpus = visible_gpus()  # several GPUs: the workers spread over them, round robin
     procs = [subprocess.Popen([sys.executable, "-m", "reciprocal_attention.lab.mqar_study", "--worker",
                                "--out", str(out), "--deadline-at", str(deadline), "--group", str(gc.group)],
-                              stdout=open(out / f"worker-{i}.log", "a"), stderr=subprocess.STDOUT, env=env)
+                              stdout=open(out / f"worker-{i}.log", "a"), stderr=subprocess.STDOUT,
+                              env=pinned_env(gpus[i % len(gpus)] if len(gpus) > 1 else None))
              for i in range(n)]
     bar = LiveProgress(len(todo), "mqar grid", enabled=progress)
     while any(p.poll() is None for p in procs):

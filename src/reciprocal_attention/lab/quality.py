@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from .errors import UserError
 from .progress import RunProgress
 from .quality_report import load_prior, markdown, plot, verdict_sentence, write_report  # noqa: F401 (API)
 from .quality_wallclock import equal_wallclock, paired_verdict
+from .runtime import pinned_env, visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def run_overrides(qc: QualityConfig, arm: str, seed: int) -> list[str]:
     return ov
 
 
-def _launch(qc: QualityConfig, arm: str, seed: int) -> subprocess.Popen | None:
-    """Start (or resume) one training run as a subprocess; None if it already finished."""
+def _launch(qc: QualityConfig, arm: str, seed: int, gpu: str | None = None) -> subprocess.Popen | None:
+    """Start (or resume) one training run as a subprocess (pinned to ``gpu`` when given); None if it already
+    finished."""
     d = run_dir(qc, arm, seed)
     if (d / "summary.json").exists():
         return None
@@ -124,8 +125,7 @@ def _launch(qc: QualityConfig, arm: str, seed: int) -> subprocess.Popen | None:
         cfg = load_config(qc.preset, None, run_overrides(qc, arm, seed))
         (d / "requested.toml").write_text(to_toml(cfg))
         cmd += ["--config", str(d / "requested.toml")]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, stdout=open(d / "train.log", "a"), stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=open(d / "train.log", "a"), stderr=subprocess.STDOUT, env=pinned_env(gpu))
 
 
 def job_order(qc: QualityConfig) -> list[tuple[str, int]]:
@@ -163,6 +163,8 @@ def run_study(qc: QualityConfig) -> None:
     qc.validate()
     jobs = job_order(qc)
     running: list[tuple[str, int, subprocess.Popen, float]] = []
+    gpus = visible_gpus()
+    gpu_of: dict[int, str | None] = {}  # id(process) -> the GPU it is pinned to (several GPUs: the least busy)
     failed = []
     deadline = time.time() + qc.deadline_s if qc.deadline_s else 0.0
     while jobs or running:
@@ -176,10 +178,13 @@ def run_study(qc: QualityConfig) -> None:
             break
         while jobs and len(running) < qc.parallel:
             arm, seed = jobs.pop(0)
-            p = _launch(qc, arm, seed)
+            busy = [gpu_of[id(p)] for _, _, p, _ in running]
+            gpu = min(gpus, key=busy.count) if len(gpus) > 1 else None
+            p = _launch(qc, arm, seed, gpu)
             if p is not None:
                 running.append((arm, seed, p, time.time()))
-                print(f"[quality] started {arm} seed {seed}", flush=True)
+                gpu_of[id(p)] = gpu
+                print(f"[quality] started {arm} seed {seed}" + (f" on GPU {gpu}" if gpu else ""), flush=True)
         time.sleep(0.5)
         for item in list(running):
             arm, seed, p, t0 = item

@@ -61,6 +61,26 @@ class Dist:
         return result
 
 
+def visible_gpus() -> list[str]:
+    """The GPU ids a child process can be pinned to with ``CUDA_VISIBLE_DEVICES``: this process's own
+    ``CUDA_VISIBLE_DEVICES`` entries, else ``0 .. n-1`` for the ``n`` GPUs torch sees; ``[]`` without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [s.strip() for s in env.split(",") if s.strip()] if env else [str(i) for i in range(n)]
+    return ids[:n]
+
+
+def pinned_env(gpu: str | None) -> dict[str, str]:
+    """The environment of a child job: this one's, unbuffered, and pinned to ``gpu`` when given (a study's jobs are
+    spread over a machine's GPUs; several on one GPU only take turns on it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
 def setup_distributed(device_pref: str) -> Dist:
     """Join the torchrun process group if ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are set (NCCL on CUDA, else gloo)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
