@@ -100,11 +100,32 @@ def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None)
     lrs = sorted({r["lr"] for r in recs})
     lines += ["", f"Learning rates tried: {', '.join(f'{lr:g}' for lr in lrs) or '-'}; best per arm and cell "
               "is marked `best_lr` in `mqar.json`. Plot: `mqar.png`."]
+    lines += _lr_table(recs, arms)
     if remaining is not None:
         lines += ["", f"**Remaining:** {len(remaining)} runs of the grid have no result yet"
                   + (": " + ", ".join(r.key for r in remaining[:20]) + (" ..." if len(remaining) > 20 else "")
                      if remaining else ".")]
     return "\n".join(lines) + "\n"
+
+
+def _lr_table(recs: list[dict[str, Any]], arms: list[str]) -> list[str]:
+    """Where a cell tried several learning rates: per rate and arm, the mean accuracy, seeds and solved seeds."""
+    by: dict[tuple, dict[float, dict[str, list[float]]]] = {}
+    for r in recs:
+        by.setdefault(tuple(r[k] for k in CELL_KEYS[:3]), {}).setdefault(r["lr"], {}).setdefault(
+            r["arm"], []).append(r["accuracy"])
+    swept = {cell: rates for cell, rates in by.items() if len(rates) > 1}
+    if not swept:
+        return []
+    out = ["", "Every learning rate of the cells that tried several: mean accuracy (seeds, solved):", "",
+           "| d_model | seq_len | n_kv | lr | " + " | ".join(arms) + " |", "|---" * (4 + len(arms)) + "|"]
+    for cell in sorted(swept, key=lambda c: (c[2], c[1], c[0])):
+        for lr in sorted(swept[cell]):
+            accs = swept[cell][lr]
+            cells = [f"{statistics.fmean(accs[a]):.3f} ({len(accs[a])}, {sum(x >= SOLVED for x in accs[a])})"
+                     if a in accs else "-" for a in arms]
+            out.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {lr:g} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(recs: list[dict[str, Any]], width_task: tuple[int, int], kv_width: int, path: Path) -> None:
