@@ -69,6 +69,8 @@ def test_time_pair_alternates_and_pairs_rounds():
     (["--model-modes", "jit"], "--model-modes"),
     (["--model-shapes", "8by1024"], "--model-shapes"),
     (["--model-modes", "compile", "--device", "cpu"], "CUDA only"),
+    (["--model-presets", "ra+turbo"], "--model-presets"),
+    (["--model-presets", "standard+pytorch-fold"], "--model-presets"),
 ])
 def test_user_errors(capsys, argv, match):
     try:
@@ -228,3 +230,20 @@ def test_cli_model_processes_runs_fresh_processes_and_combines(tmp_path, capsys,
         code = e.code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and "--model-processes" in err[-1], err
+
+
+def test_variant_arm_sets_the_choice_on_every_layer():
+    """``ra+pytorch-fold``: the ``ra`` model with ``traced_fold="pytorch"`` on every attention layer, timed under its
+    own name against the same baseline."""
+    from reciprocal_attention import ReciprocalAttention
+
+    cfg = bm.ModelBenchConfig(device="cpu", overrides=TINY)
+    model = bm._gpt(cfg, "ra+pytorch-fold", 16, bm.torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, ReciprocalAttention)]
+    assert len(layers) == 2 and all(m.traced_fold == "pytorch" and m.variant == "same_flop" for m in layers)
+    assert all(m.traced_fold == "triton" for m in bm._gpt(cfg, "ra", 16, bm.torch.device("cpu")).modules()
+               if isinstance(m, ReciprocalAttention))
+    cfg = bm.ModelBenchConfig(presets=("ra+pytorch-fold",), modes=("eager",), shapes=((1, 8),), rounds=1, steps=1,
+                              warmup=1, decode_batches=(), device="cpu", overrides=TINY)
+    [rec] = bm.run_model_bench(cfg, log=lambda s: None)
+    assert rec["preset"] == "ra+pytorch-fold" and rec["ratio_vs_baseline"] > 0

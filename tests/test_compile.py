@@ -161,6 +161,43 @@ def test_fullgraph_compiled_step_matches_eager(preset):
     assert torch.isfinite(loss2)
 
 
+def test_traced_fold_pytorch_takes_the_pytorch_fold_while_tracing(monkeypatch):
+    """``traced_fold="pytorch"``: the ``fused_fold`` plan (CUDA) folds with PyTorch ops while torch.compile traces
+    (the same weight as the ``fold`` plan); ``"triton"`` keeps the Triton fold; eager calls are unaffected."""
+    import dataclasses
+
+    from reciprocal_attention.ops import fold as ops_fold
+
+    m = ReciprocalAttention.from_preset("ra_disc_channel", n_embd=64, n_head=2, block_size=32)
+    with torch.no_grad():
+        m.W_recip.normal_()
+        m.w_rec.fill_(0.7)
+    want_w, want_b = m.folded_weight()  # the CPU plan: the PyTorch fold
+    m.__dict__["_plan"] = dataclasses.replace(m.plan, qkv="fused_fold")  # the plan on CUDA
+    calls = []
+
+    def fake_fused(*args, **kwargs):
+        calls.append("triton")
+        return want_w, want_b
+
+    monkeypatch.setattr(ops_fold, "fused_fold_gated", fake_fused)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    m.traced_fold = "pytorch"
+    got_w, got_b = m.folded_weight()
+    assert calls == []
+    torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)
+    torch.testing.assert_close(got_b, want_b, rtol=0, atol=0)
+    m.traced_fold = "triton"
+    m.folded_weight()
+    assert calls == ["triton"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    m.traced_fold = "pytorch"
+    m.folded_weight()
+    assert calls == ["triton", "triton"]  # an eager call keeps the plan's fold
+    with pytest.raises(ValueError, match="traced_fold"):
+        m.traced_fold = "cuda"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: the CUDA-only paths (fused fold, fused channel, Triton core) under bf16 autocast, as users train
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,14 +241,18 @@ def test_gpu_hf_converted_one_graph_no_breaks():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["ra", "ra_disc_channel", "full", "seed"])
-def test_gpu_inductor_fullgraph_step_matches_eager(preset):
-    """torch.compile(model, fullgraph=True) with inductor under bf16 autocast, fp32 parameters: loss and
-    gradients within bf16 tolerances of eager; a fused AdamW step runs."""
+@pytest.mark.parametrize("preset,traced_fold", [("ra", "triton"), ("ra_disc_channel", "triton"), ("full", "triton"),
+                                                ("seed", "triton"), ("ra", "pytorch"), ("ra_disc_channel", "pytorch")])
+def test_gpu_inductor_fullgraph_step_matches_eager(preset, traced_fold):
+    """torch.compile(model, fullgraph=True) with inductor under bf16 autocast, fp32 parameters, with either fold
+    while traced: loss and gradients within bf16 tolerances of eager; a fused AdamW step runs."""
     torch._dynamo.reset()
     eager = _tiny_gpt(preset, "cuda")
     cmodel = _tiny_gpt(preset, "cuda")
     cmodel.load_state_dict(eager.state_dict())
+    for m in cmodel.modules():
+        if isinstance(m, ReciprocalAttention):
+            m.traced_fold = traced_fold
     step = torch.compile(cmodel, fullgraph=True)
     idx = torch.randint(0, 97, (4, 32), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -31,9 +31,31 @@ def _count_optimizer_step(*_args: Any, **_kwargs: Any) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+TRACED_FOLDS = ("triton", "pytorch")
+
+
 class FoldedProjection:
     """Mixin of :class:`ReciprocalAttention`: the folded ``c_attn`` weight, its cache, and the ``[Q~ | K~ | V]``
-    GEMM (``_qkv``). Reads the module's ``_plan`` (``qkv`` = ``"fold"`` or ``"fused_fold"``)."""
+    GEMM (``_qkv``). Reads the module's ``_plan`` (``qkv`` = ``"fold"`` or ``"fused_fold"``).
+
+    ``traced_fold`` (attribute): how the ``fused_fold`` plan folds while torch.compile traces. ``"triton"``
+    (default): the fold's Triton kernels as a ``triton_op``; ``"pytorch"``: the PyTorch-op fold of the ``fold`` plan,
+    which inductor compiles and launches with its own kernels. The compiled step of GPT-2 small is host-bound on an
+    H100, and the Triton fold's launches are among the host time RA adds, so the choice is a benchmark arm
+    (``ra bench --model gpt2 --model-presets ra+pytorch-fold``), not yet a measured default. An attribute of the
+    module, not a global: dynamo guards on it, so each compiled model keeps the fold it was compiled with.
+    """
+
+    _traced_fold: str = "triton"
+
+    @property
+    def traced_fold(self) -> str:
+        return self._traced_fold
+
+    @traced_fold.setter
+    def traced_fold(self, value: str) -> None:
+        _fold.check_choice("traced_fold", value, TRACED_FOLDS)
+        self.__dict__["_traced_fold"] = value
 
     def _fold_params(self) -> list[Tensor]:
         """``[c_attn.weight, W_recip, w_std, w_rec (, c_attn.bias)]``, read from the parameter dicts (an eager call
@@ -76,7 +98,8 @@ class FoldedProjection:
         weight, W, w_std, w_rec = params[:4]
         bias = params[4] if len(params) == 5 else None
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        fused = self._plan.qkv == "fused_fold"
+        fused = self._plan.qkv == "fused_fold" and not (self._traced_fold == "pytorch"
+                                                       and torch.compiler.is_compiling())
         key = self._fold_key(params, out_dtype, needs_grad, fused)
         hit = self._cached_fold(key)
         if hit is not None and not needs_grad:

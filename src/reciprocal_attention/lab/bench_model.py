@@ -25,6 +25,9 @@ from .bench_model_report import combine_processes, merge_records, record_key, re
 
 MODES = ("eager", "compile", "compile-cudagraphs")
 PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
+# ``PRESET+VARIANT`` arms: the preset's model with one implementation choice changed, timed against the same baseline
+# in the same process as the preset itself (the two ratios compare the choice)
+ARM_VARIANTS = {"pytorch-fold": "the fold in PyTorch ops while torch.compile traces (ReciprocalAttention.traced_fold)"}
 
 
 @dataclass
@@ -51,8 +54,29 @@ def _sync(device: torch.device) -> None:
 
 
 def _gpt(cfg: ModelBenchConfig, preset: str, T: int, device: torch.device) -> nn.Module:
+    preset, _, variant = preset.partition("+")
     gcfg = GPTConfig.from_preset(cfg.size, attn=preset, **{"block_size": max(T, 1024), **cfg.overrides})
-    return GPT(gcfg, seed=0).to(device)
+    model = GPT(gcfg, seed=0).to(device)
+    if variant == "pytorch-fold":
+        for m in model.modules():
+            if hasattr(m, "traced_fold"):
+                m.traced_fold = "pytorch"
+    return model
+
+
+def _arms(value: str) -> tuple[str, ...]:
+    """``--model-presets``: presets, and ``PRESET+VARIANT`` arms of the project's RA presets."""
+    from .errors import UserError
+
+    items = tuple(s.strip() for s in value.split(",") if s.strip())
+    for item in items:
+        preset, plus, variant = item.partition("+")
+        if preset not in PRESETS or (plus and (variant not in ARM_VARIANTS or preset in ("standard", "hf-gpt2"))):
+            raise UserError(f"--model-presets: unknown arm {item!r}; valid: {', '.join(PRESETS)}, or PRESET+VARIANT "
+                            f"for an RA preset with VARIANT one of {', '.join(ARM_VARIANTS)}")
+    if not items:
+        raise UserError(f"--model-presets: no arm in {value!r}; valid: {', '.join(PRESETS)}")
+    return items
 
 
 def _hf(cfg: ModelBenchConfig, converted: bool, T: int, device: torch.device) -> nn.Module:
@@ -331,7 +355,8 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--model", choices=("gpt2",), default=None,
                     help="benchmark the whole GPT-2 small training step and KV-cache decoding instead of one block")
     ap.add_argument("--model-presets", default=",".join(PRESETS),
-                    help=f"with --model: comma list of arms from {', '.join(PRESETS)} (standard is the baseline)")
+                    help=f"with --model: comma list of arms from {', '.join(PRESETS)} (standard is the baseline), "
+                         f"or PRESET+VARIANT, VARIANT one of: " + "; ".join(f"{k}: {v}" for k, v in ARM_VARIANTS.items()))
     ap.add_argument("--model-modes", default=",".join(MODES), help=f"with --model: comma list of {', '.join(MODES)}")
     ap.add_argument("--model-shapes", default="8x1024,2x4096", help="with --model: comma list of BxT training shapes")
     ap.add_argument("--model-rounds", type=int, default=7, help="with --model: alternating timing rounds per arm")
@@ -355,7 +380,7 @@ def run_from_args(args: Any) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    cfg = ModelBenchConfig(presets=_csv(args.model_presets, "--model-presets", PRESETS),
+    cfg = ModelBenchConfig(presets=_arms(args.model_presets),
                            modes=_csv(args.model_modes, "--model-modes", MODES),
                            shapes=_shapes(args.model_shapes), rounds=args.model_rounds, device=device,
                            decode_batches=() if args.no_decode else (1, 8))
