@@ -115,3 +115,13 @@ def test_workers_spread_over_the_machines_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(ms, "visible_gpus", lambda: ["0", "1"])
     remaining = ms.run_grid(_toy(tmp_path, lrs=[1e-3], widths=[32], parallel=3), progress=False)
     assert pinned == ["0", "1", "0"] and len(remaining) == 8  # the fake workers trained nothing
+
+
+def test_report_says_when_no_run_reached_recall(tmp_path):
+    (tmp_path / "grid" / "runs").mkdir(parents=True)
+    for arm in ("standard", "ra"):
+        r = ms.MQARRun(arm=arm, seed=0, d_model=32, seq_len=16, n_kv=2, lr=1e-3, steps=4, vocab_size=33)
+        (tmp_path / "grid" / "runs" / f"{r.key}.json").write_text(json.dumps(
+            {**r.__dict__, "accuracy": 0.2, "steps_run": 4, "seconds": 1.0, "device": "cpu", "curve": [[4, 0.2]]}))
+    md = ms.markdown(ms.load_records(tmp_path / "grid"))
+    assert "No run reached 0.9 held-out accuracy within its steps." in md and "Steps to reach" not in md

@@ -88,15 +88,19 @@ def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None)
         lines.append("| " + " | ".join(str(c) for c in cell) + " | "
                      + " | ".join(_cell_text(table[cell].get(a), base) for a in arms) + " |")
     steps = cell_table(recs, "steps_to_solve")
-    lines += ["", f"Steps to reach {SOLVED} held-out accuracy, per seed in seed order (`-`: not within the run's "
-              "steps), at each arm's best learning rate; a measure of how soon recall is learned:", "",
-              "| d_model | seq_len | n_kv | " + " | ".join(arms) + " |", "|---" * (3 + len(arms)) + "|"]
+    rows = []
     for cell in sorted(steps, key=lambda c: (c[2], c[1], c[0])):
         if not any(v is not None for by_seed in steps[cell].values() for v in by_seed.values()):
             continue  # no run of the cell got there
         cells = [", ".join("-" if v is None else str(v) for _, v in sorted(steps[cell].get(a, {}).items())) or "-"
                  for a in arms]
-        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | " + " | ".join(cells) + " |")
+        rows.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", f"Steps to reach {SOLVED} held-out accuracy, per seed in seed order (`-`: not within the "
+                  "run's steps), at each arm's best learning rate; a measure of how soon recall is learned:", "",
+                  "| d_model | seq_len | n_kv | " + " | ".join(arms) + " |", "|---" * (3 + len(arms)) + "|", *rows]
+    else:
+        lines += ["", f"No run reached {SOLVED} held-out accuracy within its steps."]
     lrs = sorted({r["lr"] for r in recs})
     lines += ["", f"Learning rates tried: {', '.join(f'{lr:g}' for lr in lrs) or '-'}; best per arm and cell "
               "is marked `best_lr` in `mqar.json`. Plot: `mqar.png`."]
