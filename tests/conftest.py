@@ -37,3 +37,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def pinned_popen(monkeypatch):
+    """``subprocess.Popen`` replaced by a child that sleeps 1.5 s, recording the ``CUDA_VISIBLE_DEVICES`` each job
+    was given (None: not pinned): the GPU spreading of the quality study and the MQAR grid, without GPUs."""
+    import subprocess
+    import sys
+
+    pinned, real_popen = [], subprocess.Popen
+
+    def fake_popen(cmd, stdout=None, stderr=None, env=None):
+        pinned.append(env.get("CUDA_VISIBLE_DEVICES"))
+        return real_popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    return pinned

@@ -100,18 +100,9 @@ def test_workers_train_groups_of_one_task_shape_with_the_same_results(tmp_path):
         _toy(tmp_path, group=0).validate()
 
 
-def test_workers_spread_over_the_machines_gpus(tmp_path, monkeypatch):
+def test_workers_spread_over_the_machines_gpus(tmp_path, monkeypatch, pinned_popen):
     """Several GPUs: worker i is pinned (CUDA_VISIBLE_DEVICES) to GPU i mod n, round robin."""
-    import subprocess
-    import sys
-
-    pinned, real_popen = [], subprocess.Popen
-
-    def fake_popen(cmd, stdout=None, stderr=None, env=None):
-        pinned.append(env.get("CUDA_VISIBLE_DEVICES"))
-        return real_popen([sys.executable, "-c", "pass"])
-
-    monkeypatch.setattr(ms.subprocess, "Popen", fake_popen)
+    pinned = pinned_popen
     monkeypatch.setattr(ms, "visible_gpus", lambda: ["0", "1"])
     remaining = ms.run_grid(_toy(tmp_path, lrs=[1e-3], widths=[32], parallel=3), progress=False)
     assert pinned == ["0", "1", "0"] and len(remaining) == 8  # the fake workers trained nothing

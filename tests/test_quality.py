@@ -109,19 +109,10 @@ def test_deadline_stops_runs_with_sigterm_and_waits_for_their_checkpoints(tmp_pa
         assert (tmp_path / job).read_text() == "saved"  # and finished its checkpoint before the study went on
 
 
-def test_runs_spread_over_the_machines_gpus(tmp_path, monkeypatch):
+def test_runs_spread_over_the_machines_gpus(tmp_path, monkeypatch, pinned_popen):
     """Several GPUs: each run is pinned (CUDA_VISIBLE_DEVICES) to the GPU with the fewest running jobs; one GPU or
     none: the environment is left as it is."""
-    import subprocess
-    import sys
-
-    pinned, real_popen = [], subprocess.Popen
-
-    def fake_popen(cmd, stdout=None, stderr=None, env=None):
-        pinned.append(env.get("CUDA_VISIBLE_DEVICES"))
-        return real_popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
-
-    monkeypatch.setattr(quality.subprocess, "Popen", fake_popen)
+    pinned = pinned_popen
     monkeypatch.setattr(quality, "visible_gpus", lambda: ["3", "5"])
     qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1, 2], parallel=3, out_dir=str(tmp_path),
                                mqar=False)
