@@ -42,7 +42,7 @@ def test_best_lr_is_marked_per_arm_and_cell(tmp_path):
     assert "0.725 [0.50-0.95] n=2, 1 solved" in md and f"**Remaining:** {len(gc.runs()) - 1} runs" in md
     assert "| 32 | 16 | 2 | -, 2 |" in md  # steps to 0.9 at the best lr (1e-3), in seed order
     # every rate of a cell that tried several: mean (seeds, solved)
-    assert "| 32 | 16 | 2 | 0.001 | 0.725 (2, 1) |" in md and "| 32 | 16 | 2 | 0.003 | 0.550 (2, 1) |" in md
+    assert "| 32 | 16 | 2 | 4 | 33 | 0.001 | 0.725 (2, 1) |" in md and "| 32 | 16 | 2 | 4 | 33 | 0.003 | 0.550 (2, 1) |" in md
 
 
 def test_best_lr_compares_rates_on_the_seeds_both_have(tmp_path):

@@ -116,19 +116,19 @@ def _lr_table(recs: list[dict[str, Any]], arms: list[str]) -> list[str]:
     """Where a cell tried several learning rates: per rate and arm, the mean accuracy, seeds and solved seeds."""
     by: dict[tuple, dict[float, dict[str, list[float]]]] = {}
     for r in recs:
-        by.setdefault(tuple(r[k] for k in CELL_KEYS[:3]), {}).setdefault(r["lr"], {}).setdefault(
+        by.setdefault(tuple(r[k] for k in CELL_KEYS), {}).setdefault(r["lr"], {}).setdefault(
             r["arm"], []).append(r["accuracy"])
     swept = {cell: rates for cell, rates in by.items() if len(rates) > 1}
     if not swept:
         return []
     out = ["", "Every learning rate of the cells that tried several: mean accuracy (seeds, solved):", "",
-           "| d_model | seq_len | n_kv | lr | " + " | ".join(arms) + " |", "|---" * (4 + len(arms)) + "|"]
+           "| d_model | seq_len | n_kv | steps | vocab | lr | " + " | ".join(arms) + " |", "|---" * (6 + len(arms)) + "|"]
     for cell in sorted(swept, key=lambda c: (c[2], c[1], c[0])):
         for lr in sorted(swept[cell]):
             accs = swept[cell][lr]
             cells = [f"{statistics.fmean(accs[a]):.3f} ({len(accs[a])}, {sum(x >= SOLVED for x in accs[a])})"
                      if a in accs else "-" for a in arms]
-            out.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {lr:g} | " + " | ".join(cells) + " |")
+            out.append(f"| {' | '.join(str(c) for c in cell[:5])} | {lr:g} | " + " | ".join(cells) + " |")
     return out
 
 

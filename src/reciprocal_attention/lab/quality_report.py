@@ -1,5 +1,6 @@
-"""The quality study's report: ``quality.md`` (verdict, per-arm table, earlier studies as rows, what remains) and
-``quality.png`` (validation curves and paired differences), from :func:`reciprocal_attention.lab.quality.analyse`."""
+"""The quality study's report: the paired verdict rule, ``quality.md`` (verdict, per-arm table, earlier studies as
+rows, what remains) and ``quality.png`` (validation curves and paired differences), from
+:func:`reciprocal_attention.lab.quality.analyse`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,22 @@ from typing import Any
 BASELINE = "standard"
 COLORS = {"standard": "k", "seed": "tab:red", "ra": "tab:blue", "ra_disc": "tab:green", "full": "tab:purple",
           "output_gate": "tab:orange"}
+
+
+def paired_verdict(diffs: list[float], n_seeds: int, noise: float | None, baseline: str, reading: str = "") -> str:
+    """The study's rule for one arm: "better" or "worse" than the baseline only when its paired loss difference is
+    beyond the noise floor (the baseline against itself across seeds) in every seed; ``reading`` names the
+    comparison (e.g. " at equal wall clock")."""
+    if len(diffs) < n_seeds or not diffs:
+        return "incomplete: not every seed has a finished run of both arms"
+    if noise is None:
+        return f"no verdict: the noise floor needs finished {baseline} runs of at least 2 seeds"
+    if all(d < -noise for d in diffs):
+        return f"better than {baseline}{reading}: lower loss in every seed by more than the noise floor ({noise:.4f})"
+    if all(d > noise for d in diffs):
+        return f"worse than {baseline}{reading}: higher loss in every seed by more than the noise floor ({noise:.4f})"
+    return (f"no difference that the data support{reading}: paired differences "
+            f"{', '.join(f'{d:+.4f}' for d in diffs)} vs noise floor {noise:.4f}")
 
 
 def verdict_sentence(res: dict[str, Any]) -> str:

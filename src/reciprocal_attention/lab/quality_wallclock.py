@@ -16,6 +16,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .quality_report import paired_verdict
+
 
 def loss_at_tokens(curve: list[tuple[int, float]], tokens: float) -> float:
     """The validation loss of ``curve`` (``(tokens, loss)`` pairs) at ``tokens``, linear between evaluations."""
@@ -28,22 +30,6 @@ def loss_at_tokens(curve: list[tuple[int, float]], tokens: float) -> float:
         if tokens <= t1:
             return l0 + (l1 - l0) * (tokens - t0) / (t1 - t0)
     return pts[-1][1]
-
-
-def paired_verdict(diffs: list[float], n_seeds: int, noise: float | None, baseline: str, reading: str = "") -> str:
-    """The study's rule for one arm: "better" or "worse" than the baseline only when its paired loss difference is
-    beyond the noise floor (the baseline against itself across seeds) in every seed; ``reading`` names the
-    comparison (e.g. " at equal wall clock")."""
-    if len(diffs) < n_seeds or not diffs:
-        return "incomplete: not every seed has a finished run of both arms"
-    if noise is None:
-        return f"no verdict: the noise floor needs finished {baseline} runs of at least 2 seeds"
-    if all(d < -noise for d in diffs):
-        return f"better than {baseline}{reading}: lower loss in every seed by more than the noise floor ({noise:.4f})"
-    if all(d > noise for d in diffs):
-        return f"worse than {baseline}{reading}: higher loss in every seed by more than the noise floor ({noise:.4f})"
-    return (f"no difference that the data support{reading}: paired differences "
-            f"{', '.join(f'{d:+.4f}' for d in diffs)} vs noise floor {noise:.4f}")
 
 
 def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: list[str], seeds: list[int],
@@ -67,8 +53,6 @@ def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: li
                        "loss": loss, "diff": loss - b["final_val_loss"]}
         diffs = [row["diff"] for row in rows.values()]
         verdict = paired_verdict(diffs, len(seeds), noise, baseline, " at equal wall clock")
-        if verdict.startswith("incomplete"):
-            verdict = "incomplete: not every seed has a finished run with a speed of both arms"
         out[a] = {"seeds": rows, "speed_mean": statistics.fmean(r["speed_vs_baseline"] for r in rows.values())
                   if rows else None, "paired_diff_mean": statistics.fmean(diffs) if diffs else None,
                   "verdict": verdict}
