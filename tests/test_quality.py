@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from reciprocal_attention.lab import quality
+from reciprocal_attention.lab import quality, quality_report
 
 
 def _fake_run(root, arm, seed, loss):
@@ -30,7 +30,7 @@ def test_verdict_needs_every_seed_beyond_the_noise_floor(tmp_path, ra_losses, ex
     assert res["noise_floor"]["max"] == pytest.approx(0.02)
     assert res["verdicts"]["ra"].startswith(expect)
     assert res["arms"]["ra"]["paired_diff"][0] == pytest.approx(ra_losses[0] - 4.00)
-    quality.write_report(res, tmp_path)
+    quality_report.write_report(res, tmp_path)
     assert "Verdict" in (tmp_path / "quality.md").read_text() and (tmp_path / "quality.png").exists()
 
 
@@ -41,7 +41,7 @@ def test_incomplete_study_gives_no_verdict(tmp_path):
     qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False)
     res = quality.analyse(qc)
     assert res["verdicts"]["ra"].startswith("incomplete")
-    assert quality.verdict_sentence(res) == "The study is incomplete; no verdict."
+    assert quality_report.verdict_sentence(res) == "The study is incomplete; no verdict."
 
 
 def test_one_seed_has_no_noise_floor_and_no_verdict(tmp_path):
@@ -52,8 +52,8 @@ def test_one_seed_has_no_noise_floor_and_no_verdict(tmp_path):
     res = quality.analyse(qc)
     assert res["noise_floor"]["max"] is None and res["arms"]["ra"]["paired_diff"] == {0: -1.0}
     assert res["verdicts"]["ra"].startswith("no verdict: the noise floor needs")
-    assert quality.verdict_sentence(res).startswith("No verdict: the noise floor needs")
-    quality.write_report(res, tmp_path)
+    assert quality_report.verdict_sentence(res).startswith("No verdict: the noise floor needs")
+    quality_report.write_report(res, tmp_path)
     assert "No verdict" in (tmp_path / "quality.md").read_text()
 
 
@@ -137,7 +137,7 @@ def test_arms_of_interest_run_first_and_remaining_is_reported(tmp_path):
             _fake_run(tmp_path, a, s, 4.0 + s / 100)
     res = quality.analyse(qc)
     assert res["remaining"] == [f"{a}-s{s}" for a, s in order if a not in ("standard", "ra")]
-    assert not res["complete"] and "What remains:** 8 runs" in quality.markdown(res)
+    assert not res["complete"] and "What remains:** 8 runs" in quality_report.markdown(res)
 
 
 def test_prior_study_is_one_row_and_cpu_report_says_cpu(tmp_path):
@@ -147,16 +147,16 @@ def test_prior_study_is_one_row_and_cpu_report_says_cpu(tmp_path):
             _fake_run(root, "standard", s, loss + s / 100)
             _fake_run(root, "ra", s, loss + 0.005 + s / 100)
     qc_old = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(old), mqar=False)
-    quality.write_report(quality.analyse(qc_old), old)
+    quality_report.write_report(quality.analyse(qc_old), old)
     qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(new), mqar=False,
                                prior=[str(old / "quality.json")])
     res = quality.analyse(qc)
     assert res["tokens_per_run"] == 1000 and len(res["prior_studies"]) == 1
-    md = quality.markdown(res)
+    md = quality_report.markdown(res)
     assert "## Earlier studies" in md and "| 1,000 |" in md and "4.4100 (+0.0050)" in md
     assert "share one GPU" not in md and "share the CPU cores" in md
     with pytest.raises(ValueError, match="prior must name a readable quality.json"):
-        quality.load_prior([str(tmp_path / "missing.json")])
+        quality_report.load_prior([str(tmp_path / "missing.json")])
 
 
 def test_cli_user_errors():
@@ -183,7 +183,7 @@ def test_report_says_how_many_passes_over_the_training_split(tmp_path):
             _fake_run(tmp_path, a, s, 4.0 + s / 100)
     res = quality.analyse(qc)
     assert res["tokens_per_run"] == 1000 and res["train_tokens"] == 400
-    assert "tokens per run 1,000 (2.5 passes over the 400-token training split)" in quality.markdown(res)
+    assert "tokens per run 1,000 (2.5 passes over the 400-token training split)" in quality_report.markdown(res)
     (corpus / "manifest.json").write_text("{}")
     assert quality.train_split_tokens(qc) is None  # not a corpus manifest: no count, no error
     fixture = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False,

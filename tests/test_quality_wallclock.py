@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from reciprocal_attention.lab import quality
+from reciprocal_attention.lab import quality, quality_report
 from reciprocal_attention.lab.quality_wallclock import equal_wallclock, loss_at_tokens
 
 
@@ -58,6 +58,6 @@ def test_the_report_has_the_wallclock_table(tmp_path):
     res = quality.analyse(qc)
     assert res["wallclock"]["ra"]["seeds"][0]["tokens"] == pytest.approx(800.0)
     assert res["wallclock"]["ra"]["seeds"][0]["diff"] == pytest.approx(0.2)  # 4.5 -> 4.0 at 800 of 1000: 4.2
-    quality.write_report(res, tmp_path)
+    quality_report.write_report(res, tmp_path)
     md = (tmp_path / "quality.md").read_text()
     assert "## Equal wall clock" in md and "| ra | 0.800, 0.800 | 800, 800 | +0.2000, +0.2000 | worse" in md

@@ -22,6 +22,7 @@ from . import bench, quality
 from .bench_report import committed_gpu_table
 from .data import prepare
 from .errors import UserError
+from .quality_report import markdown as quality_markdown, verdict_sentence
 
 ARMS = ["standard", "ra"]
 
@@ -74,7 +75,7 @@ def quality_phase(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
           f"{', '.join(map(str, qc.seeds))}), {qc.parallel} at a time, preset {qc.preset}", flush=True)
     with quality.run_progress(qc):
         res = quality.study(qc)
-    print(quality.markdown(res), flush=True)
+    print(quality_markdown(res), flush=True)
     return res
 
 
@@ -98,7 +99,7 @@ def summary(records: list[dict[str, Any]] | None, res: dict[str, Any] | None, ti
                      + ("" if cuda else "; CPU timings are not a result (the committed GPU table is above)"))
         lines.append(f"  files: {out / 'speed'}/bench.md, bench.png, bench.json")
     if res is not None:
-        lines.append(f"quality ({_duration(times['quality'])}): {quality.verdict_sentence(res)}")
+        lines.append(f"quality ({_duration(times['quality'])}): {verdict_sentence(res)}")
         for arm, st in res["arms"].items():
             if st["mean"] is None:
                 lines.append(f"  {arm}: no finished run")

@@ -40,8 +40,7 @@ from .config import load_config, to_toml
 from .data import load_manifest
 from .errors import UserError
 from .progress import RunProgress
-from .quality_report import (load_prior, markdown, paired_verdict, plot, verdict_sentence,  # noqa: F401 (API)
-                             write_report)
+from .quality_report import load_prior, markdown, paired_verdict, write_report
 from .quality_wallclock import equal_wallclock
 from .runtime import pinned_env, visible_gpus
 
