@@ -44,6 +44,20 @@ def test_incomplete_study_gives_no_verdict(tmp_path):
     assert quality_report.verdict_sentence(res) == "The study is incomplete; no verdict."
 
 
+def test_incomplete_study_states_the_arms_it_can(tmp_path):
+    """Arms with every seed finished get their verdict in the headline; the others are counted as remaining."""
+    for seed, (base, ra) in enumerate([(4.0, 4.02), (4.1, 4.08)]):
+        _fake_run(tmp_path, "standard", seed, base)
+        _fake_run(tmp_path, "ra", seed, ra)
+    _fake_run(tmp_path, "full", 0, 3.0)
+    qc = quality.QualityConfig(arms=["standard", "ra", "full"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False)
+    res = quality.analyse(qc)
+    assert res["verdicts"]["full"].startswith("incomplete")
+    assert quality_report.verdict_sentence(res) == (
+        "The study is incomplete (1 run remains); arms with every seed finished: ra, no difference that the data "
+        "support.")
+
+
 def test_one_seed_has_no_noise_floor_and_no_verdict(tmp_path):
     """A single seed gives paired differences but no baseline-vs-baseline spread: the report says so."""
     _fake_run(tmp_path, "standard", 0, 4.0)

@@ -35,7 +35,13 @@ def verdict_sentence(res: dict[str, Any]) -> str:
     better = [a for a, v in res["verdicts"].items() if v.startswith("better")]
     worse = [a for a, v in res["verdicts"].items() if v.startswith("worse")]
     if not res["complete"]:
-        return "The study is incomplete; no verdict."
+        done = {a: v.split(":")[0] for a, v in res["verdicts"].items() if not v.startswith("incomplete")}
+        if not done:
+            return "The study is incomplete; no verdict."
+        n_left = len(res.get("remaining", []))
+        left = "1 run remains" if n_left == 1 else f"{n_left} runs remain"
+        return (f"The study is incomplete ({left}); arms with every seed finished: "
+                + "; ".join(f"{a}, {v}" for a, v in done.items()) + ".")
     if res["verdicts"] and all(v.startswith("no verdict") for v in res["verdicts"].values()):
         return "No verdict: the noise floor needs the baseline trained with at least 2 seeds."
     n = len(res["config"]["seeds"])
@@ -183,6 +189,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("val loss")
     ax.set_title("validation loss (each line one seed)")
     ax.legend()
+    late = [l for c in res["curves"].values() if c for t, l in c if t >= 0.2 * c[-1][0]]
+    if late:  # the first steps' losses (~11 nats) would flatten where the arms differ: show the last 80%
+        lo, hi = min(late), max(late)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     arms = [a for a in res["arms"] if a != BASELINE and res["arms"][a].get("paired_diff")]
     for i, a in enumerate(arms):
         d = list(res["arms"][a]["paired_diff"].values())
@@ -190,7 +200,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     nf = res["noise_floor"]["max"]
     if nf is not None:
         ax2.axhspan(-nf, nf, color="grey", alpha=0.2, label="noise floor (baseline vs baseline)")
-        ax2.legend()
+        ax2.legend(loc="lower right")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_xticks(range(len(arms)), arms)
     ax2.set_ylabel("final val loss - baseline (paired by seed)")
