@@ -189,7 +189,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("val loss")
     ax.set_title("validation loss (each line one seed)")
     ax.legend()
-    late = [l for c in res["curves"].values() if c for t, l in c if t >= 0.2 * c[-1][0]]
+    late = [loss for c in res["curves"].values() if c for t, loss in c if t >= 0.2 * c[-1][0]]
     if late:  # the first steps' losses (~11 nats) would flatten where the arms differ: show the last 80%
         lo, hi = min(late), max(late)
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
