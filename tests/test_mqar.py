@@ -71,6 +71,21 @@ def test_probe_setup_shares_weights_across_arms_and_keeps_gpt2_default():
     assert 0.015 < float(gpt2.transformer.wte.weight.detach().std()) < 0.025
 
 
+def test_an_arm_can_change_one_argument_of_its_preset():
+    """``PRESET:key=value``: the preset with one argument changed, every other weight still the shared one."""
+    assert mqar.arm_attention("ra_disc") == "ra_disc"
+    assert mqar.arm_attention("ra_disc:rank=7") == {"preset": "ra_disc", "rank": 7}
+    assert mqar.arm_attention("ra:gates=seed") == {"preset": "ra", "gates": "seed"}
+    spec = mqar.zoology_spec(seq_len=32, n_kv=4, vocab_size=65)
+    r7 = GPT(mqar.probe_config("ra_disc:rank=7", 64, spec), seed=3)
+    r8 = GPT(mqar.probe_config("ra_disc", 64, spec), seed=3)
+    assert r7.transformer.h[0].attn.W_recip.shape[1] == 7 and r8.transformer.h[0].attn.W_recip.shape[1] == 8
+    assert torch.equal(r7.transformer.h[1].mlp.c_fc.weight, r8.transformer.h[1].mlp.c_fc.weight)
+    for bad in ("ra:rank", "ra:=7", ":rank=7", "ra:2x=1"):
+        with pytest.raises(ValueError, match="PRESET:key=value"):
+            mqar.arm_attention(bad)
+
+
 @pytest.mark.parametrize("kw,match", [(dict(init="xavier"), "init must be one of"),
                                       (dict(tie_embeddings=1), "tie_embeddings must be a bool")])
 def test_model_setup_errors(kw, match):

@@ -78,6 +78,19 @@ def test_cli_errors_are_one_line_exit_2(capsys):
     assert "SEQ:KV" in err and len(err.strip().splitlines()) == 1
     assert ms.main(["--arms", "standard,magic", "--plan"]) == 2
     assert "arms: unknown ['magic']" in capsys.readouterr().err
+    assert ms.main(["--arms", "standard,ra_disc:rnak=7", "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "'ra_disc:rnak=7' does not build" in err and len(err.strip().splitlines()) == 1
+    assert ms.main(["--arms", "standard,ra_disc:rank=7", "--plan"]) == 0
+    assert "ra_disc:rank=7-d" in capsys.readouterr().out
+
+
+def test_report_keeps_an_override_arm_after_the_presets(tmp_path):
+    gc = _toy(tmp_path, lrs=[1e-3], widths=[32], arms=["standard", "ra:rank=4", "ra"])
+    assert ms.run_grid(gc, progress=False) == []
+    ms.write_report(gc, tmp_path / "report")
+    md = (tmp_path / "report" / "mqar.md").read_text()
+    assert "| standard | ra | ra:rank=4 |" in md
 
 
 def test_workers_train_groups_of_one_task_shape_with_the_same_results(tmp_path):

@@ -100,6 +100,26 @@ def zoology_spec(seq_len: int, n_kv: int, vocab_size: int = 8192) -> MQARSpec:
     return MQARSpec(seq_len=seq_len, n_kv=n_kv, n_queries=n_kv, n_keys=half, n_values=half)
 
 
+def arm_attention(arm: str) -> str | dict[str, Any]:
+    """The attention of an arm: a preset name (``"ra_disc"``), or a preset with one of its arguments changed
+    (``"ra_disc:rank=7"``; the value is read as an int, a float, or else a string), which separates one design
+    choice of a preset from the rest (e.g. the bias channel's rank from its form)."""
+    preset, sep, override = arm.partition(":")
+    if not sep:
+        return arm
+    key, eq, raw = override.partition("=")
+    if not (preset and key.isidentifier() and eq and raw):
+        raise ValueError(f"arm must be PRESET or PRESET:key=value (e.g. ra_disc:rank=7); got {arm!r}")
+    value: Any = raw
+    for cast in (int, float):
+        try:
+            value = cast(raw)
+            break
+        except ValueError:
+            pass
+    return {"preset": preset, key: value}
+
+
 def probe_config(arm: str, d_model: int, spec: MQARSpec, n_layer: int = 2, head_dim: int = 32,
                  tie_embeddings: bool = False) -> Any:
     """The probe's :class:`~reciprocal_attention.model.GPTConfig`: PyTorch init, untied head with a bias (or, with
@@ -109,7 +129,7 @@ def probe_config(arm: str, d_model: int, spec: MQARSpec, n_layer: int = 2, head_
     if d_model % head_dim:
         raise ValueError(f"d_model must be a multiple of head_dim={head_dim}; got {d_model}")
     return GPTConfig(n_layer=n_layer, n_head=d_model // head_dim, n_embd=d_model, block_size=spec.seq_len,
-                     vocab_size=spec.vocab_size, dropout=0.0, bias=True, attn=arm, ra_layers="all",
+                     vocab_size=spec.vocab_size, dropout=0.0, bias=True, attn=arm_attention(arm), ra_layers="all",
                      init="torch", tie_embeddings=tie_embeddings, head_bias=not tie_embeddings)
 
 

@@ -67,10 +67,16 @@ def _cell_text(by_seed: dict[int, float] | None, base: dict[int, float] | None) 
     return s
 
 
+def report_arms(recs: list[dict[str, Any]]) -> list[str]:
+    """The arms of ``recs``: the presets in :data:`VALID_ARMS` order, then arms with an override as they come."""
+    seen = list(dict.fromkeys(r["arm"] for r in recs))
+    return [a for a in VALID_ARMS if a in seen] + [a for a in seen if a not in VALID_ARMS]
+
+
 def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None) -> str:
     """The report: per cell and arm, accuracy at the arm's best learning rate, seed range, paired differences."""
     table = cell_table(recs)
-    arms = [a for a in VALID_ARMS if any(r["arm"] == a for r in recs)]
+    arms = report_arms(recs)
     devices = sorted({r["device"] for r in recs})
     lines = ["# MQAR: associative recall per arm", "",
              f"Device: {', '.join(devices) or '-'}. 2-layer probe models (PyTorch init, untied head); Zoology-style "
@@ -140,7 +146,11 @@ def plot(recs: list[dict[str, Any]], width_task: tuple[int, int], kv_width: int,
     import matplotlib.pyplot as plt
 
     table = cell_table(recs)
-    colors = dict(zip(VALID_ARMS, ["k", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red", "tab:cyan"]))
+    arms = report_arms(recs)
+    palette = ["k", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red", "tab:cyan", "tab:brown",
+               "tab:olive", "tab:pink", "tab:gray"]
+    colors = {a: palette[i % len(palette)] for i, a in enumerate(VALID_ARMS + tuple(a for a in arms
+                                                                                  if a not in VALID_ARMS))}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     seq_w, kv_w = width_task
     panels = [(axes[0], lambda c: c[1] == seq_w and c[2] == kv_w, 0, "d_model",
@@ -150,7 +160,7 @@ def plot(recs: list[dict[str, Any]], width_task: tuple[int, int], kv_width: int,
     for ax, keep, xi, xlabel, title in panels:
         if not any(keep(c) for c in table):
             ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
-        for i, arm in enumerate(VALID_ARMS):
+        for i, arm in enumerate(arms):
             pts = sorted((c[xi], list(v[arm].values())) for c, v in table.items() if keep(c) and arm in v)
             if not pts:
                 continue

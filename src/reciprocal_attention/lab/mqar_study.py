@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from ..model import build_attention
 from .errors import UserError
-from .mqar import MQARRun, train_group
+from .mqar import MQARRun, MQARSpec, probe_config, train_group
 from .mqar_report import ARMS, BASELINE, VALID_ARMS, load_records, markdown, plot
 from .progress import LiveProgress
 from .runtime import pinned_env, visible_gpus
@@ -69,9 +70,16 @@ class GridConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        bad = [a for a in self.arms if a not in VALID_ARMS]
+        bad = [a for a in self.arms if a.partition(":")[0] not in VALID_ARMS]
         if bad:
-            raise ValueError(f"arms: unknown {bad}; valid arms: {', '.join(VALID_ARMS)}")
+            raise ValueError(f"arms: unknown {bad}; valid arms: {', '.join(VALID_ARMS)}, each optionally with one "
+                             f"argument changed (PRESET:key=value, e.g. ra_disc:rank=7)")
+        for arm in self.arms:  # an override must build: a bad key or value fails here, not in a worker
+            try:
+                build_attention(probe_config(arm, 64, MQARSpec(seq_len=16, n_kv=2, n_queries=2, n_keys=4,
+                                                               n_values=4)), use_ra=True)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"arms: {arm!r} does not build: {e}") from None
         if BASELINE not in self.arms:
             raise ValueError(f"arms must include the baseline {BASELINE!r}")
         for name in ("seeds", "widths", "lrs"):
@@ -247,7 +255,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=d.out_dir, help="run directory (resumable)")
     ap.add_argument("--report", default=None, help="where mqar.json/md/png go (default: --out)")
-    ap.add_argument("--arms", default=",".join(d.arms))
+    ap.add_argument("--arms", default=",".join(d.arms),
+                    help="comma-separated presets, each optionally with one argument changed "
+                         "(PRESET:key=value, e.g. ra_disc:rank=7)")
     ap.add_argument("--seeds", default=",".join(map(str, d.seeds)))
     ap.add_argument("--widths", default=",".join(map(str, d.widths)))
     ap.add_argument("--width-task", default="%d:%d" % d.width_task, help="SEQ:KV of the width sweep")
