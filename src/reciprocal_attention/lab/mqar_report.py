@@ -3,6 +3,7 @@ with paired differences (``mqar.md``), and the plot against width and number of 
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -149,8 +150,7 @@ def plot(recs: list[dict[str, Any]], width_task: tuple[int, int], kv_width: int,
     arms = report_arms(recs)
     palette = ["k", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:red", "tab:cyan", "tab:brown",
                "tab:olive", "tab:pink", "tab:gray"]
-    colors = {a: palette[i % len(palette)] for i, a in enumerate(VALID_ARMS + tuple(a for a in arms
-                                                                                  if a not in VALID_ARMS))}
+    colors = dict(zip(VALID_ARMS + tuple(a for a in arms if a not in VALID_ARMS), itertools.cycle(palette)))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     seq_w, kv_w = width_task
     panels = [(axes[0], lambda c: c[1] == seq_w and c[2] == kv_w, 0, "d_model",

@@ -162,32 +162,31 @@ def run_study(qc: QualityConfig) -> None:
     the next invocation."""
     qc.validate()
     jobs = job_order(qc)
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    # (arm, seed, process, start time, the GPU it is pinned to: with several GPUs, the least busy one)
+    running: list[tuple[str, int, subprocess.Popen, float, str | None]] = []
     gpus = visible_gpus()
-    gpu_of: dict[int, str | None] = {}  # id(process) -> the GPU it is pinned to (several GPUs: the least busy)
     failed = []
     deadline = time.time() + qc.deadline_s if qc.deadline_s else 0.0
     while jobs or running:
         if deadline and time.time() > deadline:
-            for _, _, p, _ in running:  # SIGTERM: each run checkpoints the step it is on, then exits
+            for _, _, p, _, _ in running:  # SIGTERM: each run checkpoints the step it is on, then exits
                 p.terminate()
-            for arm, seed, p, _ in running:
+            for arm, seed, p, _, _ in running:
                 _wait_stopped(p)
                 log.warning("%s seed %d stopped at the study's deadline (%ss); it resumes on the next invocation",
                             arm, seed, qc.deadline_s)
             break
         while jobs and len(running) < qc.parallel:
             arm, seed = jobs.pop(0)
-            busy = [gpu_of[id(p)] for _, _, p, _ in running]
+            busy = [g for *_, g in running]
             gpu = min(gpus, key=busy.count) if len(gpus) > 1 else None
             p = _launch(qc, arm, seed, gpu)
             if p is not None:
-                running.append((arm, seed, p, time.time()))
-                gpu_of[id(p)] = gpu
+                running.append((arm, seed, p, time.time(), gpu))
                 print(f"[quality] started {arm} seed {seed}" + (f" on GPU {gpu}" if gpu else ""), flush=True)
         time.sleep(0.5)
         for item in list(running):
-            arm, seed, p, t0 = item
+            arm, seed, p, t0, _ = item
             rc = p.poll()
             if rc is None and qc.run_timeout and time.time() - t0 > qc.run_timeout:
                 p.terminate()
