@@ -61,3 +61,38 @@ def test_the_report_has_the_wallclock_table(tmp_path):
     quality_report.write_report(res, tmp_path)
     md = (tmp_path / "quality.md").read_text()
     assert "## Equal wall clock" in md and "| ra | 0.800, 0.800 | 800, 800 | +0.2000, +0.2000 | worse" in md
+    assert "several kinds of card" not in md  # no card names in these summaries
+
+
+def test_the_report_names_each_runs_card_when_they_differ(tmp_path):
+    for arm, card in (("standard", "NVIDIA H100 80GB HBM3"), ("ra", "NVIDIA H200")):
+        for s in (0, 1):
+            d = tmp_path / "runs" / f"{arm}-s{s}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"final_val_loss": 4.0 + s / 100, "tokens": 1000,
+                                                        "tokens_per_s": 100.0, "device_name": card}))
+            (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "tokens": 1000, "loss": 4.0 + s / 100}))
+    qc = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False)
+    res = quality.analyse(qc)
+    assert res["cards"] == {"NVIDIA H100 80GB HBM3": ["standard-s0", "standard-s1"], "NVIDIA H200": ["ra-s0", "ra-s1"]}
+    assert res["wallclock"]["ra"]["verdict"].startswith("no reading: seed 0 trained standard on NVIDIA H100")
+    quality_report.write_report(res, tmp_path)
+    md = (tmp_path / "quality.md").read_text()
+    assert ("Runs trained on several kinds of card: NVIDIA H100 80GB HBM3 (standard-s0, standard-s1); NVIDIA H200 "
+            "(ra-s0, ra-s1).") in md
+
+
+def test_speeds_from_different_cards_give_no_reading():
+    """A seed whose baseline and arm trained on different cards has no equal-wall-clock reading: their tokens/s do
+    not compare. Runs without a card name (older summaries) pair as before."""
+    runs = {}
+    for s, b in enumerate((4.00, 4.01)):
+        runs[("standard", s)] = {**_run(b, 100.0, [(1000, b)]), "device_name": "NVIDIA H100 80GB HBM3"}
+        runs[("ra", s)] = {**_run(b, 100.0, [(1000, b)]), "device_name": "NVIDIA H100 80GB HBM3"}
+    runs[("ra", 1)]["device_name"] = "NVIDIA H200"
+    wc = equal_wallclock(runs, ["standard", "ra"], [0, 1], "standard", noise=0.02)["ra"]
+    assert list(wc["seeds"]) == [0] and wc["other_card"] == [1]
+    assert wc["verdict"] == ("no reading: seed 1 trained standard on NVIDIA H100 80GB HBM3 and ra on NVIDIA H200 "
+                             "(speeds from different cards do not compare)")
+    runs[("ra", 1)]["device_name"] = "NVIDIA H100 80GB HBM3"
+    assert equal_wallclock(runs, ["standard", "ra"], [0, 1], "standard", 0.02)["ra"]["other_card"] == []

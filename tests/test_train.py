@@ -35,6 +35,7 @@ def test_loss_falls_on_fixture(tmp_path):
     assert evals[-1]["loss"] < evals[0]["loss"] - 2.0, evals
     assert summary["steps"] == 100 and summary["tokens"] == 100 * 8 * 32
     assert summary["tokens_per_s"] > 0 and summary["final_val_loss"] == evals[-1]["loss"]
+    assert summary["device"] == "cpu" and summary["device_name"] == "cpu"  # the card, on CUDA: pairs speeds by card
     assert len(records(tmp_path, "train")) == 10  # log_interval 10
     for name in ("metrics.jsonl", "loss_curve.png", "summary.json", "config.toml", "checkpoints/latest"):
         assert (tmp_path / name).is_file(), name

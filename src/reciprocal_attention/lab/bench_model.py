@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..model import GPT, GPTConfig
 from .bench_model_report import combine_processes, merge_records, record_key, render_markdown, render_png
+from .runtime import device_name
 
 MODES = ("eager", "compile", "compile-cudagraphs")
 PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
@@ -237,8 +238,7 @@ def _versions(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version}
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version}
 
 
 def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print,

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .progress import LiveProgress
+from .runtime import device_name
 
 log = logging.getLogger(__name__)
 
@@ -342,11 +343,10 @@ class _Probe:
                 acc = held_out_accuracy(self.model, self.spec, self.run.eval_sequences, self.device)
         else:
             acc = self.curve[-1][1]
-        dev = self.device
         return {**asdict(self.run), "accuracy": acc, "steps_run": self.step, "final_train_loss": self.loss_v,
                 "curve": self.curve, "seconds": self.seconds, "steps_per_s": self.step / self.seconds,
                 "group": group, "cuda_graph": self.step_fn.graph is not None,
-                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+                "device": device_name(self.device)}
 
 
 def train_group(runs: list[MQARRun], device: torch.device | str = "cpu", progress: bool = True,

@@ -276,6 +276,10 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         verdicts[a] = paired_verdict(list(diffs.values()), len(qc.seeds), noise["max"], BASELINE)
     wallclock = equal_wallclock(runs, qc.arms, qc.seeds, BASELINE, noise["max"]) if qc.equal == "tokens" else None
     curves = {f"{a}-s{s}": runs[(a, s)]["curve"] for a in qc.arms for s in qc.seeds if runs[(a, s)]}
+    cards: dict[str, list[str]] = {}  # card name -> the runs trained on it
+    for (a, s), r in runs.items():
+        if r and r.get("device_name"):
+            cards.setdefault(r["device_name"], []).append(f"{a}-s{s}")
     any_run = next((r for r in runs.values() if r), {})
     tokens = sorted({r["tokens"] for r in runs.values() if r})
     if len(tokens) > 1 and qc.equal == "tokens":
@@ -283,7 +287,7 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
     return {"tokens_per_run": tokens[-1] if tokens else None, "train_tokens": train_split_tokens(qc),
             "config": asdict(qc), "arms": arms,
             "noise_floor": noise, "verdicts": verdicts, "wallclock": wallclock, "mqar": mqar_accuracy(qc),
-            "remaining": remaining(qc),
+            "remaining": remaining(qc), "cards": cards,
             "prior_studies": load_prior(qc.prior),
             "curves": curves, "device": any_run.get("device"), "dtype": any_run.get("dtype"),
             "params": any_run.get("params"), "torch": torch.__version__,

@@ -126,6 +126,15 @@ def _wallclock_table(wc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _cards(res: dict[str, Any]) -> list[str]:
+    """A line naming the card of each run when the runs trained on more than one kind."""
+    cards = res.get("cards") or {}
+    if len(cards) < 2:
+        return []
+    return ["Runs trained on several kinds of card: " + "; ".join(f"{c} ({', '.join(r)})" for c, r in cards.items())
+            + ".", ""]
+
+
 def _passes(res: dict[str, Any]) -> str:
     """`` (N passes over the T-token training split)`` when both counts are known, else nothing."""
     tokens, train = res.get("tokens_per_run"), res.get("train_tokens")
@@ -145,7 +154,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"parameters {res.get('params')}; tokens per run {_num(res.get('tokens_per_run'), ',')}"
              f"{_passes(res)}; seeds "
              f"{qc['seeds']} (paired: same init of shared weights, same data order); equal {qc['equal']}.", "",
-             f"**Verdict:** {verdict_sentence(res)}", "",
+             *_cards(res), f"**Verdict:** {verdict_sentence(res)}", "",
              f"Noise floor (baseline vs baseline with another seed, |diff| of final val loss): mean "
              f"{_num(nf['mean'], '.4f')}, max {_num(nf['max'], '.4f')}.", "",
              "| arm | val loss mean | std | ppl | paired diff vs standard (per seed) | mean rel diff | tokens/s | "

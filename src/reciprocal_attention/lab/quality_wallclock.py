@@ -8,7 +8,8 @@ it as the others did), so a per-seed pair is timed under the same conditions; ru
 card to the rest, which flatters the slowest arms, so the reading errs towards "no difference" (a solo benchmark
 such as ``ra bench --model`` is the speed comparison). An arm faster than the baseline
 would have trained beyond its last evaluation: its final loss is used and the row is marked ``capped`` (the
-reading then favours the baseline).
+reading then favours the baseline). Speeds from different cards (``device_name`` in the runs' summaries) do not
+compare: such a seed has no equal-wall-clock reading, and the arm's verdict says so.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: li
     for a in arms:
         if a == baseline:
             continue
-        rows = {}
+        rows, other_card = {}, {}
         for s in seeds:
             b, r = runs.get((baseline, s)), runs.get((a, s))
             if not (b and r and b.get("tokens_per_s") and r.get("tokens_per_s") and r.get("curve")):
+                continue
+            if b.get("device_name") != r.get("device_name"):
+                other_card[s] = (b.get("device_name"), r.get("device_name"))
                 continue
             speed = r["tokens_per_s"] / b["tokens_per_s"]
             tokens = b["tokens"] * speed
@@ -53,7 +57,11 @@ def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: li
                        "loss": loss, "diff": loss - b["final_val_loss"]}
         diffs = [row["diff"] for row in rows.values()]
         verdict = paired_verdict(diffs, len(seeds), noise, baseline, " at equal wall clock")
-        out[a] = {"seeds": rows, "speed_mean": statistics.fmean(r["speed_vs_baseline"] for r in rows.values())
+        if other_card:
+            verdict = ("no reading: " + "; ".join(f"seed {s} trained {baseline} on {cb} and {a} on {ca}"
+                                                  for s, (cb, ca) in other_card.items())
+                       + " (speeds from different cards do not compare)")
+        out[a] = {"seeds": rows, "other_card": sorted(other_card), "speed_mean": statistics.fmean(r["speed_vs_baseline"] for r in rows.values())
                   if rows else None, "paired_diff_mean": statistics.fmean(diffs) if diffs else None,
                   "verdict": verdict}
     return out

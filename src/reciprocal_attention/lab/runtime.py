@@ -113,13 +113,18 @@ def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[pref]
 
 
+def device_name(device: torch.device) -> str:
+    """The card's name for a CUDA device (e.g. ``NVIDIA H100 80GB HBM3``), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float) -> float | None:
     """Per-device dense peak FLOP/s for MFU, or None when unknown (then MFU is not reported)."""
     if override > 0:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     for key, (half, tf32) in PEAK_FLOPS.items():
         if key in name:
             return tf32 if dtype == torch.float32 else half

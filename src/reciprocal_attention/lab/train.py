@@ -47,7 +47,7 @@ from .data import get_batch
 from .errors import NonFiniteError, RunStopped
 from .metrics import Metrics, plot_loss_curve
 from .runlock import RunLock
-from .runtime import Dist, gather_rank_rng, setup_distributed, sync
+from .runtime import Dist, device_name, gather_rank_rng, setup_distributed, sync
 from .stop_signals import StopSignals
 from .train_setup import (GPT, Progress, Run, build_run, check_resume_config, gpt_config, lr_at, resolve_init_from,
                           restore, step_budget, wrap_model)
@@ -195,7 +195,7 @@ def _summary(run: Run, prog: Progress, val_loss: float | None, rec: dict | None)
         "best_val_loss": prog.best_val if math.isfinite(prog.best_val) else None, "out_dir": str(run.out),
         "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "resumed_from_step": run.resumed_from,
         "skipped_steps": prog.skipped, "params": run.raw_model.num_params(False), "device": str(run.device),
-        "dtype": str(run.dtype).replace("torch.", ""), "world_size": run.dist.world_size,
+        "device_name": device_name(run.device), "dtype": str(run.dtype).replace("torch.", ""), "world_size": run.dist.world_size,
         "attention": cfg.model.attn, "ra_layers": run.mcfg.ra_layer_indices(),
     }
 
