@@ -287,6 +287,22 @@ def test_eager_function_and_custom_op_paths_agree(monkeypatch):
         assert torch.equal(x, y)
 
 
+def test_eager_functions_bind_no_signature(monkeypatch):
+    """The eager autograd.Functions set up their context inside forward: a Function with a ``setup_context``
+    staticmethod binds its arguments through ``inspect.signature`` on every call (tens of microseconds of host time
+    per call, several calls per layer and step)."""
+    import inspect
+
+    from reciprocal_attention.ops import channel, flash, folded_linear
+
+    for op in (kfold._FOLD, channel._CHANNEL, flash._FLASH, folded_linear._FOLDED_LINEAR):
+        assert not torch.autograd.function._is_setup_context_defined(op.function.setup_context), op.name
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: pytest.fail("inspect.signature in an eager call"))
+    inputs = make_inputs(2, 16, 3, True)
+    out = run(fused_fold_gated, *inputs, 2, "same_flop", routing_threshold=0.35)
+    assert out[0] is not None
+
+
 def test_eager_launch_detects_tracing():
     """eager_launch: True for real tensors with no dispatch mode; False on fake tensors / under a mode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
