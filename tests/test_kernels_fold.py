@@ -303,6 +303,18 @@ def test_eager_functions_bind_no_signature(monkeypatch):
     assert out[0] is not None
 
 
+def test_host_grid_arithmetic_matches_math():
+    """``launch.cdiv`` / ``launch.next_pow2``, the host's replacements for Triton's constexpr functions."""
+    import math
+
+    from reciprocal_attention.ops.launch import cdiv, next_pow2
+
+    for n in range(0, 2100):
+        assert next_pow2(n) == (1 if n <= 1 else 2 ** math.ceil(math.log2(n)))
+        for b in (1, 7, 16, 64):
+            assert cdiv(n, b) == math.ceil(n / b)
+
+
 def test_eager_launch_detects_tracing():
     """eager_launch: True for real tensors with no dispatch mode; False on fake tensors / under a mode."""
     from torch._subclasses.fake_tensor import FakeTensorMode

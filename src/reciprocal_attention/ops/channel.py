@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import INTERPRET, eager_launch
+from .launch import cdiv, next_pow2
 from .registry import TritonOp, launcher
 
 __all__ = ["add_bias_channel_fused", "add_positional_bias_channel_fused", "fused_channel_usable"]
@@ -117,7 +118,7 @@ def _scalars(ref: Tensor, *xs: float) -> Tensor:
 
 
 def _blocks(H: int) -> tuple[int, int]:
-    block_h = max(2, triton.next_power_of_2(H))
+    block_h = max(2, next_pow2(H))
     return block_h, max(16, 2048 // (block_h * 8)) if not INTERPRET else 16
 
 
@@ -129,7 +130,7 @@ def _channel_forward(qkv: Tensor, c: Tensor, w: Optional[Tensor], T: int, n_head
     block_h, block_t = _blocks(n_head)
     q0 = width - 1
     c_sb = 0 if (positional or c.dim() == 2) else c.stride(0)
-    launcher(_channel_fwd_kernel, qkv)[(triton.cdiv(T, block_t), B)](
+    launcher(_channel_fwd_kernel, qkv)[(cdiv(T, block_t), B)](
         qkv, qkv.stride(0), qkv.stride(1), T, n_head, q0, n_head * width + q0, width, c, c_sb, c.stride(-2),
         c.stride(-1), w if positional else c, 1.0 / (scale * kappa), float(kappa),
         _scalars(qkv, 1.0 / (scale * kappa), kappa), POSITIONAL=positional, Q_CHANNEL=q_channel,
@@ -147,19 +148,19 @@ def _channel_backward(g: Tensor, c: Tensor, w: Optional[Tensor], B: int, T: int,
     dc = torch.empty_like(c, memory_format=torch.contiguous_format)
     if positional:  # c is d_bias [H, L]
         L = c.shape[1]
-        n_tb = triton.cdiv(L, block_t)
+        n_tb = cdiv(L, block_t)
         pw = torch.empty((H, n_tb), dtype=torch.float64 if fp64 else torch.float32, device=g.device)
         grid = (n_tb, 1)
     else:
         L, n_tb = T, 1
         pw = dc
-        grid = (triton.cdiv(T, block_t), 1 if shared else B)
+        grid = (cdiv(T, block_t), 1 if shared else B)
     dc_sb = 0 if shared else dc.stride(0)
     launcher(_channel_bwd_kernel, g)[grid](
         g, g.stride(0), g.stride(1), B, T, H, H * width + width - 1, width, 1.0 / (scale * kappa),
         _scalars(g, 1.0 / (scale * kappa)), c, c.stride(-2), c.stride(-1),
         w if positional else c, dc, dc_sb, dc.stride(-2), dc.stride(-1), L, pw, n_tb,
-        POSITIONAL=positional, SHARED=shared, FP64=fp64, BLOCK_B=min(8, triton.next_power_of_2(B)),
+        POSITIONAL=positional, SHARED=shared, FP64=fp64, BLOCK_B=min(8, next_pow2(B)),
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     # w_disc's gradient: one reduction kernel, summed in pw's dtype and rounded once into w's (no cast kernel)
     dw = torch.sum(pw, 1, out=torch.empty((H,), dtype=w.dtype, device=w.device)) if positional else None

@@ -73,6 +73,7 @@ from torch import Tensor
 
 from . import INTERPRET
 from .config import settings
+from .launch import cdiv
 from .registry import TritonOp, launcher, require_triton, triton
 
 __all__ = ["flash_ra_attention", "SUPPORTED_HEAD_DIMS"]
@@ -146,7 +147,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, col_bias: Optional[Tensor], a: Op
     dummy = q  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        return (cdiv(T, meta["BLOCK_M"]), B * H)
 
     launcher(_tuned(_FWD), q)[grid](
         q, k, v, o, lse,
@@ -191,14 +192,14 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
                *_strides3(dq), *_strides3(dk), *_strides3(dv))
 
     delta_block = 16 if INTERPRET else 64
-    launcher(_bwd_delta_kernel, q)[(triton.cdiv(T, delta_block), B * H)](
+    launcher(_bwd_delta_kernel, q)[(cdiv(T, delta_block), B * H)](
         o, do, delta, *_strides3(o), *_strides3(do), H, T, D=D, BLOCK=delta_block)
 
     def grid_n(meta):
-        return (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+        return (cdiv(T, meta["BLOCK_N"]), B * H)
 
     def grid_m(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        return (cdiv(T, meta["BLOCK_M"]), B * H)
 
     launcher(_tuned(_BWD_COL), q)[grid_n](
         q, k, v, do, lse, delta, cb_arg, a_arg, b_arg,

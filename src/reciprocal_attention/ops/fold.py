@@ -31,6 +31,7 @@ from ..fold import FOLDED_VARIANTS, folded_width, std_width
 from . import INTERPRET, eager_launch
 from .config import settings
 from . import fold_kernels as _k
+from .launch import next_pow2
 from .registry import TritonOp, launcher, require_triton
 
 __all__ = ["fused_fold_gated", "GATE_MODES"]
@@ -42,10 +43,6 @@ GATE_MODES = {"signed": 0, "seed": 1}
 
 _REDUCE_MAX_S = 256  # slots summed per loop iteration of the reduction (a test lowers these to run the loops)
 _REDUCE_MAX_J = 64
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Optional[int] = None,
@@ -60,8 +57,8 @@ def _config(D: int, R: int, C: int, block_c: Optional[int] = None, num_warps: Op
     ``wide``) and ``settings.fold_bwd_tiles_16`` (all 16-bit) override the backward tiles (the GPU suite sets them
     from the sweep in ``tests/test_gpu_fold.py``).
     """
-    full_d = max(16, _next_pow2(D))
-    block_r = max(16, _next_pow2(R))
+    full_d = max(16, next_pow2(D))
+    block_r = max(16, next_pow2(R))
     if INTERPRET:  # the interpreter runs each program in numpy: small tiles
         bd, bc, nw = (16 if bwd else full_d), 16, 1
     elif bwd:  # fastest of the sweep on an H100 (benchmarks/results/h100/fold_bench.json): 12.5 / 8.3 us
@@ -174,8 +171,8 @@ def _fold_backward_impl(grad_w: Tensor, grad_b: Optional[Tensor], weight: Tensor
     def reduce() -> None:
         launcher(_k._fold_bwd_reduce_kernel, pw)[(n_e + 1,)](
             pw, ps, dW, w_std, w_rec, d_std, d_rec, n_slots, n_per_head * n_db, H, D * R, SEED=seed,
-            BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, _next_pow2(n_slots))),
-            BLOCK_H=max(16, _next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, _next_pow2(n_per_head * n_db))),
+            BLOCK_E=block_e, BLOCK_S=min(_REDUCE_MAX_S, max(16, next_pow2(n_slots))),
+            BLOCK_H=max(16, next_pow2(H)), BLOCK_J=min(_REDUCE_MAX_J, max(16, next_pow2(n_per_head * n_db))),
             num_warps=1 if INTERPRET else 4)
 
     if between is None and stream is None:

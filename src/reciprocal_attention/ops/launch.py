@@ -89,6 +89,18 @@ class DirectLauncher:
         return compiled
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for grid sizes. Host code uses these two instead of ``triton.cdiv`` /
+    ``triton.next_power_of_2``, which are ``constexpr_function`` objects in Triton 3.x: ~10 us of argument
+    unwrapping per call from the host, several calls per layer and step."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 _LAUNCHERS: dict[int, DirectLauncher] = {}
 
 
