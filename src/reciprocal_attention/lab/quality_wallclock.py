@@ -61,7 +61,8 @@ def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: li
             verdict = ("no reading: " + "; ".join(f"seed {s} trained {baseline} on {cb} and {a} on {ca}"
                                                   for s, (cb, ca) in other_card.items())
                        + " (speeds from different cards do not compare)")
-        out[a] = {"seeds": rows, "other_card": sorted(other_card), "speed_mean": statistics.fmean(r["speed_vs_baseline"] for r in rows.values())
-                  if rows else None, "paired_diff_mean": statistics.fmean(diffs) if diffs else None,
-                  "verdict": verdict}
+        speeds = [r["speed_vs_baseline"] for r in rows.values()]
+        out[a] = {"seeds": rows, "other_card": sorted(other_card),
+                  "speed_mean": statistics.fmean(speeds) if speeds else None,
+                  "paired_diff_mean": statistics.fmean(diffs) if diffs else None, "verdict": verdict}
     return out
