@@ -110,6 +110,7 @@ def test_bias_channel_gradient_reads_only_the_reserved_feature_when_traced():
     """In the traced backward, the column bias's gradient sums the reserved feature of dK~ over the batch
     (``[B, H, T, 1] -> [H, T, 1]``), never all of dK~ into ``[H, T, width]`` (what padding before broadcasting
     gave: 16 us per layer of a GPT-2 small step on an H100)."""
+    from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
 
     graphs = []
@@ -117,8 +118,9 @@ def test_bias_channel_gradient_reads_only_the_reserved_feature_when_traced():
     def backend(gm, example_inputs):
         def bw(g, _inputs):
             graphs.append(g)
-            return g.forward
-        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _i: g.forward, bw_compiler=bw)
+            return make_boxed_func(g.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _i: make_boxed_func(g.forward),
+                                     bw_compiler=bw)
 
     torch._dynamo.reset()
     model = _tiny_gpt("ra_disc_channel")
