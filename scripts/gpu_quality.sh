@@ -20,6 +20,11 @@ if [ ! -f data/corpus/manifest.json ]; then
 fi
 SECS="${RA_QUALITY_SECONDS:-540}"; PAR="${RA_QUALITY_PAR:-9}"
 ARMS="${RA_QUALITY_ARMS:-standard,ra,full,output_gate,seed,ra_disc}"; SEEDS="${RA_QUALITY_SEEDS:-0,1,2}"
+case ",$ARMS," in
+  *,standard,*) ;;
+  *) echo "gpu_quality.sh: adding the baseline 'standard' to RA_QUALITY_ARMS=$ARMS (the paired differences are against it; its finished runs are not trained again)" >&2
+     ARMS="standard,$ARMS" ;;
+esac
 PRESET="${RA_QUALITY_PRESET:-quality-gpu-40m}"
 PRIOR="${RA_QUALITY_PRIOR:-reports/quality/quality-4m.json}"
 # fixed Triton attention configs (ops.settings.flash_autotune): no autotuning races while runs share the card; one

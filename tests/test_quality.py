@@ -203,3 +203,28 @@ def test_report_says_how_many_passes_over_the_training_split(tmp_path):
     fixture = quality.QualityConfig(arms=["standard", "ra"], seeds=[0, 1], out_dir=str(tmp_path), mqar=False,
                                     preset="quality-cpu")
     assert quality.train_split_tokens(fixture) is None
+
+
+@pytest.mark.parametrize("arms,expect", [("full,output_gate", "standard,full,output_gate"),
+                                         ("ra,standard", "ra,standard")])
+def test_gpu_quality_script_always_names_the_baseline(tmp_path, arms, expect):
+    """scripts/gpu_quality.sh adds ``standard`` to an arm list without it (the study refuses such a list, and a GPU
+    call is too dear to lose to it), and says so; a python3 stub records the study's command line."""
+    import os
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_quality.sh"
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    (tmp_path / "data" / "corpus" / "manifest.json").write_text("{}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/usr/bin/env bash\necho "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RA_QUALITY_ARMS": arms}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "out" / "quality.log").read_text()
+    assert f"--arms {expect} " in log
+    assert ("adding the baseline 'standard'" in done.stderr) == (expect != arms)
