@@ -72,6 +72,26 @@ def test_toy_grid_runs_resumes_and_reports(tmp_path):
     assert done[0].read_text() == first and done[-1].exists()
 
 
+def test_a_folder_holds_one_setting_of_what_the_run_key_leaves_out(tmp_path, capsys):
+    """The run key (file name) has no batch size: a grid with another batch in a folder of finished runs would
+    count them as its own (resume) and mix both in one report. It stops before training, one line, exit 2."""
+    gc = _toy(tmp_path, lrs=[1e-3], widths=[32], seeds=[0])
+    assert ms.run_grid(gc, progress=False) == []
+    other = _toy(tmp_path, lrs=[1e-3], widths=[32], seeds=[0, 1], batch_size=8)
+    with pytest.raises(ms.UserError, match=r"runs with batch_size \[4\] and this grid asks for \[8\]"):
+        ms.run_grid(other, progress=False)
+    assert len(list((tmp_path / "grid" / "runs").glob("*.json"))) == 4  # nothing trained
+    with pytest.raises(ms.UserError, match="one batch_size per folder; use another --out"):
+        ms.write_report(other, tmp_path / "report")
+    argv = ["--out", gc.out_dir, "--arms", "standard,ra", "--seeds", "0", "--widths", "32", "--width-task", "16:2",
+            "--kv-width", "32", "--kv-sweep", "16:4", "--lrs", "1e-3", "--steps", "4", "--vocab", "33", "--batch", "8",
+            "--eval-every", "2", "--report-only"]
+    assert ms.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use another --out" in err[0]
+    assert ms.main(argv[:-4] + ["4"] + argv[-3:]) == 0  # the folder's own batch: reports
+
+
 def test_cli_errors_are_one_line_exit_2(capsys):
     assert ms.main(["--kv-sweep", "128-16", "--plan"]) == 2
     err = capsys.readouterr().err

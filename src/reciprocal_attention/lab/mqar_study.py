@@ -116,6 +116,29 @@ def _result_path(out: Path, run: MQARRun) -> Path:
     return out / "runs" / f"{run.key}.json"
 
 
+# MQARRun fields that the run's key (its file name) leaves out: one value of each per folder, or a result of one
+# setting would count as a finished run of another
+SETTINGS_OUTSIDE_KEY = ("batch_size", "n_layer", "eval_every", "eval_sequences", "stop_at", "weight_decay")
+
+
+def check_folder_settings(out: Path, runs: list[MQARRun]) -> None:
+    """Raise :class:`UserError` when ``out/runs`` holds results trained with other settings than ``runs`` (or than
+    each other) in a field the run key leaves out (:data:`SETTINGS_OUTSIDE_KEY`): such a folder would resume and
+    report one setting's runs as another's."""
+    want = {k: {getattr(r, k) for r in runs} for k in SETTINGS_OUTSIDE_KEY}
+    seen: dict[str, set] = {k: set() for k in SETTINGS_OUTSIDE_KEY}
+    for f in sorted((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []:
+        rec = json.loads(f.read_text())
+        for k in SETTINGS_OUTSIDE_KEY:
+            if k in rec:
+                seen[k].add(rec[k])
+    for k in SETTINGS_OUTSIDE_KEY:
+        values = seen[k] | want[k]
+        if len(values) > 1:
+            raise UserError(f"{out / 'runs'} holds runs with {k} {sorted(seen[k])} and this grid asks for "
+                            f"{sorted(want[k]) or '-'}: one {k} per folder; use another --out for this setting")
+
+
 def _shape_key(run: MQARRun) -> tuple:
     """What runs trained together share: everything but the arm and the seed."""
     d = asdict(run)
@@ -188,6 +211,7 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
     for f in (out / "failed").glob("*.txt") if (out / "failed").exists() else []:
         f.unlink()  # failed runs are retried
     jobs = gc.runs()
+    check_folder_settings(out, jobs)
     todo = [r for r in jobs if not _result_path(out, r).exists()]
     (out / "jobs.json").write_text(json.dumps([asdict(r) for r in todo], indent=1))
     (out / "grid.json").write_text(json.dumps(asdict(gc), indent=1))
@@ -224,6 +248,7 @@ def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
 
 def write_report(gc: GridConfig, report_dir: Path, remaining: list[MQARRun] | None = None) -> list[dict[str, Any]]:
     """Write ``mqar.json`` (the records), ``mqar.md`` and ``mqar.png`` into ``report_dir``; returns the records."""
+    check_folder_settings(Path(gc.out_dir), gc.runs())
     recs = load_records(Path(gc.out_dir))
     if remaining is None:
         remaining = [r for r in gc.runs() if not _result_path(Path(gc.out_dir), r).exists()]
@@ -312,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # the reader stopped early (e.g. `| head`): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    remaining = None if args.report_only else run_grid(gc)
-    write_report(gc, Path(args.report or args.out), remaining)
+    try:
+        remaining = None if args.report_only else run_grid(gc)
+        write_report(gc, Path(args.report or args.out), remaining)
+    except UserError as e:
+        print(f"mqar_study: error: {e}", file=sys.stderr)
+        return 2
     print(markdown(load_records(Path(gc.out_dir)), remaining), flush=True)
     return 0
 
