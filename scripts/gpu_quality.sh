@@ -10,7 +10,8 @@
 #        `ra data prepare --out data/corpus` beforehand and send data/corpus/{manifest.json,train.bin,val.bin,test.bin})
 # env: RA_QUALITY_SECONDS (time for this run, default 540), RA_QUALITY_PAR (runs at once, default 9),
 #      RA_QUALITY_ARMS (standard is added when left out), RA_QUALITY_SEEDS, RA_QUALITY_PRESET (default
-#      quality-gpu-40m), RA_QUALITY_TOKENS (override the preset's tokens per run), RA_QUALITY_PRIOR (default reports/quality/quality-4m.json when it exists),
+#      quality-gpu-40m), RA_QUALITY_TOKENS (override the preset's tokens per run), RA_QUALITY_PRIOR (default
+#      reports/quality/quality-4m.json when it exists),
 #      RA_QUALITY_SET (more `--set key=value` overrides, space-separated, e.g. "system.compile=true").
 set -uo pipefail
 OUT="${1:?usage: gpu_quality.sh OUT_DIR}"; mkdir -p "$OUT"

@@ -47,7 +47,7 @@ def equal_wallclock(runs: dict[tuple[str, int], dict[str, Any] | None], arms: li
             if not (b and r and b.get("tokens_per_s") and r.get("tokens_per_s") and r.get("curve")):
                 continue
             if b.get("device_name") != r.get("device_name"):
-                other_card[s] = (b.get("device_name"), r.get("device_name"))
+                other_card[s] = tuple(x.get("device_name") or "an unrecorded card" for x in (b, r))
                 continue
             speed = r["tokens_per_s"] / b["tokens_per_s"]
             tokens = b["tokens"] * speed

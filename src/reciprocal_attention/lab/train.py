@@ -195,7 +195,8 @@ def _summary(run: Run, prog: Progress, val_loss: float | None, rec: dict | None)
         "best_val_loss": prog.best_val if math.isfinite(prog.best_val) else None, "out_dir": str(run.out),
         "checkpoint": str(run.last_ckpt) if run.last_ckpt else None, "resumed_from_step": run.resumed_from,
         "skipped_steps": prog.skipped, "params": run.raw_model.num_params(False), "device": str(run.device),
-        "device_name": device_name(run.device), "dtype": str(run.dtype).replace("torch.", ""), "world_size": run.dist.world_size,
+        "device_name": device_name(run.device), "dtype": str(run.dtype).replace("torch.", ""),
+        "world_size": run.dist.world_size,
         "attention": cfg.model.attn, "ra_layers": run.mcfg.ra_layer_indices(),
     }
 
