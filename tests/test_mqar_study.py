@@ -41,6 +41,7 @@ def test_best_lr_is_marked_per_arm_and_cell(tmp_path):
     md = ms.markdown(recs, remaining=gc.runs()[1:])
     assert "0.725 [0.50-0.95] n=2, 1 solved" in md and f"**Remaining:** {len(gc.runs()) - 1} runs" in md
     assert "| 32 | 16 | 2 | -, 2 |" in md  # steps to 0.9 at the best lr (1e-3), in seed order
+    assert f"| 32 | 16 | 2 | 4 | 33 | False | {r.batch_size} | 0.725" in md  # the batch is a column of the cell
     # every rate of a cell that tried several: mean (seeds, solved)
     assert "| 32 | 16 | 2 | 4 | 33 | 0.001 | 0.725 (2, 1) |" in md and "| 32 | 16 | 2 | 4 | 33 | 0.003 | 0.550 (2, 1) |" in md
 
@@ -149,3 +150,14 @@ def test_report_says_when_no_run_reached_recall(tmp_path):
             {**r.__dict__, "accuracy": 0.2, "steps_run": 4, "seconds": 1.0, "device": "cpu", "curve": [[4, 0.2]]}))
     md = ms.markdown(ms.load_records(tmp_path / "grid"))
     assert "No run reached 0.9 held-out accuracy within its steps." in md and "Steps to reach" not in md
+
+
+def test_report_marks_a_run_without_a_recorded_batch(tmp_path):
+    """Records written before runs recorded their batch size report it as ``-``, never as another cell's."""
+    (tmp_path / "grid" / "runs").mkdir(parents=True)
+    r = ms.MQARRun(arm="standard", seed=0, d_model=32, seq_len=16, n_kv=2, lr=1e-3, steps=4, vocab_size=33)
+    rec = {k: v for k, v in r.__dict__.items() if k != "batch_size"}
+    (tmp_path / "grid" / "runs" / f"{r.key}.json").write_text(json.dumps(
+        {**rec, "accuracy": 0.2, "steps_run": 4, "seconds": 1.0, "device": "cpu", "curve": [[4, 0.2]]}))
+    recs = ms.load_records(tmp_path / "grid")
+    assert recs[0]["batch_size"] is None and "| 32 | 16 | 2 | 4 | 33 | False | - | 0.200" in ms.markdown(recs)

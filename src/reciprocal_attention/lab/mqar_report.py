@@ -16,9 +16,9 @@ VALID_ARMS = ARMS + ("seed", "ra_disc")  # also accepted (the LM study's other a
 BASELINE = "standard"
 
 RECORD_KEYS = ("arm", "seed", "d_model", "seq_len", "n_kv", "lr", "steps", "accuracy", "best_lr", "steps_run",
-               "steps_to_solve", "curve", "vocab_size", "tie_embeddings", "seconds", "device")
+               "steps_to_solve", "curve", "vocab_size", "tie_embeddings", "batch_size", "seconds", "device")
 SOLVED = 0.9  # held-out accuracy that counts as recall (a run's first evaluation at or above it: steps_to_solve)
-CELL_KEYS = ("d_model", "seq_len", "n_kv", "steps", "vocab_size", "tie_embeddings")
+CELL_KEYS = ("d_model", "seq_len", "n_kv", "steps", "vocab_size", "tie_embeddings", "batch_size")
 
 
 def _best_lr(by_lr: dict[float, dict[int, float]]) -> float:
@@ -34,7 +34,7 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     """Every finished run under ``out/runs``, with ``best_lr`` marked: per (arm, cell) the learning rate of the
     highest mean accuracy over the seeds finished at every rate tried (ties: the smaller rate), so a rate with
     fewer seeds so far is compared on the same seeds."""
-    recs = [{"tie_embeddings": False, "curve": [], **json.loads(f.read_text())}
+    recs = [{"tie_embeddings": False, "curve": [], "batch_size": None, **json.loads(f.read_text())}
             for f in sorted((out / "runs").glob("*.json"))]
     for r in recs:
         r["steps_to_solve"] = next((step for step, acc in r.get("curve", []) if acc >= SOLVED), None)
@@ -88,11 +88,11 @@ def markdown(recs: list[dict[str, Any]], remaining: list[MQARRun] | None = None)
              f"`{BASELINE}` per seed (same init of shared weights, same data). Without recall a model can still "
              "name one of the sequence's values (about 1/n_kv). The region that can show a difference is where the "
              "baseline is between 0.3 and 0.9.", "",
-             "| d_model | seq_len | n_kv | steps | vocab | tied head | " + " | ".join(arms) + " |",
-             "|---" * (6 + len(arms)) + "|"]
+             "| d_model | seq_len | n_kv | steps | vocab | tied head | batch | " + " | ".join(arms) + " |",
+             "|---" * (7 + len(arms)) + "|"]
     for cell in sorted(table, key=lambda c: (c[2], c[1], c[0])):
         base = table[cell].get(BASELINE)
-        lines.append("| " + " | ".join(str(c) for c in cell) + " | "
+        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cell) + " | "
                      + " | ".join(_cell_text(table[cell].get(a), base) for a in arms) + " |")
     steps = cell_table(recs, "steps_to_solve")
     rows = []
