@@ -248,6 +248,28 @@ def test_gpu_hf_converted_one_graph_no_breaks():
 def test_gpu_inductor_fullgraph_step_matches_eager(preset, traced_fold):
     """torch.compile(model, fullgraph=True) with inductor under bf16 autocast, fp32 parameters, with either fold
     while traced: loss and gradients within bf16 tolerances of eager; a fused AdamW step runs."""
+    _compiled_step_matches_eager(preset, traced_fold)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_static_launch_launches_the_fold_kernels_statically():
+    """With inductor's static launch of user-defined Triton kernels (the ``ra+static-launch`` bench arm), the fold's
+    kernels qualify for it (strict: a kernel that would fall back to Triton's launcher raises) and the compiled step
+    still matches eager. Compiled in this process (``compile_threads=1``: workers get no config patch), with the
+    in-memory kernel caches cleared so no kernel built with the other launcher is reused."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.async_compile import CompiledTritonKernels
+    from torch._inductor.codecache import PyCodeCache
+
+    CompiledTritonKernels.cache_clear()
+    PyCodeCache.cache_clear()
+    with inductor_config.patch(compile_threads=1, force_disable_caches=True, use_static_cuda_launcher=True,
+                               static_launch_user_defined_triton_kernels=True, strict_static_cuda_launcher=True):
+        _compiled_step_matches_eager("ra", "triton")
+
+
+def _compiled_step_matches_eager(preset: str, traced_fold: str) -> None:
     torch._dynamo.reset()
     eager = _tiny_gpt(preset, "cuda")
     cmodel = _tiny_gpt(preset, "cuda")

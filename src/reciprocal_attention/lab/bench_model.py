@@ -12,9 +12,10 @@ Decoding: tokens/s of greedy generation with the KV cache (``B=1`` and ``B=8``).
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -28,7 +29,14 @@ MODES = ("eager", "compile", "compile-cudagraphs")
 PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
 # ``PRESET+VARIANT`` arms: the preset's model with one implementation choice changed, timed against the same baseline
 # in the same process as the preset itself (the two ratios compare the choice)
-ARM_VARIANTS = {"pytorch-fold": "the fold in PyTorch ops while torch.compile traces (ReciprocalAttention.traced_fold)"}
+ARM_VARIANTS = {"pytorch-fold": "the fold in PyTorch ops while torch.compile traces (ReciprocalAttention.traced_fold)",
+                "static-launch": "the fold's Triton kernels launched by inductor's static CUDA launcher under "
+                                 "torch.compile (off by default in torch, which launches user-defined Triton kernels "
+                                 "through Triton's own launcher); process-wide, so timed in a child process against "
+                                 "its own baseline"}
+# variants that are a process-wide setting: their arms run in child processes started with this environment (read by
+# torch._inductor.config at import, and inherited by inductor's compile workers, which get no config patches)
+PROCESS_VARIANTS = {"static-launch": {"TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS": "1"}}
 
 
 @dataclass
@@ -56,6 +64,10 @@ def _sync(device: torch.device) -> None:
 
 def _gpt(cfg: ModelBenchConfig, preset: str, T: int, device: torch.device) -> nn.Module:
     preset, _, variant = preset.partition("+")
+    unset = {k: v for k, v in PROCESS_VARIANTS.get(variant, {}).items() if os.environ.get(k) != v}
+    if unset:  # the model alone cannot carry a process-wide setting: never time the plain preset under its name
+        raise RuntimeError(f"the arm {preset}+{variant} needs a process started with "
+                           f"{' '.join(f'{k}={v}' for k, v in unset.items())}")
     gcfg = GPTConfig.from_preset(cfg.size, attn=preset, **{"block_size": max(T, 1024), **cfg.overrides})
     model = GPT(gcfg, seed=0).to(device)
     if variant == "pytorch-fold":
@@ -305,11 +317,14 @@ def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print,
     return records
 
 
-def _in_processes(args: Any, device: str, processes: int,
-                  write: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
-    """The same ``ra bench --model`` in ``processes`` fresh processes, one after the other, combined
-    (:func:`~reciprocal_attention.lab.bench_model_report.combine_processes`) after each."""
+def _in_processes(args: Any, device: str, processes: int, presets: str, modes: str, no_decode: bool,
+                  env: dict[str, str] | None = None,
+                  on_run: Callable[[list[list[dict[str, Any]]]], None] | None = None) -> list[list[dict[str, Any]]]:
+    """The records of ``ra bench --model`` with these arms and modes run in ``processes`` fresh processes, one
+    after the other (``env`` added to their environment), one list per process; ``on_run(runs so far)`` after
+    each (a run cut short keeps what it measured)."""
     import json
+    import os
     import subprocess
     import sys
     import tempfile
@@ -320,16 +335,39 @@ def _in_processes(args: Any, device: str, processes: int,
         for k in range(processes):
             out = Path(tmp) / f"process-{k}"
             cmd = [sys.executable, "-m", "reciprocal_attention.lab.cli", "bench", "--model", args.model,
-                   "--model-presets", args.model_presets, "--model-modes", args.model_modes,
+                   "--model-presets", presets, "--model-modes", modes,
                    "--model-shapes", args.model_shapes, "--model-rounds", str(args.model_rounds),
-                   "--device", device, "--out", str(out)] + (["--no-decode"] if args.no_decode else [])
-            print(f"[bench --model] process {k + 1} of {processes}", flush=True)
-            done = subprocess.run(cmd)
+                   "--device", device, "--out", str(out)] + (["--no-decode"] if no_decode else [])
+            print(f"[bench --model] process {k + 1} of {processes}: {presets} ({modes})"
+                  + (f" with {' '.join(f'{n}={v}' for n, v in env.items())}" if env else ""), flush=True)
+            done = subprocess.run(cmd, env={**os.environ, **(env or {})})
             if done.returncode != 0:
                 raise RuntimeError(f"the benchmark process {k + 1} of {processes} exited with {done.returncode}")
             runs.append(json.loads((out / "model.json").read_text()))
-            write(combine_processes(runs))
-    return combine_processes(runs)
+            if on_run is not None:
+                on_run(runs)
+    return runs
+
+
+def _process_variant_records(args: Any, device: str, processes: int, arms: tuple[str, ...],
+                             modes: tuple[str, ...], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The records of the process-wide variant arms (:data:`PROCESS_VARIANTS`), per variant in child processes
+    started with its environment: the preset against its baseline there, recorded as ``PRESET+VARIANT`` with the
+    environment in ``process_env``. Eager mode is skipped (the variants change how torch.compile launches)."""
+    out: list[dict[str, Any]] = []
+    compiled = tuple(m for m in modes if m != "eager")
+    for variant, env in PROCESS_VARIANTS.items():
+        presets = [a.partition("+")[0] for a in arms if a.partition("+")[2] == variant]
+        if not presets:
+            continue
+        if not compiled:
+            log(f"  eager: skipping {', '.join(p + '+' + variant for p in presets)} (the same eager model as its "
+                "preset)")
+            continue
+        runs = _in_processes(args, device, processes, ",".join(presets), ",".join(compiled), True, env)
+        for r in combine_processes(runs) if processes > 1 else runs[0]:
+            out.append({**r, "preset": f"{r['preset']}+{variant}", "process_env": dict(env)})
+    return out
 
 
 def _csv(value: str, option: str, valid: tuple[str, ...]) -> tuple[str, ...]:
@@ -420,10 +458,16 @@ def run_from_args(args: Any) -> int:
     processes = getattr(args, "model_processes", 1)
     if not isinstance(processes, int) or processes < 1:
         raise UserError(f"--model-processes must be an int >= 1; got {processes!r}")
-    if processes == 1:
-        records = run_model_bench(cfg, on_record=write)
-    else:
-        records = _in_processes(args, device, processes, write)
+    in_child = tuple(a for a in cfg.presets if a.partition("+")[2] in PROCESS_VARIANTS)
+    here = tuple(a for a in cfg.presets if a not in in_child)
+    records: list[dict[str, Any]] = []
+    if here and processes == 1:
+        records = run_model_bench(replace(cfg, presets=here), on_record=write)
+    elif here:
+        records = combine_processes(_in_processes(args, device, processes, ",".join(here), args.model_modes,
+                                                  args.no_decode, on_run=lambda runs: write(combine_processes(runs))))
+    if in_child:
+        records = records + _process_variant_records(args, device, processes, in_child, cfg.modes)
     print(render_markdown(records))  # this run's records; the files hold the merged ones
     write(records, final=True)
     if out is not None:
