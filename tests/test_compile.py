@@ -262,6 +262,8 @@ def test_gpu_static_launch_launches_the_fold_kernels_statically():
     from torch._inductor.async_compile import CompiledTritonKernels
     from torch._inductor.codecache import PyCodeCache
 
+    if not hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
+        pytest.skip(f"torch {torch.__version__} cannot launch user-defined Triton kernels statically (torch >= 2.8)")
     CompiledTritonKernels.cache_clear()
     PyCodeCache.cache_clear()
     with inductor_config.patch(compile_threads=1, force_disable_caches=True, use_static_cuda_launcher=True,
