@@ -253,9 +253,9 @@ def test_variant_arm_sets_the_choice_on_every_layer():
 
 
 def test_static_launch_arms_run_in_child_processes_with_their_environment(monkeypatch):
-    """``ra+static-launch``: a process-wide inductor setting, so the arm is the preset timed in child processes
-    started with the variant's environment (compiled modes only, no decoding), recorded under the variant's name with
-    that environment, the processes' ratios combined."""
+    """``ra+static-launch``: a process-wide inductor setting, so the arm runs in child processes started with the
+    variant's environment (compiled modes only, no decoding), which time it under its own name against their own
+    baseline; the processes' ratios are combined."""
     import argparse
     import subprocess
     from pathlib import Path
@@ -268,7 +268,7 @@ def test_static_launch_arms_run_in_child_processes_with_their_environment(monkey
         out.mkdir(parents=True)
         ratio = 1.0 + 0.01 * len(seen)
         out.joinpath("model.json").write_text(json.dumps([{
-            "kind": "train_step", "model": "gpt2", "preset": "ra", "mode": "compile", "B": 8, "T": 1024,
+            "kind": "train_step", "model": "gpt2", "preset": "ra+static-launch", "mode": "compile", "B": 8, "T": 1024,
             "ms_median": 2.0, "ratio_vs_baseline": ratio, "ratio_min": ratio, "ratio_max": ratio,
             "peak_mem_bytes": None, "device": "cuda", "torch": "x", "triton": "y"}]))
         return subprocess.CompletedProcess(cmd, 0)
@@ -278,34 +278,47 @@ def test_static_launch_arms_run_in_child_processes_with_their_environment(monkey
     recs = bm._process_variant_records(args, "cuda", 2, ("ra+static-launch",), ("eager", "compile"))
     assert len(seen) == 2
     for cmd, env in seen:
-        assert cmd[cmd.index("--model-presets") + 1] == "ra" and cmd[cmd.index("--model-modes") + 1] == "compile"
-        assert "--no-decode" in cmd and env["TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"] == "1"
+        assert cmd[cmd.index("--model-presets") + 1] == "ra+static-launch"
+        assert cmd[cmd.index("--model-modes") + 1] == "compile" and "--no-decode" in cmd
+        assert env["TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"] == "1"
     [rec] = recs
     assert rec["preset"] == "ra+static-launch" and rec["process_ratios"] == [1.01, 1.02]
-    assert rec["process_env"] == {"TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS": "1"}
     lines = []  # eager only: nothing to time, and the log says so
     assert bm._process_variant_records(args, "cuda", 1, ("ra+static-launch",), ("eager",), log=lines.append) == []
     assert lines == ["  eager: skipping ra+static-launch (the same eager model as its preset)"] and len(seen) == 2
 
 
 def test_static_launch_arm_is_never_the_plain_preset_under_its_name(monkeypatch):
-    """Built in a process without the variant's environment, ``ra+static-launch`` raises instead of timing ``ra``
-    under its name; with it (a child process, ``tools/profile_model.py`` run with it) it is the ``ra`` model."""
+    """Built in a process without the variant's environment (or where inductor's setting is off), ``ra+static-launch``
+    raises instead of timing ``ra`` under its name; in a process that has both it is the ``ra`` model, and that
+    process refuses to compile a plain RA arm (it would run with the setting too)."""
+    import torch._inductor.config as inductor_config
+
+    from reciprocal_attention.lab.errors import UserError
+
     cfg = bm.ModelBenchConfig(device="cpu", overrides=TINY)
     monkeypatch.delenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", raising=False)
     with pytest.raises(RuntimeError, match="TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1"):
         bm._gpt(cfg, "ra+static-launch", 16, bm.torch.device("cpu"))
+    bm._check_process_variants(("ra", "ra+static-launch"), ("compile",))  # nothing set: the child runs the variant
     monkeypatch.setenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", "1")
+    monkeypatch.setattr(inductor_config, "static_launch_user_defined_triton_kernels", False)
+    with pytest.raises(RuntimeError, match="static_launch_user_defined_triton_kernels"):
+        bm._gpt(cfg, "ra+static-launch", 16, bm.torch.device("cpu"))
+    monkeypatch.setattr(inductor_config, "static_launch_user_defined_triton_kernels", True)
     model = bm._gpt(cfg, "ra+static-launch", 16, bm.torch.device("cpu"))
     assert {type(m).__name__ for m in model.modules()} >= {"ReciprocalAttention"}
-    from reciprocal_attention.lab.errors import UserError
-
+    with pytest.raises(UserError, match="name them ra\\+static-launch"):
+        bm._check_process_variants(("standard", "ra", "ra+static-launch"), ("compile",))
+    bm._check_process_variants(("standard", "ra+static-launch"), ("compile",))
+    bm._check_process_variants(("ra",), ("eager",))  # eager steps launch no inductor kernels
     with pytest.raises(UserError, match="standard\\+static-launch"):  # the variant of the baseline is no arm
         bm._arms("standard+static-launch")
 
 
 def test_cli_times_the_plain_arms_here_and_skips_the_process_variant_eagerly(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bm, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
+    monkeypatch.delenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", raising=False)
     code = cli.main(["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager", "--model-presets",
                      "ra,ra+static-launch", "--model-shapes", "1x8", "--model-rounds", "1", "--no-decode",
                      "--no-progress", "--out", str(tmp_path)])

@@ -34,9 +34,16 @@ ARM_VARIANTS = {"pytorch-fold": "the fold in PyTorch ops while torch.compile tra
                                  "torch.compile (off by default in torch, which launches user-defined Triton kernels "
                                  "through Triton's own launcher); process-wide, so timed in a child process against "
                                  "its own baseline"}
-# variants that are a process-wide setting: their arms run in child processes started with this environment (read by
-# torch._inductor.config at import, and inherited by inductor's compile workers, which get no config patches)
-PROCESS_VARIANTS = {"static-launch": {"TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS": "1"}}
+# variants that are a process-wide setting: the environment that makes it (read by torch._inductor.config at import,
+# and inherited by inductor's compile workers, which get no config patches) and the inductor config it sets. Their
+# arms run in child processes started with it; a process that has it times every compiled arm with it.
+PROCESS_VARIANTS = {"static-launch": ({"TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS": "1"},
+                                      "static_launch_user_defined_triton_kernels")}
+
+
+def _process_variants_here() -> set[str]:
+    """The process-wide variants whose environment this process was started with."""
+    return {v for v, (env, _) in PROCESS_VARIANTS.items() if all(os.environ.get(k) == x for k, x in env.items())}
 
 
 @dataclass
@@ -64,10 +71,16 @@ def _sync(device: torch.device) -> None:
 
 def _gpt(cfg: ModelBenchConfig, preset: str, T: int, device: torch.device) -> nn.Module:
     preset, _, variant = preset.partition("+")
-    unset = {k: v for k, v in PROCESS_VARIANTS.get(variant, {}).items() if os.environ.get(k) != v}
-    if unset:  # the model alone cannot carry a process-wide setting: never time the plain preset under its name
-        raise RuntimeError(f"the arm {preset}+{variant} needs a process started with "
-                           f"{' '.join(f'{k}={v}' for k, v in unset.items())}")
+    if variant in PROCESS_VARIANTS:  # the model cannot carry a process-wide setting: never the plain preset by its name
+        env, setting = PROCESS_VARIANTS[variant]
+        import torch._inductor.config as inductor_config
+
+        if variant not in _process_variants_here():
+            raise RuntimeError(f"the arm {preset}+{variant} needs a process started with "
+                               f"{' '.join(f'{k}={v}' for k, v in env.items())}")
+        if getattr(inductor_config, setting, None) is not True:
+            raise RuntimeError(f"the arm {preset}+{variant}: torch {torch.__version__} has no inductor setting "
+                               f"{setting} (torch >= 2.8), or it is off in this process")
     gcfg = GPTConfig.from_preset(cfg.size, attn=preset, **{"block_size": max(T, 1024), **cfg.overrides})
     model = GPT(gcfg, seed=0).to(device)
     if variant == "pytorch-fold":
@@ -288,6 +301,9 @@ def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] = print,
                     rec.update(kind="train_step", model="hf-gpt2" if hf else cfg.size,
                                preset="low_rank" if hf else preset, mode=mode, B=B, T=T, rounds=cfg.rounds,
                                steps=cfg.steps, peak_mem_bytes=peak, baseline_peak_mem_bytes=base_peak, **versions)
+                    variant = preset.partition("+")[2]
+                    if variant in PROCESS_VARIANTS:
+                        rec["process_env"] = dict(PROCESS_VARIANTS[variant][0])
                     records.append(rec)
                     if on_record is not None:
                         on_record(records)
@@ -351,23 +367,35 @@ def _in_processes(args: Any, device: str, processes: int, presets: str, modes: s
 
 def _process_variant_records(args: Any, device: str, processes: int, arms: tuple[str, ...],
                              modes: tuple[str, ...], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The records of the process-wide variant arms (:data:`PROCESS_VARIANTS`), per variant in child processes
-    started with its environment: the preset against its baseline there, recorded as ``PRESET+VARIANT`` with the
-    environment in ``process_env``. Eager mode is skipped (the variants change how torch.compile launches)."""
+    """The records of process-wide variant arms (:data:`PROCESS_VARIANTS`), per variant in child processes started
+    with its environment, where they run against their own baseline. Eager mode is skipped (the variants change how
+    torch.compile launches)."""
     out: list[dict[str, Any]] = []
     compiled = tuple(m for m in modes if m != "eager")
-    for variant, env in PROCESS_VARIANTS.items():
-        presets = [a.partition("+")[0] for a in arms if a.partition("+")[2] == variant]
-        if not presets:
+    for variant, (env, _) in PROCESS_VARIANTS.items():
+        mine = [a for a in arms if a.partition("+")[2] == variant]
+        if not mine:
             continue
         if not compiled:
-            log(f"  eager: skipping {', '.join(p + '+' + variant for p in presets)} (the same eager model as its "
-                "preset)")
+            log(f"  eager: skipping {', '.join(mine)} (the same eager model as its preset)")
             continue
-        runs = _in_processes(args, device, processes, ",".join(presets), ",".join(compiled), True, env)
-        for r in combine_processes(runs) if processes > 1 else runs[0]:
-            out.append({**r, "preset": f"{r['preset']}+{variant}", "process_env": dict(env)})
+        runs = _in_processes(args, device, processes, ",".join(mine), ",".join(compiled), True, env)
+        out += combine_processes(runs) if processes > 1 else runs[0]
     return out
+
+
+def _check_process_variants(presets: tuple[str, ...], modes: tuple[str, ...]) -> None:
+    """In a process started with a variant's environment every compiled arm runs with it, so each must say so in its
+    name (the baseline ``standard`` has no user-defined Triton kernels and is the same either way)."""
+    from .errors import UserError
+
+    for variant in _process_variants_here():
+        plain = [a for a in presets if a != "standard" and a.partition("+")[2] != variant]
+        if plain and any(m != "eager" for m in modes):
+            env = " ".join(f"{k}={v}" for k, v in PROCESS_VARIANTS[variant][0].items())
+            raise UserError(f"--model-presets: {env} is set, so this process compiles {', '.join(plain)} with "
+                            f"'{variant}': name them {', '.join(a.partition('+')[0] + '+' + variant for a in plain)}, "
+                            f"or unset it")
 
 
 def _csv(value: str, option: str, valid: tuple[str, ...]) -> tuple[str, ...]:
@@ -458,7 +486,9 @@ def run_from_args(args: Any) -> int:
     processes = getattr(args, "model_processes", 1)
     if not isinstance(processes, int) or processes < 1:
         raise UserError(f"--model-processes must be an int >= 1; got {processes!r}")
-    in_child = tuple(a for a in cfg.presets if a.partition("+")[2] in PROCESS_VARIANTS)
+    _check_process_variants(cfg.presets, cfg.modes)
+    ready = _process_variants_here()
+    in_child = tuple(a for a in cfg.presets if a.partition("+")[2] in set(PROCESS_VARIANTS) - ready)
     here = tuple(a for a in cfg.presets if a not in in_child)
     records: list[dict[str, Any]] = []
     if here and processes == 1:
