@@ -1,4 +1,4 @@
-"""``ra bench --model gpt2`` (``lab/bench_model.py``) on CPU at a tiny size: the record contract the README and
+"""``ra bench --model gpt2`` (``lab/bench_model.py``, ``lab/bench_model_cli.py``) on CPU at a tiny size: the record contract the README and
 ``benchmarks/results/<card>/model.json`` rely on, the paired timing, decoding, and its user errors."""
 
 import functools
@@ -7,6 +7,8 @@ import json
 import pytest
 
 from reciprocal_attention.lab import bench_model as bm
+from reciprocal_attention.lab import bench_model_cli as bmc
+from reciprocal_attention.lab import bench_model_report as bmr
 from reciprocal_attention.lab import cli
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 96}
@@ -33,7 +35,7 @@ def test_records_have_the_contract_fields():
     for r in dec:
         assert r["tokens_per_s"] > 0 and r["baseline_tokens_per_s"] > 0
         assert r["ratio_min"] <= r["ratio_vs_baseline"] <= r["ratio_max"] and r["rounds"] == 5
-    md = bm.render_markdown(records)
+    md = bmr.render_markdown(records)
     assert md.count("| gpt2 | ra | eager | 2 x 16 |") == 1 and "decoding" in md
     json.dumps(records, allow_nan=False)
 
@@ -83,7 +85,7 @@ def test_user_errors(capsys, argv, match):
 
 def test_cli_writes_results(tmp_path, capsys, monkeypatch):
     """The CLI path end to end on CPU (a tiny GPT-2, one tiny shape): model.json / .md / .png under ``--out``."""
-    monkeypatch.setattr(bm, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
+    monkeypatch.setattr(bmc, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
     code = cli.main(["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager", "--model-presets", "ra",
                      "--model-shapes", "1x8", "--model-rounds", "1", "--no-decode", "--no-progress",
                      "--out", str(tmp_path)])
@@ -100,13 +102,13 @@ def test_merge_replaces_only_what_is_measured_again():
 
     old = [rec("ra", "eager", 1.0), rec("ra", "compile", 2.0), rec("full", "eager", 3.0)]
     new = [rec("ra", "compile", 20.0), rec("seed", "eager", 4.0)]
-    got = bm.merge_records(old, new)
+    got = bmr.merge_records(old, new)
     assert [(r["preset"], r["mode"], r["ms_median"]) for r in got] == [
         ("ra", "eager", 1.0), ("ra", "compile", 20.0), ("full", "eager", 3.0), ("seed", "eager", 4.0)]
 
 
 def test_cli_merge_keeps_other_records(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bm, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
+    monkeypatch.setattr(bmc, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
     kept = {"kind": "train_step", "model": "gpt2", "preset": "full", "mode": "compile", "B": 8, "T": 1024,
             "ms_median": 1.0, "ratio_vs_baseline": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "peak_mem_bytes": None,
             "device": "cpu", "torch": "x", "triton": "y"}
@@ -185,12 +187,12 @@ def test_combine_processes_takes_medians_and_keeps_each_ratio():
 
     runs = [[rec(1.02, 1.01, 1.15, 22.5), rec(1.0, 1.0, 1.0, 1.0, "seed")],
             [rec(1.19, 0.98, 1.33, 26.2)], [rec(1.21, 1.11, 1.33, 27.8)]]
-    ra, seed = bm.combine_processes(runs)
+    ra, seed = bmr.combine_processes(runs)
     assert ra["ratio_vs_baseline"] == pytest.approx(1.19) and ra["process_ratios"] == [1.02, 1.19, 1.21]
     assert (ra["ratio_min"], ra["ratio_max"], ra["ms_min"], ra["ms_max"]) == (0.98, 1.33, 21.5, 28.8)
     assert ra["ms_median"] == pytest.approx(26.2) and ra["processes"] == 3 and ra["peak_mem_bytes"] is None
     assert seed["processes"] == 1 and seed["process_ratios"] == [1.0]
-    md = bm.render_markdown([ra, seed])
+    md = bmr.render_markdown([ra, seed])
     assert "**1.190x** [0.980-1.330] (processes: 1.020, 1.190, 1.210)" in md and "(processes" not in \
         md.split("| seed |")[1]
 
@@ -275,7 +277,7 @@ def test_static_launch_arms_run_in_child_processes_with_their_environment(monkey
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     args = argparse.Namespace(model="gpt2", model_shapes="8x1024", model_rounds=5)
-    recs = bm._process_variant_records(args, "cuda", 2, ("ra+static-launch",), ("eager", "compile"))
+    recs = bmc._process_variant_records(args, "cuda", 2, ("ra+static-launch",), ("eager", "compile"))
     assert len(seen) == 2
     for cmd, env in seen:
         assert cmd[cmd.index("--model-presets") + 1] == "ra+static-launch"
@@ -284,7 +286,7 @@ def test_static_launch_arms_run_in_child_processes_with_their_environment(monkey
     [rec] = recs
     assert rec["preset"] == "ra+static-launch" and rec["process_ratios"] == [1.01, 1.02]
     lines = []  # eager only: nothing to time, and the log says so
-    assert bm._process_variant_records(args, "cuda", 1, ("ra+static-launch",), ("eager",), log=lines.append) == []
+    assert bmc._process_variant_records(args, "cuda", 1, ("ra+static-launch",), ("eager",), log=lines.append) == []
     assert lines == ["  eager: skipping ra+static-launch (the same eager model as its preset)"] and len(seen) == 2
 
 
@@ -300,7 +302,7 @@ def test_static_launch_arm_is_never_the_plain_preset_under_its_name(monkeypatch)
     monkeypatch.delenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", raising=False)
     with pytest.raises(RuntimeError, match="TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1"):
         bm._gpt(cfg, "ra+static-launch", 16, bm.torch.device("cpu"))
-    bm._check_process_variants(("ra", "ra+static-launch"), ("compile",))  # nothing set: the child runs the variant
+    bmc._check_process_variants(("ra", "ra+static-launch"), ("compile",))  # nothing set: the child runs the variant
     monkeypatch.setenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", "1")
     monkeypatch.setattr(inductor_config, "static_launch_user_defined_triton_kernels", False)
     with pytest.raises(RuntimeError, match="static_launch_user_defined_triton_kernels"):
@@ -309,15 +311,15 @@ def test_static_launch_arm_is_never_the_plain_preset_under_its_name(monkeypatch)
     model = bm._gpt(cfg, "ra+static-launch", 16, bm.torch.device("cpu"))
     assert {type(m).__name__ for m in model.modules()} >= {"ReciprocalAttention"}
     with pytest.raises(UserError, match="name them ra\\+static-launch"):
-        bm._check_process_variants(("standard", "ra", "ra+static-launch"), ("compile",))
-    bm._check_process_variants(("standard", "ra+static-launch"), ("compile",))
-    bm._check_process_variants(("ra",), ("eager",))  # eager steps launch no inductor kernels
+        bmc._check_process_variants(("standard", "ra", "ra+static-launch"), ("compile",))
+    bmc._check_process_variants(("standard", "ra+static-launch"), ("compile",))
+    bmc._check_process_variants(("ra",), ("eager",))  # eager steps launch no inductor kernels
     with pytest.raises(UserError, match="standard\\+static-launch"):  # the variant of the baseline is no arm
-        bm._arms("standard+static-launch")
+        bmc._arms("standard+static-launch")
 
 
 def test_cli_times_the_plain_arms_here_and_skips_the_process_variant_eagerly(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bm, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
+    monkeypatch.setattr(bmc, "ModelBenchConfig", functools.partial(bm.ModelBenchConfig, overrides=TINY))
     monkeypatch.delenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", raising=False)
     code = cli.main(["bench", "--model", "gpt2", "--device", "cpu", "--model-modes", "eager", "--model-presets",
                      "ra,ra+static-launch", "--model-shapes", "1x8", "--model-rounds", "1", "--no-decode",

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ra bench", description="Benchmark RA against the baseline attention block (docs/RA-SPEC.md section 4).",
         epilog="Without CUDA: small shapes, eager mode, fp32, and only the arms that run on a CPU; the report then "
                "shows paired ratios and says CPU timings are not a result.")
-    from .bench_model import add_arguments as add_model_arguments
+    from .bench_model_cli import add_arguments as add_model_arguments
 
     add_model_arguments(ap)
     ap.add_argument("--out", type=Path, default=None,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         return _render(args)
     if args.model is not None:
-        from .bench_model import run_from_args
+        from .bench_model_cli import run_from_args
 
         return run_from_args(args)
     cfg = config_from_args(args)
