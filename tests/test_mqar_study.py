@@ -93,6 +93,26 @@ def test_a_folder_holds_one_setting_of_what_the_run_key_leaves_out(tmp_path, cap
     assert ms.main(argv[:-4] + ["4"] + argv[-3:]) == 0  # the folder's own batch: reports
 
 
+def test_one_study_per_folder_at_a_time(tmp_path, capsys):
+    """A second study on a folder in use would clear the first one's claims and train its runs again: it stops
+    with one line naming the holder, exit 2, and nothing is trained; once the folder is free it runs."""
+    from reciprocal_attention.lab.errors import RunLockedError
+    from reciprocal_attention.lab.runlock import RunLock
+
+    gc = _toy(tmp_path, lrs=[1e-3], widths=[32], seeds=[0])
+    argv = ["--out", gc.out_dir, "--arms", "standard,ra", "--seeds", "0", "--widths", "32", "--width-task", "16:2",
+            "--kv-width", "32", "--kv-sweep", "16:4", "--lrs", "1e-3", "--steps", "4", "--vocab", "33", "--batch", "4",
+            "--eval-every", "2", "--parallel", "1"]
+    with RunLock(tmp_path / "grid"):  # a live study holds it (this process's pid: never stale)
+        with pytest.raises(RunLockedError, match="is in use by pid"):
+            ms.run_grid(gc, progress=False)
+        assert ms.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by pid" in err[0]
+    assert not list((tmp_path / "grid" / "runs").glob("*.json"))
+    assert ms.run_grid(gc, progress=False) == [] and not (tmp_path / "grid" / ".lock").exists()
+
+
 def test_cli_errors_are_one_line_exit_2(capsys):
     assert ms.main(["--kv-sweep", "128-16", "--plan"]) == 2
     err = capsys.readouterr().err

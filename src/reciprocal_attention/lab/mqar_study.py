@@ -31,6 +31,7 @@ from .errors import UserError
 from .mqar import MQARRun, MQARSpec, probe_config, train_group
 from .mqar_report import ARMS, BASELINE, VALID_ARMS, load_records, markdown, plot
 from .progress import LiveProgress
+from .runlock import RunLock
 from .runtime import pinned_env, visible_gpus
 
 log = logging.getLogger(__name__)
@@ -201,12 +202,21 @@ def worker(out: Path, deadline: float, group: int = 1) -> int:
 
 
 def run_grid(gc: GridConfig, progress: bool = True) -> list[MQARRun]:
-    """Run the grid's unfinished runs with ``parallel`` workers until done or the deadline; returns what remains."""
+    """Run the grid's unfinished runs with ``parallel`` workers until done or the deadline; returns what remains.
+
+    One study per folder at a time (:class:`~reciprocal_attention.lab.runlock.RunLock` on ``out_dir``): a second
+    one would clear the live workers' claims and train their runs again; it gets a :class:`RunLockedError`
+    naming the holder instead."""
     gc.validate()
     out = Path(gc.out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        return _run_grid(gc, out, progress)
+
+
+def _run_grid(gc: GridConfig, out: Path, progress: bool) -> list[MQARRun]:
     (out / "claims").mkdir(exist_ok=True)
-    for c in (out / "claims").iterdir():  # no worker is alive: claims left by a stopped call are stale
+    for c in (out / "claims").iterdir():  # this study holds the folder: claims left by a stopped one are stale
         c.unlink()
     for f in (out / "failed").glob("*.txt") if (out / "failed").exists() else []:
         f.unlink()  # failed runs are retried
