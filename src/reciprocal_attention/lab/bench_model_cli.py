@@ -198,5 +198,5 @@ def run_from_args(args: Any) -> int:
     print(render_markdown(records))  # this run's records; the files hold the merged ones
     write(records, final=True)
     if out is not None:
-        print(f"wrote {out / 'model.json'}, model.md, model.png")
+        print(f"wrote {out / 'model.json'}, " + ", ".join(f for f in ("model.md", "model.png") if (out / f).exists()))
     return 0
