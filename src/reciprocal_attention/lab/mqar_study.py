@@ -54,7 +54,7 @@ class GridConfig:
     kv_width: int = 128
     kv_sweep: list[tuple[int, int]] = field(default_factory=lambda: [(64, 4), (64, 8), (128, 16), (256, 32)])
     # 1e-3 first: at 8 pairs, seq 64, width 128 (vocabulary 256, batch 256) the baseline learned recall in none of 6
-    # seeds at 3e-3 in 2000 steps on an H100, and by step 1000 at 1e-3 on a CPU (reports/quality/
+    # seeds at 3e-3 in 2000 steps on an H100, and in 4 of the 6 by steps 750-1250 at 1e-3 on a CPU (reports/quality/
     # mqar-cpu-8pairs-v256-b256/); on the CPU's vocabulary-65 setting 3e-3 left every arm at chance
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
     steps: int = 2000
