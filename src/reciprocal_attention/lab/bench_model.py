@@ -28,7 +28,8 @@ from .runtime import device_name
 MODES = ("eager", "compile", "compile-cudagraphs")
 PRESETS = ("standard", "ra", "ra_disc_channel", "seed", "low_rank", "full", "hf-gpt2")
 # ``PRESET+VARIANT`` arms: the preset's model with one implementation choice changed, timed against the same baseline
-# in the same process as the preset itself (the two ratios compare the choice)
+# in the same process as the preset itself (the two ratios compare the choice); a process-wide variant
+# (PROCESS_VARIANTS) is timed in child processes against their own baseline instead
 ARM_VARIANTS = {"pytorch-fold": "the fold in PyTorch ops while torch.compile traces (ReciprocalAttention.traced_fold)",
                 "static-launch": "the fold's Triton kernels launched by inductor's static CUDA launcher under "
                                  "torch.compile (off by default in torch, which launches user-defined Triton kernels "
