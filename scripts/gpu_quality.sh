@@ -12,7 +12,9 @@
 #      RA_QUALITY_ARMS (standard is added when left out), RA_QUALITY_SEEDS, RA_QUALITY_PRESET (default
 #      quality-gpu-40m), RA_QUALITY_TOKENS (override the preset's tokens per run), RA_QUALITY_PRIOR (default
 #      reports/quality/quality-4m.json when it exists),
-#      RA_QUALITY_SET (more `--set key=value` overrides, space-separated, e.g. "system.compile=true").
+#      RA_QUALITY_SET (more `--set key=value` overrides, space-separated, e.g. "system.compile=true"),
+#      RA_QUALITY_RESTORE (the study's committed report, whose finished runs are restored into OUT_DIR first; default
+#      reports/quality/quality.json for the default preset and tokens, "" for none).
 set -uo pipefail
 OUT="${1:?usage: gpu_quality.sh OUT_DIR}"; mkdir -p "$OUT"
 if [ ! -f data/corpus/manifest.json ]; then
@@ -36,6 +38,10 @@ args=(--preset "$PRESET" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PAR" --out
 [ -n "${RA_QUALITY_TOKENS:-}" ] && args+=(--set "budget.max_tokens=$RA_QUALITY_TOKENS")
 for kv in ${RA_QUALITY_SET:-}; do args+=(--set "$kv"); done
 [ -f "$PRIOR" ] && args+=(--prior "$PRIOR")
+# the finished runs of the committed report count as done here: the study resumes without its run folders
+if [ "$PRESET" = quality-gpu-40m ] && [ -z "${RA_QUALITY_TOKENS:-}" ]; then RESTORE="${RA_QUALITY_RESTORE-reports/quality/quality.json}"
+else RESTORE="${RA_QUALITY_RESTORE:-}"; fi
+[ -n "$RESTORE" ] && args+=(--restore "$RESTORE")
 # the study stops its runs at the deadline; the outer timeout guards against a hang in the report after it
 timeout --kill-after=20 $(( SECS + 120 )) python3 -m reciprocal_attention.lab.cli quality "${args[@]}" \
   > "$OUT/quality.log" 2>&1

@@ -82,7 +82,8 @@ for s in $STAGES; do
     ddp)     stage ddp "${RA_DDP_TIMEOUT:-560}" bash scripts/gpu_ddp.sh "$RES/ddp" ;;
     train)   stage train "${RA_TRAIN_TIMEOUT:-300}" bash scripts/gpu_train.sh "$RES/train" ;;
     quality) # the study's own deadline, then its runs' checkpoints and the report, inside the stage's limit.
-             # Finished runs of an earlier machine come along in an ignored folder sent with `carry` (default
+             # The finished runs recorded in reports/quality/quality.json are restored by gpu_quality.sh; those of
+             # a later machine, not yet committed, come along in an ignored folder sent with `carry` (default
              # build/quality; after a run: tar -xzf results.tar.gz -C /tmp && mkdir -p build/quality/runs &&
              # cp -r /tmp/results/quality/runs/* build/quality/runs/); only finished ones (summary.json) are
              # kept: an unfinished run's checkpoints stay on its machine, so elsewhere it starts again.

@@ -173,6 +173,67 @@ def test_prior_study_is_one_row_and_cpu_report_says_cpu(tmp_path):
         quality_report.load_prior([str(tmp_path / "missing.json")])
 
 
+def test_restore_resumes_a_study_from_its_report_alone(tmp_path):
+    """A report's per-run records rebuild the finished runs where their directories are gone: the analysis of the
+    restored folder is the original's, the restored runs are not trained again, and a run already here is kept."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for s, (b, r) in enumerate([(4.00, 3.98), (4.01, 4.02), (3.99, 3.97)]):
+        _fake_run(src, "standard", s, b)
+        _fake_run(src, "ra", s, r)
+    (src / "runs" / "ra-s2" / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "eval", "step": i, "tokens": 250 * i, "loss": 5.0 - i * 0.25}) + "\n" for i in range(5)))
+    summary = json.loads((src / "runs" / "ra-s1" / "summary.json").read_text())
+    (src / "runs" / "ra-s1" / "summary.json").write_text(json.dumps({**summary, "tokens_per_s": 7.5,
+                                                                     "device_name": "card A"}))
+    (src / "runs" / "standard-s1" / "summary.json").write_text(json.dumps({**summary, "final_val_loss": 4.01,
+                                                                           "device_name": "card A"}))
+    arms = ["standard", "ra", "full"]
+    orig = quality.analyse(quality.QualityConfig(arms=arms, seeds=[0, 1, 2], out_dir=str(src)))
+    quality_report.write_report(orig, src)
+    _fake_run(dst, "ra", 0, 9.0)  # a run already here wins over the report's record
+    qc = quality.QualityConfig(arms=arms, seeds=[0, 1, 2], out_dir=str(dst), overrides=["system.threads=1"])
+    assert sorted(quality.restore_runs(qc, src / "quality.json")) == ["ra-s1", "ra-s2", "standard-s0",
+                                                                      "standard-s1", "standard-s2"]
+    res = quality.analyse(qc)
+    assert res["arms"]["ra"]["val_loss"] == {**orig["arms"]["ra"]["val_loss"], 0: 9.0}
+    assert {**res["curves"], "ra-s0": orig["curves"]["ra-s0"]} == orig["curves"] and res["curves"]["ra-s0"] != \
+        orig["curves"]["ra-s0"]
+    assert res["cards"] == orig["cards"] and res["noise_floor"] == orig["noise_floor"]
+    assert res["wallclock"]["ra"]["seeds"][1] == orig["wallclock"]["ra"]["seeds"][1]
+    assert res["wallclock"]["ra"]["seeds"][2]["loss"] == orig["wallclock"]["ra"]["seeds"][2]["loss"]
+    assert res["remaining"] == orig["remaining"] == ["full-s0", "full-s1", "full-s2"]
+    assert quality.restore_runs(qc, src / "quality.json") == []  # idempotent
+    assert quality._launch(qc, "ra", 2) is None  # a restored run counts as finished
+
+
+def test_restore_refuses_what_it_cannot_use(tmp_path):
+    from reciprocal_attention.lab.errors import UserError
+
+    _fake_run(tmp_path / "src", "standard", 0, 4.0)
+    res = quality.analyse(quality.QualityConfig(arms=["standard"], seeds=[0], out_dir=str(tmp_path / "src")))
+    quality_report.write_report(res, tmp_path / "src")
+    report = tmp_path / "src" / "quality.json"
+    qc = quality.QualityConfig(arms=["standard"], seeds=[0], out_dir=str(tmp_path / "dst"))
+    with pytest.raises(UserError, match="no such file"):
+        quality.restore_runs(qc, tmp_path / "missing.json")
+    with pytest.raises(UserError, match="is not this one"):
+        quality.restore_runs(quality.QualityConfig(arms=["standard"], seeds=[0], out_dir=str(tmp_path / "dst"),
+                                                   overrides=["budget.max_steps=9"]), report)
+    with pytest.raises(UserError, match="is not this one"):
+        quality.restore_runs(quality.QualityConfig(arms=["standard"], seeds=[0], out_dir=str(tmp_path / "dst"),
+                                                   preset="quality-gpu"), report)
+    old = json.loads(report.read_text())
+    del old["runs"]
+    report.write_text(json.dumps(old))
+    with pytest.raises(UserError, match="no per-run records"):
+        quality.restore_runs(qc, report)
+    report.write_text("{not json")
+    with pytest.raises(UserError, match="not a readable quality.json"):
+        quality.main(["--arms", "standard", "--seeds", "0", "--out", str(tmp_path / "dst"), "--report-only",
+                      "--restore", str(report)])
+    assert not (tmp_path / "dst" / "runs").exists()
+
+
 def test_cli_user_errors():
     from reciprocal_attention.lab.errors import UserError
 
@@ -209,7 +270,8 @@ def test_report_says_how_many_passes_over_the_training_split(tmp_path):
                                          ("ra,standard", "ra,standard")])
 def test_gpu_quality_script_always_names_the_baseline(tmp_path, arms, expect):
     """scripts/gpu_quality.sh adds ``standard`` to an arm list without it (the study refuses such a list, and a GPU
-    call is too dear to lose to it), and says so; a python3 stub records the study's command line."""
+    job is too dear to lose to it), and says so; a python3 stub records the study's command line. The study of the
+    default preset and tokens restores its committed report's runs first; another study does not."""
     import os
     import pathlib
     import subprocess
@@ -226,5 +288,9 @@ def test_gpu_quality_script_always_names_the_baseline(tmp_path, arms, expect):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "out" / "quality.log").read_text()
-    assert f"--arms {expect} " in log
+    assert f"--arms {expect} " in log and "--restore reports/quality/quality.json" in log
+    env["RA_QUALITY_TOKENS"] = "1000"
+    subprocess.run(["bash", str(script), str(tmp_path / "out")], cwd=tmp_path, env=env, timeout=60, check=True,
+                   capture_output=True)
+    assert "--restore" not in (tmp_path / "out" / "quality.log").read_text()
     assert ("adding the baseline 'standard'" in done.stderr) == (expect != arms)

@@ -16,7 +16,8 @@ Two lenses:
 Runs are separate processes (several share one device: ``--parallel``), each in its own run directory; the study
 is resumable: finished runs are kept, interrupted ones (``--deadline``, ``--run-timeout``, a lost machine) resume
 from their last checkpoint, and the report merges all, says which runs remain, and keeps earlier studies
-(``--prior``) as one row each.
+(``--prior``) as one row each. The report records every finished run (``runs`` in ``quality.json``), so
+``--restore`` resumes the study from its committed report on a machine that never held its run directories.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .atomic import write_json, write_text
 from .config import load_config, to_toml
 from .data import load_manifest
 from .errors import UserError
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 ARMS = ("standard", "ra", "full", "output_gate", "seed", "ra_disc")  # in order of interest
 FIRST_ARMS = 4  # the arms of first interest: run for every seed before the rest
 BASELINE = "standard"
+# what the analysis reads of a finished run's summary.json; the report keeps them per run (``runs``), so a study
+# resumes from its committed report on a machine that never held its run directories (``--restore``)
+RUN_FIELDS = ("final_val_loss", "tokens", "tokens_per_s", "device_name", "device", "dtype", "params")
 
 
 @dataclass
@@ -142,6 +147,54 @@ def remaining(qc: QualityConfig) -> list[str]:
 
 
 STOP_GRACE_S = 60.0  # time a stopped run gets to write its checkpoint before it is killed
+
+
+def _study_key(preset: str | None, overrides: list[str], equal: str | None) -> tuple:
+    """What makes two studies' runs comparable: the preset, the overrides of what is trained (``system.*`` settings,
+    such as threads or autotuning, may differ) and what is held equal."""
+    return preset, equal, sorted(o for o in overrides if not o.startswith("system."))
+
+
+def restore_runs(qc: QualityConfig, report: str | Path) -> list[str]:
+    """Write the finished runs recorded in ``report`` (a ``quality.json`` of this study) into ``qc.out_dir`` as run
+    directories the study counts as finished (``summary.json`` and the evaluation curve in ``metrics.jsonl``), so
+    the study resumes where its run directories were lost. A run with a directory here is kept as it is. Returns
+    the names of the runs restored."""
+    path = Path(report)
+    try:
+        res = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--restore {path}: no such file; give a quality.json written by `ra quality`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--restore {path}: not a readable quality.json ({e})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("runs"), dict):
+        raise UserError(f"--restore {path}: the report has no per-run records (`runs`); only a quality.json written "
+                        "by this version of `ra quality` can be restored from")
+    theirs = res.get("config", {})
+    if _study_key(theirs.get("preset"), theirs.get("overrides", []), theirs.get("equal")) != _study_key(
+            qc.preset, qc.overrides, qc.equal):
+        raise UserError(f"--restore {path}: that report's study (preset {theirs.get('preset')!r}, overrides "
+                        f"{theirs.get('overrides')}, equal {theirs.get('equal')!r}) is not this one (preset "
+                        f"{qc.preset!r}, overrides {qc.overrides}, equal {qc.equal!r}); `system.*` overrides may differ")
+    restored, kept = [], []
+    for name, rec in res["runs"].items():
+        arm, _, seed = name.rpartition("-s")
+        if arm not in qc.arms or not seed.isdigit() or int(seed) not in qc.seeds:
+            continue
+        d = run_dir(qc, arm, int(seed))
+        if d.exists() and any(d.iterdir()):
+            kept.append(name)
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        curve = res.get("curves", {}).get(name, [])
+        write_text(d / "metrics.jsonl", "".join(json.dumps({"kind": "eval", "tokens": t, "loss": loss}) + "\n"
+                                                for t, loss in curve))
+        write_json(d / "summary.json", {**rec, "restored_from": str(path)})
+        restored.append(name)
+    log.info("restored %d finished run(s) from %s: %s", len(restored), path, ", ".join(restored) or "none")
+    if kept:
+        log.info("kept the run directories already in %s for: %s", qc.out_dir, ", ".join(kept))
+    return restored
 
 
 def _wait_stopped(p: subprocess.Popen) -> int:
@@ -286,6 +339,7 @@ def analyse(qc: QualityConfig) -> dict[str, Any]:
         log.warning("finished runs differ in tokens (%s): tokens_per_run reports the largest", tokens)
     return {"tokens_per_run": tokens[-1] if tokens else None, "train_tokens": train_split_tokens(qc),
             "config": asdict(qc), "arms": arms,
+            "runs": {f"{a}-s{s}": {k: r.get(k) for k in RUN_FIELDS} for (a, s), r in runs.items() if r},
             "noise_floor": noise, "verdicts": verdicts, "wallclock": wallclock, "mqar": mqar_accuracy(qc),
             "remaining": remaining(qc), "cards": cards,
             "prior_studies": load_prior(qc.prior),
@@ -352,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prior", action="append", default=[], metavar="QUALITY_JSON",
                     help="an earlier study's quality.json, kept in the report as one row")
     ap.add_argument("--report-only", action="store_true", help="only analyse finished runs and write the report")
+    ap.add_argument("--restore", default=None, metavar="QUALITY_JSON",
+                    help="first write the finished runs recorded in this study's earlier report (its quality.json) "
+                    "into --out, where their run directories are missing: the study resumes from its committed report")
     ap.add_argument("--device-label", default="", help="where the training runs ran (for a report made elsewhere)")
     return ap
 
@@ -373,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         load_prior(qc.prior)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.restore:
+        restore_runs(qc, args.restore)
     if args.report_only:
         res = analyse(qc)
         write_report(res, Path(qc.out_dir))
