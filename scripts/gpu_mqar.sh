@@ -15,15 +15,18 @@
 # env: RA_MQAR_SECONDS (time for the grid, default 420), RA_MQAR_PAR (workers, default 4), RA_MQAR_STEPS (per run,
 #      default 2000; runs stop early at 0.99 accuracy), RA_MQAR_VOCAB (default 256; Zoology's large setting is 8192,
 #      where the baseline's accuracy was still 0 after 800 steps of batch 256 on CPU), RA_MQAR_ARGS (more options
-#      for `python -m reciprocal_attention.lab.mqar_study`, e.g. "--widths 64,128 --lrs 3e-3 --tie").
+#      for `python -m reciprocal_attention.lab.mqar_study`, e.g. "--widths 64,128 --lrs 3e-3 --tie"),
+#      RA_MQAR_RESTORE (a committed report whose runs are put back into the folder first, default
+#      reports/quality/mqar.json: the GPU grid's; "" for a grid of another batch size, which must not mix with it).
 set -uo pipefail
 OUT="${1:?usage: gpu_mqar.sh OUT_DIR}"; mkdir -p "$OUT"
 SECS="${RA_MQAR_SECONDS:-420}"; PAR="${RA_MQAR_PAR:-4}"; STEPS="${RA_MQAR_STEPS:-2000}"; GROUP="${RA_MQAR_GROUP:-1}"
+RESTORE="${RA_MQAR_RESTORE-reports/quality/mqar.json}"
 # the runner stops its workers at the deadline; the outer timeout guards against a hang after it (report included)
 # shellcheck disable=SC2086
 timeout --kill-after=20 $(( SECS + 90 )) python3 -m reciprocal_attention.lab.mqar_study --out "$OUT/grid" \
   --report "$OUT" --parallel "$PAR" --group "$GROUP" --deadline "$SECS" --steps "$STEPS" --vocab "${RA_MQAR_VOCAB:-256}" \
-  ${RA_MQAR_ARGS:-} > "$OUT/mqar.log" 2>&1
+  ${RESTORE:+--restore "$RESTORE"} ${RA_MQAR_ARGS:-} > "$OUT/mqar.log" 2>&1
 rc=$?
 [ "$rc" -ne 0 ] && { echo "mqar_study exited with $rc; the log ends:"; tail -n 30 "$OUT/mqar.log"; }
 # throughput of the finished runs, to size the next run of the grid

@@ -52,7 +52,8 @@ for s in $STAGES; do
              cp "$RES"/profile_decode/profile_decode.md "$OUT/" 2>/dev/null ;;
     profile_model) stage profile_model "${RA_PROFILE_MODEL_TIMEOUT:-240}" $PY tools/profile_model.py "$RES/profile_model" ${RA_PROFILE_MODEL_ARGS:-}
              cp "$RES"/profile_model/profile_model.* "$OUT/" 2>/dev/null ;;
-    mqar)    # resumes the finished runs of earlier runs of the suite kept in an ignored folder sent along with `carry` (default
+    mqar)    # the runs of reports/quality/mqar.json are restored by gpu_mqar.sh; this also resumes the finished runs of
+             # earlier runs of the suite, not yet committed, kept in an ignored folder sent along with `carry` (default
              # build/mqar; after a run: tar -xzf results.tar.gz -C /tmp && mkdir -p build/mqar/grid &&
              # cp -r /tmp/results/mqar/grid/runs build/mqar/grid/)
              keep="${RA_MQAR_RESUME:-build/mqar}"

@@ -73,6 +73,32 @@ def test_toy_grid_runs_resumes_and_reports(tmp_path):
     assert done[0].read_text() == first and done[-1].exists()
 
 
+def test_restore_resumes_a_grid_from_its_report_alone(tmp_path, capsys):
+    """A report's records rebuild the finished runs in a folder that never held them: the grid counts them as done
+    (nothing trains) and reports the same records; a run already in the folder is kept; bad files are one line."""
+    gc = _toy(tmp_path, lrs=[1e-3], widths=[32])
+    ms.run_grid(gc, progress=False)
+    recs = ms.write_report(gc, tmp_path / "report")
+    other = _toy(tmp_path, lrs=[1e-3], widths=[32], out_dir=str(tmp_path / "elsewhere"))
+    mine = ms.MQARRun(arm="ra", seed=0, d_model=32, seq_len=16, n_kv=2, lr=1e-3, steps=4, vocab_size=33,
+                      batch_size=4, eval_every=2)
+    kept = {**mine.__dict__, "accuracy": 0.123, "steps_run": 4, "seconds": 1.0, "device": "cpu", "curve": [[4, 0.1]]}
+    (tmp_path / "elsewhere" / "runs").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "runs" / f"{mine.key}.json").write_text(json.dumps(kept))
+    assert len(ms.restore_runs(Path(other.out_dir), tmp_path / "report" / "mqar.json")) == len(recs) - 1
+    assert ms.run_grid(other, progress=False) == []  # every run is finished: nothing to train
+    again = ms.write_report(other, tmp_path / "report2")
+    assert [r for r in again if r["seed"] or r["arm"] != "ra" or r["d_model"] != 32 or r["n_kv"] != 2] == \
+        [r for r in recs if r["seed"] or r["arm"] != "ra" or r["d_model"] != 32 or r["n_kv"] != 2]
+    assert [r["accuracy"] for r in again if r["arm"] == "ra" and r["seed"] == 0 and r["n_kv"] == 2] == [0.123]
+    assert ms.restore_runs(Path(other.out_dir), tmp_path / "report" / "mqar.json") == []
+    (tmp_path / "bad.json").write_text('{"runs": []}')
+    for bad, msg in ((tmp_path / "missing.json", "no such file"), (tmp_path / "bad.json", "not an mqar.json")):
+        assert ms.main(["--out", str(tmp_path / "x"), "--report-only", "--restore", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
+
+
 def test_a_folder_holds_one_setting_of_what_the_run_key_leaves_out(tmp_path, capsys):
     """The run key (file name) has no batch size: a grid with another batch in a folder of finished runs would
     count them as its own (resume) and mix both in one report. It stops before training, one line, exit 2."""

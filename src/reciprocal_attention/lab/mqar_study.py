@@ -6,7 +6,7 @@ seeds per cell. One command runs a grid (or what of it fits a deadline) on
 one device with several worker processes that claim runs from a shared list in priority order; finished runs are
 kept as one JSON file each, so a second invocation resumes where the first stopped. The report (``mqar.json``,
 ``mqar.md``, ``mqar.png``; :mod:`.mqar_report`) merges every finished run under the output directory and lists what
-remains.
+remains; ``--restore mqar.json`` puts a report's runs back into a folder, so a grid resumes from its committed report.
 
     python -m reciprocal_attention.lab.mqar_study --out runs/mqar --parallel 12 --deadline 480
 """
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..model import build_attention
+from .atomic import write_json
 from .errors import UserError
 from .mqar import MQARRun, MQARSpec, probe_config, train_group
 from .mqar_report import ARMS, BASELINE, VALID_ARMS, load_records, markdown, plot
@@ -141,6 +142,35 @@ def check_folder_settings(out: Path, runs: list[MQARRun]) -> None:
         if len(values) > 1:
             raise UserError(f"{out / 'runs'} holds runs with {k} {sorted(seen[k])} and this grid asks for "
                             f"{sorted(want[k]) or '-'}: one {k} per folder; use another --out for this setting")
+
+
+def restore_runs(out: Path, report: str | Path) -> list[str]:
+    """Write the finished runs recorded in ``report`` (an ``mqar.json`` of :func:`write_report`) into ``out/runs``
+    where their result files are missing, so the grid resumes and reports them on a machine that never held that
+    folder. A run already in the folder is kept. Returns the keys of the runs restored."""
+    path = Path(report)
+    try:
+        recs = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--restore {path}: no such file; give an mqar.json written by this study") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--restore {path}: not a readable mqar.json ({e})") from None
+    fields = set(MQARRun.__dataclass_fields__)
+    if not isinstance(recs, list) or not all(isinstance(r, dict) and {"arm", "seed", "accuracy"} <= set(r)
+                                             for r in recs):
+        raise UserError(f"--restore {path}: not an mqar.json (a list of run records with arm, seed and accuracy)")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    restored = []
+    for rec in recs:
+        run = MQARRun(**{k: v for k, v in rec.items() if k in fields and v is not None})
+        dest = _result_path(out, run)
+        if dest.exists():
+            continue
+        derived = ("best_lr", "steps_to_solve")  # recomputed by load_records from the whole folder
+        write_json(dest, {**{k: v for k, v in rec.items() if k not in derived}, "restored_from": str(path)})
+        restored.append(run.key)
+    log.info("restored %d finished run(s) from %s", len(restored), path)
+    return restored
 
 
 def _shape_key(run: MQARRun) -> tuple:
@@ -314,6 +344,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, GridConfig]:
                     help="seconds for the whole grid in this invocation (0 = none)")
     ap.add_argument("--plan", action="store_true", help="print the runs in priority order and exit")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--restore", default=None, metavar="MQAR_JSON",
+                    help="first write the finished runs recorded in an earlier report (its mqar.json) into --out "
+                    "where they are missing: the grid resumes from a committed report")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -351,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
+        if args.restore:
+            restore_runs(Path(gc.out_dir), args.restore)
         remaining = None if args.report_only else run_grid(gc)
         write_report(gc, Path(args.report or args.out), remaining)
     except UserError as e:
