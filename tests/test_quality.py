@@ -228,7 +228,7 @@ def test_restore_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(UserError, match="no per-run records"):
         quality.restore_runs(qc, report)
     report.write_text("{not json")
-    with pytest.raises(UserError, match="not a readable quality.json"):
+    with pytest.raises(UserError, match="not readable as --restore: a quality.json"):
         quality.main(["--arms", "standard", "--seeds", "0", "--out", str(tmp_path / "dst"), "--report-only",
                       "--restore", str(report)])
     assert not (tmp_path / "dst" / "runs").exists()

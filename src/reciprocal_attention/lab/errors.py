@@ -5,6 +5,10 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class UserError(Exception):
     """An error caused by the user's input (config, paths, files, concurrent use), explained in one line."""
@@ -41,3 +45,15 @@ class RunStopped(Exception):
         self.signum, self.step, self.out = signum, step, out
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is in "
                          f"{out}/checkpoints; continue with `ra train --resume {out}`")
+
+
+def read_user_json(path: str | Path, what: str) -> Any:
+    """The JSON file the user named, ``what`` saying where and what it must be (e.g. ``"--restore: a quality.json"``);
+    a missing or unreadable file is a :class:`UserError` naming the file and ``what``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; expected {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable as {what} ({e})") from None

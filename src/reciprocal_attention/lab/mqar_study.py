@@ -28,7 +28,7 @@ import torch
 
 from ..model import build_attention
 from .atomic import write_json
-from .errors import UserError
+from .errors import UserError, read_user_json
 from .mqar import MQARRun, MQARSpec, probe_config, train_group
 from .mqar_report import ARMS, BASELINE, VALID_ARMS, load_records, markdown, plot
 from .progress import LiveProgress
@@ -149,12 +149,7 @@ def restore_runs(out: Path, report: str | Path) -> list[str]:
     where their result files are missing, so the grid resumes and reports them on a machine that never held that
     folder. A run already in the folder is kept. Returns the keys of the runs restored."""
     path = Path(report)
-    try:
-        recs = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--restore {path}: no such file; give an mqar.json written by this study") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--restore {path}: not a readable mqar.json ({e})") from None
+    recs = read_user_json(path, "--restore: an mqar.json written by this study")
     fields = set(MQARRun.__dataclass_fields__)
     if not isinstance(recs, list) or not all(isinstance(r, dict) and {"arm", "seed", "accuracy"} <= set(r)
                                              for r in recs):

@@ -40,7 +40,7 @@ import torch
 from .atomic import write_json, write_text
 from .config import load_config, to_toml
 from .data import load_manifest
-from .errors import UserError
+from .errors import UserError, read_user_json
 from .progress import RunProgress
 from .quality_report import load_prior, markdown, paired_verdict, write_report
 from .quality_wallclock import equal_wallclock
@@ -161,12 +161,7 @@ def restore_runs(qc: QualityConfig, report: str | Path) -> list[str]:
     the study resumes where its run directories were lost. A run with a directory here is kept as it is. Returns
     the names of the runs restored."""
     path = Path(report)
-    try:
-        res = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--restore {path}: no such file; give a quality.json written by `ra quality`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--restore {path}: not a readable quality.json ({e})") from None
+    res = read_user_json(path, "--restore: a quality.json written by `ra quality`")
     if not isinstance(res, dict) or not isinstance(res.get("runs"), dict):
         raise UserError(f"--restore {path}: the report has no per-run records (`runs`); only a quality.json written "
                         "by this version of `ra quality` can be restored from")
