@@ -92,6 +92,11 @@ def test_restore_resumes_a_grid_from_its_report_alone(tmp_path, capsys):
         [r for r in recs if r["seed"] or r["arm"] != "ra" or r["d_model"] != 32 or r["n_kv"] != 2]
     assert [r["accuracy"] for r in again if r["arm"] == "ra" and r["seed"] == 0 and r["n_kv"] == 2] == [0.123]
     assert ms.restore_runs(Path(other.out_dir), tmp_path / "report" / "mqar.json") == []
+    from reciprocal_attention.lab.errors import RunLockedError
+    from reciprocal_attention.lab.runlock import RunLock
+
+    with RunLock(tmp_path / "grid"), pytest.raises(RunLockedError):  # its study is running: not written into
+        ms.restore_runs(tmp_path / "grid", tmp_path / "report" / "mqar.json")
     (tmp_path / "bad.json").write_text('{"runs": []}')
     for bad, msg in ((tmp_path / "missing.json", "no such file"), (tmp_path / "bad.json", "not an mqar.json")):
         assert ms.main(["--out", str(tmp_path / "x"), "--report-only", "--restore", str(bad)]) == 2

@@ -147,7 +147,8 @@ def check_folder_settings(out: Path, runs: list[MQARRun]) -> None:
 def restore_runs(out: Path, report: str | Path) -> list[str]:
     """Write the finished runs recorded in ``report`` (an ``mqar.json`` of :func:`write_report`) into ``out/runs``
     where their result files are missing, so the grid resumes and reports them on a machine that never held that
-    folder. A run already in the folder is kept. Returns the keys of the runs restored."""
+    folder. A run already in the folder is kept; a folder whose study is running is refused
+    (:class:`RunLockedError`). Returns the keys of the runs restored."""
     path = Path(report)
     recs = read_user_json(path, "--restore: an mqar.json written by this study")
     fields = set(MQARRun.__dataclass_fields__)
@@ -156,14 +157,15 @@ def restore_runs(out: Path, report: str | Path) -> list[str]:
         raise UserError(f"--restore {path}: not an mqar.json (a list of run records with arm, seed and accuracy)")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     restored = []
-    for rec in recs:
-        run = MQARRun(**{k: v for k, v in rec.items() if k in fields and v is not None})
-        dest = _result_path(out, run)
-        if dest.exists():
-            continue
-        derived = ("best_lr", "steps_to_solve")  # recomputed by load_records from the whole folder
-        write_json(dest, {**{k: v for k, v in rec.items() if k not in derived}, "restored_from": str(path)})
-        restored.append(run.key)
+    with RunLock(out):  # not into a folder whose study is running (its workers may be training these runs)
+        for rec in recs:
+            run = MQARRun(**{k: v for k, v in rec.items() if k in fields and v is not None})
+            dest = _result_path(out, run)
+            if dest.exists():
+                continue
+            derived = ("best_lr", "steps_to_solve")  # recomputed by load_records from the whole folder
+            write_json(dest, {**{k: v for k, v in rec.items() if k not in derived}, "restored_from": str(path)})
+            restored.append(run.key)
     log.info("restored %d finished run(s) from %s", len(restored), path)
     return restored
 
