@@ -156,14 +156,13 @@ def restore_runs(out: Path, report: str | Path) -> list[str]:
                                              for r in recs):
         raise UserError(f"--restore {path}: not an mqar.json (a list of run records with arm, seed and accuracy)")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    restored = []
+    restored, derived = [], ("best_lr", "steps_to_solve")  # derived: recomputed by load_records from the folder
     with RunLock(out):  # not into a folder whose study is running (its workers may be training these runs)
         for rec in recs:
             run = MQARRun(**{k: v for k, v in rec.items() if k in fields and v is not None})
             dest = _result_path(out, run)
             if dest.exists():
                 continue
-            derived = ("best_lr", "steps_to_solve")  # recomputed by load_records from the whole folder
             write_json(dest, {**{k: v for k, v in rec.items() if k not in derived}, "restored_from": str(path)})
             restored.append(run.key)
     log.info("restored %d finished run(s) from %s", len(restored), path)
